@@ -1,0 +1,1 @@
+//! kiln-io: safetensors reading and writing.

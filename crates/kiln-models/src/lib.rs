@@ -1,0 +1,1 @@
+//! kiln-models: GPT-2 and DCGAN.
