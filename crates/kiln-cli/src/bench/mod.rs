@@ -1,0 +1,94 @@
+//! `kiln bench …`: kernel benchmarks.
+//!
+//! Every benchmark prints the same fields — `op`, `shape`, `dtype`, `threads`, `median_ms`,
+//! `gflops` or `gbps`, `peak_fraction` — as a table row, or as one JSON object per line with
+//! `--json`, so that one comparison script (`benches/compare/`) serves all kernels.
+use clap::Subcommand;
+use kiln_tensor::Result;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {}
+}
+
+/// One benchmark result.
+#[derive(Serialize, Debug, Clone)]
+pub struct BenchRecord {
+    pub op: String,
+    /// The problem shape, e.g. `[m, n, k]` for a matmul.
+    pub shape: serde_json::Value,
+    pub dtype: String,
+    pub threads: usize,
+    pub median_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// `gflops` over the measured FMA peak, or `gbps` over the measured memory bandwidth, for the
+    /// same thread count.
+    pub peak_fraction: f64,
+    /// Anything else an op wants to report.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BenchRecord {
+    /// Prints the record as one JSON line or one human-readable line.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).expect("bench record serialises"));
+        } else {
+            let rate = match (self.gflops, self.gbps) {
+                (Some(g), _) => format!("{g:9.1} GFLOP/s"),
+                (None, Some(b)) => format!("{b:9.1} GB/s"),
+                _ => String::new(),
+            };
+            println!(
+                "{:<18} {:<24} {:<5} threads={} median={:.4} ms {} ({:.1}% of peak)",
+                self.op,
+                self.shape.to_string(),
+                self.dtype,
+                self.threads,
+                self.median_ms,
+                rate,
+                100.0 * self.peak_fraction
+            );
+        }
+    }
+}
+
+/// Times `f`: `warmup` untimed calls, then at least `min_reps` timed calls and at least
+/// `min_time` in total; returns the median time of one call in milliseconds.
+pub fn median_ms(warmup: usize, min_reps: usize, min_time: Duration, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps || start.elapsed() < min_time {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if times.len() >= 10_000 {
+            break;
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// Runs `f` on a rayon pool of `threads` threads (all cores when `None`).
+pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        builder = builder.num_threads(t.max(1));
+    }
+    let pool = builder
+        .build()
+        .map_err(|e| kiln_tensor::Error::invalid(format!("thread pool: {e}")))?;
+    Ok(pool.install(f))
+}
