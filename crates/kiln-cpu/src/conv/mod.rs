@@ -1,0 +1,1 @@
+//! 2-D convolution and transposed convolution (being written).

@@ -1,0 +1,6 @@
+//! Element-wise and row-wise kernels.
+pub mod activations;
+pub mod add;
+pub mod embedding;
+pub mod gelu;
+pub mod softmax;

@@ -1,0 +1,3 @@
+//! Normalisation kernels.
+pub mod batch_norm;
+pub mod layer_norm;

@@ -1,0 +1,1 @@
+//! Machine peak probes: FMA throughput and memory bandwidth (being written).
