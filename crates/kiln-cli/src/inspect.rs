@@ -13,5 +13,8 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    Err(Error::invalid(format!("inspect {}: not built yet", args.file.display())))
+    Err(Error::invalid(format!(
+        "inspect {}: not built yet",
+        args.file.display()
+    )))
 }

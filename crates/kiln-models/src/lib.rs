@@ -1,1 +1,3 @@
-//! kiln-models: GPT-2 and DCGAN.
+//! kiln-models: GPT-2 (with its byte-level BPE tokenizer) and DCGAN.
+pub mod gpt2;
+pub mod tokenizer;

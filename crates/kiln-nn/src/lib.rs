@@ -1,1 +1,5 @@
-//! kiln-nn: layers, losses and optimisers.
+//! kiln-nn: layers (forward and backward side by side), losses and optimisers, and the op
+//! interface ([`backend`]) through which models reach the kernels of a device.
+pub mod backend;
+pub mod loss;
+pub mod optim;

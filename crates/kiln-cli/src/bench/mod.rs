@@ -8,11 +8,34 @@ use kiln_tensor::Result;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
+pub mod attention;
+pub mod conv;
+pub mod matmul;
+pub mod peak;
+
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// This machine's FP32 FMA throughput and memory bandwidth: the ceilings of every figure.
+    Peak(peak::PeakArgs),
+    /// `C = A·B` (f32 A, f32/bf16/f16 B).
+    Matmul(matmul::MatmulArgs),
+    /// Scaled dot-product attention, prefill or KV-cache decode.
+    Attention(attention::AttentionArgs),
+    /// 2-D convolution.
+    Conv2d(conv::ConvArgs),
+    /// 2-D transposed convolution.
+    #[command(name = "conv-transpose2d")]
+    ConvTranspose2d(conv::ConvArgs),
+}
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {}
+    match cmd {
+        BenchCommand::Peak(args) => peak::run(args),
+        BenchCommand::Matmul(args) => matmul::run(args),
+        BenchCommand::Attention(args) => attention::run(args),
+        BenchCommand::Conv2d(args) => conv::run(args, false),
+        BenchCommand::ConvTranspose2d(args) => conv::run(args, true),
+    }
 }
 
 /// One benchmark result.
@@ -40,7 +63,10 @@ impl BenchRecord {
     /// Prints the record as one JSON line or one human-readable line.
     pub fn print(&self, json: bool) {
         if json {
-            println!("{}", serde_json::to_string(self).expect("bench record serialises"));
+            println!(
+                "{}",
+                serde_json::to_string(self).expect("bench record serialises")
+            );
         } else {
             let rate = match (self.gflops, self.gbps) {
                 (Some(g), _) => format!("{g:9.1} GFLOP/s"),

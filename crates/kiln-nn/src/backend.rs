@@ -1,0 +1,1 @@
+//! The op interface models are written against (being written).
