@@ -1,1 +1,0 @@
-//! GPT-2 byte-level BPE tokenizer (being written).
