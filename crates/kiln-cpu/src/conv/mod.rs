@@ -1,1 +1,896 @@
-//! 2-D convolution and transposed convolution (being written).
+//! 2-D convolution and transposed convolution, forward and backward (NCHW, f32 compute).
+//!
+//! Both operators are described by one [`ConvGeometry`] that names the two sides of a
+//! convolution instead of "input" and "output":
+//!
+//! * the **image side** `big` `[N, Cb, Hb, Wb]` — a conv's input, a transposed conv's output;
+//! * the **patch side** `small` `[N, Cs, Hs, Ws]` — a conv's output, a transposed conv's input;
+//! * the weight `[Cs, Cb/G, kh, kw]` — what PyTorch stores for both (`[C_out, C_in/G, kh, kw]`
+//!   for `Conv2d`, `[C_in, C_out/G, kh, kw]` for `ConvTranspose2d`).
+//!
+//! One index map links them: patch pixel `(oy, ox)` and kernel tap `(ki, kj)` read image pixel
+//! `(oy·sh − ph + ki·dh, ox·sw − pw + kj·dw)`. `im2col` gathers along that map into the patch
+//! matrix `col[(c, ki, kj), (n, oy, ox)]` and `col2im` scatter-adds back along it; `col2im` is
+//! the adjoint (transpose) of `im2col`. With them, three routines cover all six directions:
+//!
+//! | routine | math (per group g) | conv2d | conv_transpose2d |
+//! |---|---|---|---|
+//! | [`correlate`] | `small = W_g · im2col(big)` | forward | input gradient |
+//! | [`scatter`] | `big = col2im(W_gᵀ · small)` | input gradient | forward |
+//! | [`weight_grad`] | `dW_g = small · im2col(big)ᵀ` | weight gradient (x, dy) | weight gradient (dy, x) |
+//!
+//! The transposed conv never forms a zero-inserted input: its forward pass is exactly the input
+//! gradient of the matching conv. Dedicated paths: pointwise (1×1, stride 1, no padding: the
+//! image itself is the patch matrix) and depthwise (one image and one patch channel per group:
+//! direct loops over the same taps). Work is split over fixed chunks of images, independent of
+//! the thread count; the weight gradient is reduced over fixed slices of the batch in slice
+//! order, so results are bitwise identical for any number of threads.
+use crate::gemm::{gemm, GemmOptions, MatMut, MatRef};
+use kiln_tensor::{Error, FloatElement, Result};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// Hyper-parameters of a convolution (`[height, width]` pairs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+    /// Transposed convolution only: extra rows/columns at the bottom/right of the output.
+    /// Must be smaller than the stride or the dilation (as PyTorch requires).
+    pub output_padding: [usize; 2],
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Conv2dParams {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+            output_padding: [0, 0],
+        }
+    }
+}
+
+impl Conv2dParams {
+    /// Square stride and padding, no dilation, one group.
+    pub fn new(stride: usize, padding: usize) -> Self {
+        Conv2dParams {
+            stride: [stride, stride],
+            padding: [padding, padding],
+            ..Default::default()
+        }
+    }
+}
+
+/// The shapes of one convolution or transposed convolution (see the module docs for the
+/// image side `big` and the patch side `small`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    /// `[Cb, Hb, Wb]`: a conv's input, a transposed conv's output.
+    pub big: [usize; 3],
+    /// `[Cs, Hs, Ws]`: a conv's output, a transposed conv's input.
+    pub small: [usize; 3],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+    /// True for a transposed convolution (input = `small`, output = `big`).
+    pub transposed: bool,
+}
+
+fn positive(what: &str, v: &[usize]) -> Result<()> {
+    if v.contains(&0) {
+        return Err(Error::invalid(format!(
+            "conv: {what} must be positive, got {v:?}"
+        )));
+    }
+    Ok(())
+}
+
+impl ConvGeometry {
+    /// A convolution of `x` `[N, C_in, H, W]` with a weight `[C_out, C_in/groups, kh, kw]`;
+    /// output `[N, C_out, (H + 2p − d·(k−1) − 1)/s + 1, …]`.
+    pub fn conv2d(x_shape: [usize; 4], w_shape: [usize; 4], p: &Conv2dParams) -> Result<Self> {
+        let [n, ci, h, w] = x_shape;
+        let [co, cig, kh, kw] = w_shape;
+        check_common(x_shape, w_shape, p)?;
+        if ci % p.groups != 0 || co % p.groups != 0 || cig * p.groups != ci {
+            return Err(Error::invalid(format!(
+                "conv2d: input channels {ci} and weight {w_shape:?} do not fit groups={}",
+                p.groups
+            )));
+        }
+        if p.output_padding != [0, 0] {
+            return Err(Error::invalid(
+                "conv2d: output_padding is for transposed convolution",
+            ));
+        }
+        let out = |len: usize, k: usize, s: usize, pad: usize, d: usize| -> Result<usize> {
+            let span = d * (k - 1) + 1;
+            if len + 2 * pad < span {
+                return Err(Error::invalid(format!(
+                    "conv2d: kernel span {span} is larger than the padded input {}",
+                    len + 2 * pad
+                )));
+            }
+            Ok((len + 2 * pad - span) / s + 1)
+        };
+        let oh = out(h, kh, p.stride[0], p.padding[0], p.dilation[0])?;
+        let ow = out(w, kw, p.stride[1], p.padding[1], p.dilation[1])?;
+        Ok(ConvGeometry {
+            batch: n,
+            big: [ci, h, w],
+            small: [co, oh, ow],
+            kernel: [kh, kw],
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            groups: p.groups,
+            transposed: false,
+        })
+    }
+
+    /// A transposed convolution of `x` `[N, C_in, H, W]` with a weight
+    /// `[C_in, C_out/groups, kh, kw]`; output `[N, C_out, (H−1)·s − 2p + d·(k−1) + op + 1, …]`.
+    pub fn conv_transpose2d(
+        x_shape: [usize; 4],
+        w_shape: [usize; 4],
+        p: &Conv2dParams,
+    ) -> Result<Self> {
+        let [n, ci, h, w] = x_shape;
+        let [wci, cog, kh, kw] = w_shape;
+        check_common(x_shape, w_shape, p)?;
+        if wci != ci || ci % p.groups != 0 {
+            return Err(Error::invalid(format!(
+                "conv_transpose2d: input channels {ci} and weight {w_shape:?} do not fit groups={}",
+                p.groups
+            )));
+        }
+        for a in 0..2 {
+            if p.output_padding[a] >= p.stride[a].max(p.dilation[a]) {
+                return Err(Error::invalid(format!(
+                    "conv_transpose2d: output_padding {:?} must be smaller than the stride {:?} or the dilation {:?}",
+                    p.output_padding, p.stride, p.dilation
+                )));
+            }
+        }
+        let out = |len: usize, k: usize, s: usize, pad: usize, d: usize, op: usize| {
+            let full = (len - 1) * s + d * (k - 1) + op + 1;
+            if full <= 2 * pad {
+                return Err(Error::invalid(format!(
+                    "conv_transpose2d: padding {pad} leaves an empty output"
+                )));
+            }
+            Ok(full - 2 * pad)
+        };
+        let oh = out(
+            h,
+            kh,
+            p.stride[0],
+            p.padding[0],
+            p.dilation[0],
+            p.output_padding[0],
+        )?;
+        let ow = out(
+            w,
+            kw,
+            p.stride[1],
+            p.padding[1],
+            p.dilation[1],
+            p.output_padding[1],
+        )?;
+        Ok(ConvGeometry {
+            batch: n,
+            big: [cog * p.groups, oh, ow],
+            small: [ci, h, w],
+            kernel: [kh, kw],
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            groups: p.groups,
+            transposed: true,
+        })
+    }
+
+    /// `[N, C, H, W]` of the operator's input.
+    pub fn input_shape(&self) -> [usize; 4] {
+        let s = if self.transposed {
+            self.small
+        } else {
+            self.big
+        };
+        [self.batch, s[0], s[1], s[2]]
+    }
+    /// `[N, C, H, W]` of the operator's output.
+    pub fn output_shape(&self) -> [usize; 4] {
+        let s = if self.transposed {
+            self.big
+        } else {
+            self.small
+        };
+        [self.batch, s[0], s[1], s[2]]
+    }
+    /// `[Cs, Cb/G, kh, kw]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [
+            self.small[0],
+            self.big[0] / self.groups,
+            self.kernel[0],
+            self.kernel[1],
+        ]
+    }
+    pub fn input_len(&self) -> usize {
+        self.input_shape().iter().product()
+    }
+    pub fn output_len(&self) -> usize {
+        self.output_shape().iter().product()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.weight_shape().iter().product()
+    }
+    /// Channels of the operator's output (the length of its bias).
+    pub fn out_channels(&self) -> usize {
+        self.output_shape()[1]
+    }
+    /// Multiply-adds ×2 of the forward pass (the same count for each backward product).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64
+            * self.small[0] as f64
+            * self.small_hw() as f64
+            * self.k_group() as f64
+    }
+
+    fn big_hw(&self) -> usize {
+        self.big[1] * self.big[2]
+    }
+    fn small_hw(&self) -> usize {
+        self.small[1] * self.small[2]
+    }
+    /// Image channels per group.
+    fn cbg(&self) -> usize {
+        self.big[0] / self.groups
+    }
+    /// Patch channels per group.
+    fn csg(&self) -> usize {
+        self.small[0] / self.groups
+    }
+    fn taps_per_channel(&self) -> usize {
+        self.kernel[0] * self.kernel[1]
+    }
+    /// Rows of the patch matrix of one group: `Cb/G · kh · kw`.
+    fn k_group(&self) -> usize {
+        self.cbg() * self.taps_per_channel()
+    }
+    /// 1×1 kernel, stride 1, no padding: the image is its own patch matrix.
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.padding == [0, 0]
+            && self.big[1] == self.small[1]
+            && self.big[2] == self.small[2]
+    }
+    /// One image channel and one patch channel per group.
+    fn depthwise(&self) -> bool {
+        self.cbg() == 1 && self.csg() == 1
+    }
+    /// Images per work chunk: enough patch columns to feed the GEMM (at least 256 and at least
+    /// the weight's rows) while the patch matrix stays under 16 MiB. Depends on the shapes only.
+    fn images_per_chunk(&self) -> usize {
+        const MIN_COLS: usize = 256;
+        const COL_CAP: usize = 1 << 22;
+        let hw = self.small_hw();
+        let want = MIN_COLS.max(self.csg()).div_ceil(hw);
+        let cap = (COL_CAP / (self.k_group() * hw)).max(1);
+        want.min(cap).clamp(1, self.batch.max(1))
+    }
+}
+
+fn check_common(x_shape: [usize; 4], w_shape: [usize; 4], p: &Conv2dParams) -> Result<()> {
+    positive("input shape", &x_shape)?;
+    positive("weight shape", &w_shape)?;
+    positive("stride", &p.stride)?;
+    positive("dilation", &p.dilation)?;
+    positive("groups", &[p.groups])?;
+    Ok(())
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid(format!(
+            "conv: {what} has {got} elements, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The index map: one kernel tap (ki, kj) reads image pixel (oy·sh + iy0, ox·sw + ix0) for patch
+// pixels oy ∈ [oy_lo, oy_hi), ox ∈ [ox_lo, ox_hi); all other patch pixels see padding (zero).
+
+#[derive(Clone, Copy, Debug)]
+struct Tap {
+    oy: (usize, usize),
+    ox: (usize, usize),
+    iy0: isize,
+    ix0: isize,
+}
+
+/// Patch positions `o ∈ [lo, hi)` whose image position `o·s + off` lies in `[0, in_len)`.
+fn tap_range(off: isize, s: usize, out_len: usize, in_len: usize) -> (usize, usize) {
+    let lo = if off >= 0 {
+        0
+    } else {
+        (off.unsigned_abs()).div_ceil(s)
+    };
+    let last = in_len as isize - 1 - off; // o·s ≤ last
+    let hi = if last < 0 {
+        0
+    } else {
+        (last as usize / s + 1).min(out_len)
+    };
+    (lo.min(hi), hi)
+}
+
+fn taps(g: &ConvGeometry) -> Vec<Tap> {
+    let [kh, kw] = g.kernel;
+    let mut v = Vec::with_capacity(kh * kw);
+    for ki in 0..kh {
+        for kj in 0..kw {
+            let iy0 = (ki * g.dilation[0]) as isize - g.padding[0] as isize;
+            let ix0 = (kj * g.dilation[1]) as isize - g.padding[1] as isize;
+            v.push(Tap {
+                oy: tap_range(iy0, g.stride[0], g.small[1], g.big[1]),
+                ox: tap_range(ix0, g.stride[1], g.small[2], g.big[2]),
+                iy0,
+                ix0,
+            });
+        }
+    }
+    v
+}
+
+/// Calls `f(patch_start, image_start, len)` for every row segment of tap `t` inside one image
+/// plane: patch pixels `patch_start .. patch_start+len` (consecutive) meet image pixels
+/// `image_start, image_start + sw, …`. This is the one index map shared by all kernels below.
+#[inline]
+fn for_each_segment(g: &ConvGeometry, t: &Tap, mut f: impl FnMut(usize, usize, usize)) {
+    let (ox_lo, ox_hi) = t.ox;
+    if ox_lo >= ox_hi {
+        return;
+    }
+    let ws = g.small[2];
+    let wb = g.big[2];
+    for oy in t.oy.0..t.oy.1 {
+        let iy = (oy * g.stride[0]) as isize + t.iy0;
+        let ix = (ox_lo * g.stride[1]) as isize + t.ix0;
+        // In range by construction of the tap ranges.
+        let image_start = iy as usize * wb + ix as usize;
+        f(oy * ws + ox_lo, image_start, ox_hi - ox_lo);
+    }
+}
+
+fn tap_is_full(g: &ConvGeometry, t: &Tap) -> bool {
+    t.oy == (0, g.small[1]) && t.ox == (0, g.small[2])
+}
+
+/// `dst[i] = src[start + i·step]`.
+#[inline]
+fn gather(dst: &mut [f32], src: &[f32], start: usize, step: usize) {
+    if step == 1 {
+        dst.copy_from_slice(&src[start..start + dst.len()]);
+    } else {
+        for (d, s) in dst.iter_mut().zip(src[start..].iter().step_by(step)) {
+            *d = *s;
+        }
+    }
+}
+
+/// `dst[start + i·step] += src[i]` — the adjoint of [`gather`].
+#[inline]
+fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
+    if step == 1 {
+        for (d, s) in dst[start..start + src.len()].iter_mut().zip(src) {
+            *d += *s;
+        }
+    } else {
+        for (d, s) in dst[start..].iter_mut().step_by(step).zip(src) {
+            *d += *s;
+        }
+    }
+}
+
+/// im2col of one image's group channels `img` `[Cb/G, Hb, Wb]` into columns
+/// `off .. off + Hs·Ws` of the patch matrix `col` `[Cb/G · kh · kw, ld]`:
+/// `col[(c, ki, kj), off + oy·Ws + ox] = img[c, oy·sh − ph + ki·dh, ox·sw − pw + kj·dw]` (0 outside).
+fn im2col(g: &ConvGeometry, taps: &[Tap], img: &[f32], col: &mut [f32], ld: usize, off: usize) {
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    for c in 0..g.cbg() {
+        let plane = &img[c * bhw..(c + 1) * bhw];
+        for (t, tap) in taps.iter().enumerate() {
+            let row = &mut col[(c * taps.len() + t) * ld + off..][..shw];
+            if !tap_is_full(g, tap) {
+                row.fill(0.0);
+            }
+            for_each_segment(g, tap, |p, i, len| {
+                gather(&mut row[p..p + len], plane, i, g.stride[1])
+            });
+        }
+    }
+}
+
+/// col2im: the adjoint of [`im2col`] — every patch-matrix entry is added back to the image pixel
+/// it was gathered from. `img` must be zeroed (or hold what the sum should start from).
+fn col2im(g: &ConvGeometry, taps: &[Tap], col: &[f32], ld: usize, off: usize, img: &mut [f32]) {
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    for c in 0..g.cbg() {
+        let plane = &mut img[c * bhw..(c + 1) * bhw];
+        for (t, tap) in taps.iter().enumerate() {
+            let row = &col[(c * taps.len() + t) * ld + off..][..shw];
+            for_each_segment(g, tap, |p, i, len| {
+                scatter_add(&row[p..p + len], plane, i, g.stride[1])
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch buffers, reused across calls (one per thread; a nested task on the same thread simply
+// allocates its own).
+
+thread_local! {
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let other = s.take();
+        s.set(if other.capacity() > buf.capacity() {
+            other
+        } else {
+            buf
+        });
+    });
+    r
+}
+
+fn weights_f32<W: FloatElement>(w: &[W]) -> Vec<f32> {
+    w.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Copies group `grp`'s channels of `nb` consecutive images `src` `[nb, C, hw]` into the matrix
+/// `dst` `[C/G, nb·hw]` (images side by side).
+fn gather_group(
+    src: &[f32],
+    nb: usize,
+    c: usize,
+    cg: usize,
+    grp: usize,
+    hw: usize,
+    dst: &mut [f32],
+) {
+    let ld = nb * hw;
+    for n in 0..nb {
+        for k in 0..cg {
+            let s = &src[(n * c + grp * cg + k) * hw..][..hw];
+            dst[k * ld + n * hw..][..hw].copy_from_slice(s);
+        }
+    }
+}
+
+/// The inverse of [`gather_group`]: `dst[n, grp·cg + k, :] = src[k, n·hw ..]`.
+fn spread_group(
+    src: &[f32],
+    nb: usize,
+    c: usize,
+    cg: usize,
+    grp: usize,
+    hw: usize,
+    dst: &mut [f32],
+) {
+    let ld = nb * hw;
+    for n in 0..nb {
+        for k in 0..cg {
+            dst[(n * c + grp * cg + k) * hw..][..hw].copy_from_slice(&src[k * ld + n * hw..][..hw]);
+        }
+    }
+}
+
+/// `out[n, c, :] += bias[c]` for `out` `[n, channels, hw]`.
+fn add_channel_bias(out: &mut [f32], channels: usize, hw: usize, bias: &[f32]) {
+    for (i, plane) in out.chunks_mut(hw).enumerate() {
+        let b = bias[i % channels];
+        for v in plane {
+            *v += b;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three core routines.
+
+/// `small[n, g·Csg + o, :] = W_g[o, :] · im2col(big[n, group g])` (+ `bias[o]`).
+///
+/// `big` `[N, Cb, Hb, Wb]`, `w` `[Cs, Cb/G, kh, kw]`, `small` `[N, Cs, Hs, Ws]` (overwritten).
+/// Conv forward; transposed-conv input gradient.
+pub fn correlate(
+    g: &ConvGeometry,
+    big: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    small: &mut [f32],
+) -> Result<()> {
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    let (cb, cs, cbg, csg, kg) = (g.big[0], g.small[0], g.cbg(), g.csg(), g.k_group());
+    let taps = taps(g);
+    if g.depthwise() {
+        // small[n, c] = Σ_t w[c, t] · shift_t(big[n, c])
+        small.par_chunks_mut(shw).enumerate().for_each(|(nc, out)| {
+            let c = nc % cs;
+            let plane = &big[(nc / cs * cb + c) * bhw..][..bhw];
+            out.fill(bias.map_or(0.0, |b| b[c]));
+            for (t, tap) in taps.iter().enumerate() {
+                let wt = w[c * taps.len() + t];
+                for_each_segment(g, tap, |p, i, len| {
+                    for (o, x) in out[p..p + len]
+                        .iter_mut()
+                        .zip(plane[i..].iter().step_by(g.stride[1]))
+                    {
+                        *o += wt * *x;
+                    }
+                });
+            }
+        });
+        return Ok(());
+    }
+    let nb = g.images_per_chunk();
+    let direct = nb == 1 && g.pointwise();
+    let m = nb * shw;
+    let col_len = if direct { 0 } else { kg * m };
+    let tmp_len = if nb == 1 { 0 } else { csg * m };
+    small
+        .par_chunks_mut(nb * cs * shw)
+        .zip(big.par_chunks(nb * cb * bhw))
+        .try_for_each(|(ys, xs)| {
+            let nbc = ys.len() / (cs * shw);
+            let m = nbc * shw;
+            with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
+                let (col, tmp) = scratch.split_at_mut(col_len);
+                for grp in 0..g.groups {
+                    let b = if direct {
+                        MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
+                    } else {
+                        for n in 0..nbc {
+                            let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
+                            im2col(g, &taps, img, col, m, n * shw);
+                        }
+                        MatRef::row_major(&col[..kg * m], kg, m)
+                    };
+                    let a = MatRef::row_major(&w[grp * csg * kg..][..csg * kg], csg, kg);
+                    if nbc == 1 {
+                        let c =
+                            MatMut::row_major(&mut ys[grp * csg * shw..][..csg * shw], csg, shw);
+                        gemm(a, b, c, &GemmOptions::default())?;
+                    } else {
+                        let t = &mut tmp[..csg * m];
+                        gemm(a, b, MatMut::row_major(t, csg, m), &GemmOptions::default())?;
+                        spread_group(t, nbc, cs, csg, grp, shw, ys);
+                    }
+                }
+                if let Some(bias) = bias {
+                    add_channel_bias(ys, cs, shw, bias);
+                }
+                Ok(())
+            })
+        })
+}
+
+/// `big[n, group g] = col2im(W_gᵀ · small[n, g·Csg ..])` — the adjoint of [`correlate`].
+///
+/// `small` `[N, Cs, Hs, Ws]`, `w` `[Cs, Cb/G, kh, kw]`, `big` `[N, Cb, Hb, Wb]` (overwritten).
+/// Conv input gradient; transposed-conv forward.
+pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> Result<()> {
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    let (cb, cs, cbg, csg, kg) = (g.big[0], g.small[0], g.cbg(), g.csg(), g.k_group());
+    let taps = taps(g);
+    if g.depthwise() {
+        // big[n, c] = Σ_t w[c, t] · shift_tᵀ(small[n, c])
+        big.par_chunks_mut(bhw).enumerate().for_each(|(nc, plane)| {
+            let c = nc % cb;
+            let src = &small[(nc / cb * cs + c) * shw..][..shw];
+            plane.fill(0.0);
+            for (t, tap) in taps.iter().enumerate() {
+                let wt = w[c * taps.len() + t];
+                for_each_segment(g, tap, |p, i, len| {
+                    for (o, s) in plane[i..]
+                        .iter_mut()
+                        .step_by(g.stride[1])
+                        .zip(&src[p..p + len])
+                    {
+                        *o += wt * *s;
+                    }
+                });
+            }
+        });
+        return Ok(());
+    }
+    let nb = g.images_per_chunk();
+    let direct = nb == 1 && g.pointwise();
+    let m = nb * shw;
+    let col_len = if direct { 0 } else { kg * m };
+    let tmp_len = if nb == 1 { 0 } else { csg * m };
+    big.par_chunks_mut(nb * cb * bhw)
+        .zip(small.par_chunks(nb * cs * shw))
+        .try_for_each(|(xs, ys)| {
+            let nbc = ys.len() / (cs * shw);
+            let m = nbc * shw;
+            with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
+                let (col, tmp) = scratch.split_at_mut(col_len);
+                if !direct {
+                    xs.fill(0.0);
+                }
+                for grp in 0..g.groups {
+                    // A = W_gᵀ [kg, csg] (a stride swap of the stored weight).
+                    let a = MatRef::row_major(&w[grp * csg * kg..][..csg * kg], csg, kg).t();
+                    let b = if nbc == 1 {
+                        MatRef::row_major(&ys[grp * csg * shw..][..csg * shw], csg, shw)
+                    } else {
+                        gather_group(ys, nbc, cs, csg, grp, shw, tmp);
+                        MatRef::row_major(&tmp[..csg * m], csg, m)
+                    };
+                    if direct {
+                        let c =
+                            MatMut::row_major(&mut xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw);
+                        gemm(a, b, c, &GemmOptions::default())?;
+                    } else {
+                        let col = &mut col[..kg * m];
+                        gemm(a, b, MatMut::row_major(col, kg, m), &GemmOptions::default())?;
+                        for n in 0..nbc {
+                            let img = &mut xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
+                            col2im(g, &taps, col, m, n * shw, img);
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+}
+
+/// `dW_g = Σ_n small[n, g·Csg ..] · im2col(big[n, group g])ᵀ` — the weight gradient of
+/// [`correlate`] (and of [`scatter`], with the roles of `small` as the upstream gradient or
+/// the input exchanged by the caller).
+///
+/// `big` `[N, Cb, Hb, Wb]`, `small` `[N, Cs, Hs, Ws]`, `dw` `[Cs, Cb/G, kh, kw]` (overwritten).
+/// The batch is cut into at most 4 fixed slices; each accumulates its images in order and the
+/// slice partials are added in slice order, so the sum is the same for any thread count.
+pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32]) -> Result<()> {
+    const MAX_SLICES: usize = 4;
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    let (cb, cs, cbg, csg, kg) = (g.big[0], g.small[0], g.cbg(), g.csg(), g.k_group());
+    let taps = taps(g);
+    if g.depthwise() {
+        // dw[c, t] = Σ_n Σ_p small[n, c, p] · shift_t(big[n, c])[p]
+        let kk = taps.len();
+        dw.par_chunks_mut(kk).enumerate().for_each(|(c, dwc)| {
+            for (t, tap) in taps.iter().enumerate() {
+                let mut acc = 0f32;
+                for n in 0..g.batch {
+                    let plane = &big[(n * cb + c) * bhw..][..bhw];
+                    let dy = &small[(n * cs + c) * shw..][..shw];
+                    for_each_segment(g, tap, |p, i, len| {
+                        for (d, x) in dy[p..p + len]
+                            .iter()
+                            .zip(plane[i..].iter().step_by(g.stride[1]))
+                        {
+                            acc += *d * *x;
+                        }
+                    });
+                }
+                dwc[t] = acc;
+            }
+        });
+        return Ok(());
+    }
+    let nb = g.images_per_chunk();
+    let chunks = g.batch.div_ceil(nb);
+    let slices = chunks.min(MAX_SLICES);
+    let direct = nb == 1 && g.pointwise();
+    let m = nb * shw;
+    let col_len = if direct { 0 } else { kg * m };
+    let tmp_len = if nb == 1 { 0 } else { csg * m };
+    let wlen = dw.len();
+    // Slice s owns chunks [s·chunks/slices, (s+1)·chunks/slices).
+    let partials: Vec<Result<Vec<f32>>> = (0..slices)
+        .into_par_iter()
+        .map(|s| {
+            let mut part = vec![0f32; wlen];
+            let (c0, c1) = (s * chunks / slices, (s + 1) * chunks / slices);
+            for (ci, chunk) in (c0..c1).enumerate() {
+                let n0 = chunk * nb;
+                let nbc = nb.min(g.batch - n0);
+                let m = nbc * shw;
+                let xs = &big[n0 * cb * bhw..][..nbc * cb * bhw];
+                let ys = &small[n0 * cs * shw..][..nbc * cs * shw];
+                with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
+                    let (col, tmp) = scratch.split_at_mut(col_len);
+                    for grp in 0..g.groups {
+                        let bt = if direct {
+                            MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
+                        } else {
+                            for n in 0..nbc {
+                                let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
+                                im2col(g, &taps, img, col, m, n * shw);
+                            }
+                            MatRef::row_major(&col[..kg * m], kg, m)
+                        };
+                        let a = if nbc == 1 {
+                            MatRef::row_major(&ys[grp * csg * shw..][..csg * shw], csg, shw)
+                        } else {
+                            gather_group(ys, nbc, cs, csg, grp, shw, tmp);
+                            MatRef::row_major(&tmp[..csg * m], csg, m)
+                        };
+                        let c = MatMut::row_major(&mut part[grp * csg * kg..][..csg * kg], csg, kg);
+                        let opts = GemmOptions {
+                            beta: if ci == 0 { 0.0 } else { 1.0 },
+                            ..Default::default()
+                        };
+                        gemm(a, bt.t(), c, &opts)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(part)
+        })
+        .collect();
+    dw.fill(0.0);
+    for p in partials {
+        let p = p?;
+        dw.par_chunks_mut(4096)
+            .zip(p.par_chunks(4096))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += *s));
+    }
+    Ok(())
+}
+
+/// `db[c] = Σ_n Σ_p dy[n, c, p]` for `dy` `[N, C, hw]` (f64 accumulation, fixed order).
+pub fn bias_grad(dy: &[f32], batch: usize, channels: usize, hw: usize, db: &mut [f32]) {
+    db.par_iter_mut().enumerate().for_each(|(c, d)| {
+        let mut acc = 0f64;
+        for n in 0..batch {
+            let plane = &dy[(n * channels + c) * hw..][..hw];
+            let mut lanes = [0f32; 8];
+            let mut it = plane.chunks_exact(8);
+            for ch in &mut it {
+                for (l, v) in lanes.iter_mut().zip(ch) {
+                    *l += *v;
+                }
+            }
+            let mut s: f64 = lanes.iter().map(|&l| l as f64).sum();
+            s += it.remainder().iter().map(|&v| v as f64).sum::<f64>();
+            acc += s;
+        }
+        *d = acc as f32;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The public operators: compositions of the three routines.
+
+fn check_bias(g: &ConvGeometry, bias: Option<&[f32]>) -> Result<()> {
+    if let Some(b) = bias {
+        check_len("bias", b.len(), g.out_channels())?;
+    }
+    Ok(())
+}
+
+/// Conv2d forward: `y = W ⋆ x + b` with `x` `[N, C_in, H, W]`, `w` `[C_out, C_in/G, kh, kw]`
+/// (f32, f16 or bf16; converted to f32 once), `bias` `[C_out]`, `y` `[N, C_out, OH, OW]`.
+pub fn conv2d_forward<W: FloatElement>(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    check_op(g, false, x.len(), w.len(), y.len())?;
+    check_bias(g, bias)?;
+    correlate(g, x, &weights_f32(w), bias, y)
+}
+
+/// Conv2d backward from the output gradient `dy` `[N, C_out, OH, OW]`:
+/// `dx = col2im(Wᵀ·dy)` (a transposed conv of `dy`), `dw = dy · im2col(x)ᵀ`,
+/// `db = Σ dy` over batch and pixels. Each requested gradient is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward<W: FloatElement>(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[W],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    check_op(g, false, x.len(), w.len(), dy.len())?;
+    if let Some(dx) = dx {
+        check_len("dx", dx.len(), g.input_len())?;
+        scatter(g, dy, &weights_f32(w), dx)?;
+    }
+    if let Some(dw) = dw {
+        check_len("dw", dw.len(), g.weight_len())?;
+        weight_grad(g, x, dy, dw)?;
+    }
+    if let Some(db) = db {
+        check_len("db", db.len(), g.out_channels())?;
+        bias_grad(dy, g.batch, g.small[0], g.small_hw(), db);
+    }
+    Ok(())
+}
+
+/// ConvTranspose2d forward: `y = col2im(Wᵀ·x) + b` — the input gradient of the matching conv.
+/// `x` `[N, C_in, H, W]`, `w` `[C_in, C_out/G, kh, kw]`, `bias` `[C_out]`,
+/// `y` `[N, C_out, OH, OW]` with `OH = (H−1)·s − 2p + d·(k−1) + output_padding + 1`.
+pub fn conv_transpose2d_forward<W: FloatElement>(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    check_op(g, true, x.len(), w.len(), y.len())?;
+    check_bias(g, bias)?;
+    scatter(g, x, &weights_f32(w), y)?;
+    if let Some(b) = bias {
+        y.par_chunks_mut(g.big[0] * g.big_hw())
+            .for_each(|img| add_channel_bias(img, g.big[0], g.big_hw(), b));
+    }
+    Ok(())
+}
+
+/// ConvTranspose2d backward from `dy` `[N, C_out, OH, OW]`: `dx = W ⋆ dy` (a conv of `dy`),
+/// `dw = x · im2col(dy)ᵀ`, `db = Σ dy`. Each requested gradient is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2d_backward<W: FloatElement>(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[W],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    check_op(g, true, x.len(), w.len(), dy.len())?;
+    if let Some(dx) = dx {
+        check_len("dx", dx.len(), g.input_len())?;
+        correlate(g, dy, &weights_f32(w), None, dx)?;
+    }
+    if let Some(dw) = dw {
+        check_len("dw", dw.len(), g.weight_len())?;
+        weight_grad(g, dy, x, dw)?;
+    }
+    if let Some(db) = db {
+        check_len("db", db.len(), g.out_channels())?;
+        bias_grad(dy, g.batch, g.big[0], g.big_hw(), db);
+    }
+    Ok(())
+}
+
+fn check_op(g: &ConvGeometry, transposed: bool, x: usize, w: usize, y: usize) -> Result<()> {
+    if g.transposed != transposed {
+        return Err(Error::invalid(format!(
+            "conv: geometry is for a {} convolution",
+            if g.transposed { "transposed" } else { "plain" }
+        )));
+    }
+    check_len("input", x, g.input_len())?;
+    check_len("weight", w, g.weight_len())?;
+    check_len("output", y, g.output_len())
+}
