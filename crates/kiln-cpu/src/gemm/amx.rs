@@ -1,0 +1,470 @@
+//! bf16 × bf16 → f32 matrix multiply on AMX tiles: `C = alpha·bf16(A)·B + beta·C`, then the
+//! epilogue.
+//!
+//! Shapes: A `[m, k]` (f32, rounded to bf16 while packing, or bf16), B `[k, n]` bf16, C `[m, n]`
+//! f32; all three arbitrary strides. Products of two bf16 are exact in f32 and sums are f32, so
+//! the only difference from an f64 product of the *bf16-rounded* operands is f32 summation
+//! (and the hardware's flushing of denormals). Note that an f32 A is rounded to bf16: this is a
+//! lower-precision product than [`crate::gemm::gemm`] with bf16 weights, which keeps A in f32.
+//!
+//! Structure (BLIS-like, sized for tiles):
+//! * [`AmxPackedB`]: B packed once into 32-column panels of VNNI pairs (see `pack.rs`); weights
+//!   reused every call should be packed once and passed to [`gemm_bf16_amx_packed`].
+//! * A packed per call into 32-row panels of bf16 rows.
+//! * Blocking: the k loop is cut into KC = 32·`kc_steps` blocks (a 32×KC A panel fills about
+//!   2/3 of L1d), C into MC×NC blocks (the KC×NC B block about 1/4 of L2, MC×KC A about 1/8).
+//!   One task = one MC×NC block of C; its f32 accumulator (thread-local, MC×NC) stays in L2.
+//! * Microkernel: 32×32 of C in 4 tiles, 2 A tiles and 2 B tiles per k-step of 32 (`tiles.rs`).
+//! * Epilogue: `c = epilogue(alpha·acc + beta·c)` written once per element after the last KC
+//!   block, exactly as [`crate::gemm::reference_gemm`] orders it.
+//! * Threads: rayon over tasks (blocks of M and N only). Every element's k summation order is
+//!   fixed by KC (which depends only on the cache sizes), so results are bitwise identical for
+//!   any thread count.
+//!
+//! Run-time selection: [`amx_available`] checks CPUID, XCR0 and asks Linux for the tile state
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) once per process. Where it is false every entry point
+//! that uses [`TileKernel::Amx`] returns an error (never an illegal instruction); a caller's
+//! dispatch routes bf16 products here only when it is true, e.g.
+//!
+//! ```no_run
+//! # use kiln_cpu::gemm::{amx, gemm, GemmOptions, MatRef, MatMut};
+//! # use half::bf16;
+//! # fn f(a: MatRef<f32>, b: MatRef<bf16>, c: MatMut) -> kiln_tensor::Result<()> {
+//! let opts = GemmOptions::default();
+//! if amx::amx_available() {
+//!     amx::gemm_bf16_amx(a, b, c, &opts) // A rounded to bf16
+//! } else {
+//!     gemm(a, b, c, &opts) // A kept in f32
+//! }
+//! # }
+//! ```
+//!
+//! [`TileKernel::Emulated`] runs the same driver with a software model of the tile kernel, so
+//! the whole path is tested on machines without AMX.
+use super::{apply_epilogue, Epilogue, GemmOptions, MatMut, MatRef};
+use half::bf16;
+use kiln_tensor::{Error, Result};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+mod detect;
+mod pack;
+mod tiles;
+
+pub use pack::PackKernel;
+pub use tiles::TileKernel;
+
+use pack::{ksteps, pack_a_panel, pack_b_panel};
+use tiles::{kernel_32x32, Line, TileSession, LINES_PER_KSTEP};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Element types accepted for A: f32 (rounded to bf16, nearest even, while packing) or bf16.
+pub trait AmxElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
+    #[doc(hidden)]
+    const IS_F32: bool;
+}
+impl AmxElement for f32 {
+    const IS_F32: bool = true;
+}
+impl AmxElement for bf16 {
+    const IS_F32: bool = false;
+}
+
+/// True when this process can use AMX-BF16 tiles (CPU, OS and Linux permission all checked;
+/// the answer is computed once and cached).
+pub fn amx_available() -> bool {
+    detect::amx_support().available
+}
+
+/// Why AMX is unavailable, or `None` when it is available.
+pub fn amx_unavailable_reason() -> Option<&'static str> {
+    let s = detect::amx_support();
+    (!s.available).then_some(s.reason)
+}
+
+/// Measured `tdpbf16ps` throughput of one core, GFLOP/s (the ceiling AMX figures are divided
+/// by). Runs for a few milliseconds on the calling thread. Errors without AMX.
+pub fn amx_peak_gflops_one_core() -> Result<f64> {
+    tiles::peak_gflops_one_core().ok_or_else(unavailable_error)
+}
+
+fn unavailable_error() -> Error {
+    Error::invalid(format!(
+        "gemm amx: AMX-BF16 is not available: {}",
+        detect::amx_support().reason
+    ))
+}
+
+/// Which tile kernel and packer a product uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AmxConfig {
+    pub tiles: TileKernel,
+    pub pack: PackKernel,
+}
+
+impl AmxConfig {
+    /// AMX tiles with the best packer; an error where AMX is unavailable.
+    pub fn hardware() -> Result<AmxConfig> {
+        let cfg = AmxConfig {
+            tiles: TileKernel::Amx,
+            pack: PackKernel::best(),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The software tile model with the best packer (any machine).
+    pub fn emulated() -> AmxConfig {
+        AmxConfig {
+            tiles: TileKernel::Emulated,
+            pack: PackKernel::best(),
+        }
+    }
+
+    /// Errors when this machine cannot run the chosen kernels.
+    pub fn check(&self) -> Result<()> {
+        if self.tiles == TileKernel::Amx && !amx_available() {
+            return Err(unavailable_error());
+        }
+        self.pack.check()
+    }
+}
+
+/// B `[k, n]` packed for the tile kernel: `n.div_ceil(32)` panels of 32 columns, each
+/// `k.div_ceil(32)` k-steps of 32 VNNI rows (2 KiB per k-step), zero-padded. Size ≈ 2·k·n
+/// bytes. Pack weights once and reuse them with [`gemm_bf16_amx_packed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AmxPackedB {
+    k: usize,
+    n: usize,
+    lines: Vec<Line>,
+}
+
+impl AmxPackedB {
+    /// Packs a strided `[k, n]` bf16 matrix with the best packer.
+    pub fn pack(b: MatRef<'_, bf16>) -> Result<AmxPackedB> {
+        Self::pack_with(b, PackKernel::best())
+    }
+
+    /// Packs with a chosen packer (errors if this CPU cannot run it).
+    pub fn pack_with(b: MatRef<'_, bf16>, pack: PackKernel) -> Result<AmxPackedB> {
+        pack.check()?;
+        b.check("B")?;
+        let (k, n) = (b.rows, b.cols);
+        let panel = ksteps(k) * LINES_PER_KSTEP;
+        let total = n
+            .div_ceil(32)
+            .checked_mul(panel)
+            .filter(|&l| l.checked_mul(64).is_some())
+            .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
+        let mut lines: Vec<Line> = bytemuck::zeroed_vec(total);
+        if panel > 0 {
+            let work = |(jp, dst): (usize, &mut [Line])| pack_b_panel(&b, 32 * jp, dst, pack);
+            if total >= PAR_MIN_PACK_LINES {
+                lines.par_chunks_mut(panel).enumerate().for_each(work);
+            } else {
+                lines.chunks_mut(panel).enumerate().for_each(work);
+            }
+        }
+        Ok(AmxPackedB { k, n, lines })
+    }
+
+    /// Rows of B (the inner dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held by the packed panels.
+    pub fn size_bytes(&self) -> usize {
+        self.lines.len() * 64
+    }
+}
+
+/// `C = alpha·bf16(A)·B + beta·C` then the epilogue, on AMX tiles. Shapes: A `[m, k]` (f32 or
+/// bf16), B `[k, n]` bf16, C `[m, n]` f32; any strides. B is packed on every call (use
+/// [`gemm_bf16_amx_packed`] for weights). Errors (never faults) where AMX is unavailable.
+/// Bitwise identical for any rayon thread count.
+pub fn gemm_bf16_amx<TA: AmxElement>(
+    a: MatRef<'_, TA>,
+    b: MatRef<'_, bf16>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    gemm_bf16_amx_with(&AmxConfig::hardware()?, a, b, c, opts)
+}
+
+/// As [`gemm_bf16_amx`] with B already packed.
+pub fn gemm_bf16_amx_packed<TA: AmxElement>(
+    a: MatRef<'_, TA>,
+    b: &AmxPackedB,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    gemm_bf16_amx_packed_with(&AmxConfig::hardware()?, a, b, c, opts)
+}
+
+/// As [`gemm_bf16_amx`] with a chosen tile kernel and packer (tests force each one).
+pub fn gemm_bf16_amx_with<TA: AmxElement>(
+    cfg: &AmxConfig,
+    a: MatRef<'_, TA>,
+    b: MatRef<'_, bf16>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    cfg.check()?;
+    check_shapes(&a, b.rows, b.cols, &c, opts)?;
+    let packed = AmxPackedB::pack_with(b, cfg.pack)?;
+    gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts)
+}
+
+/// As [`gemm_bf16_amx_packed`] with a chosen tile kernel and packer.
+pub fn gemm_bf16_amx_packed_with<TA: AmxElement>(
+    cfg: &AmxConfig,
+    a: MatRef<'_, TA>,
+    b: &AmxPackedB,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    cfg.check()?;
+    check_shapes(&a, b.k, b.n, &c, opts)?;
+    run(cfg, a, b, c, opts)
+}
+
+fn check_shapes<TA>(
+    a: &MatRef<'_, TA>,
+    k: usize,
+    n: usize,
+    c: &MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    if a.cols != k || a.rows != c.rows || n != c.cols {
+        return Err(Error::invalid(format!(
+            "gemm amx: A is {}x{}, B is {}x{}, C is {}x{}",
+            a.rows, a.cols, k, n, c.rows, c.cols
+        )));
+    }
+    a.check("A")?;
+    c.check("C")?;
+    if let Epilogue::Bias(bias) | Epilogue::BiasGelu(bias) = opts.epilogue {
+        if bias.len() != c.cols {
+            return Err(Error::shape("gemm amx bias", &[c.cols], &[bias.len()]));
+        }
+    }
+    Ok(())
+}
+
+/// Below this many packed lines (256 KiB), packing runs on the calling thread.
+const PAR_MIN_PACK_LINES: usize = 4096;
+/// Below this many flops, the product runs on the calling thread (about 2 µs of tile work).
+const PAR_MIN_FLOPS: usize = 1 << 23;
+
+/// Cache blocking, in units the kernel uses.
+#[derive(Clone, Copy, Debug)]
+struct Blocking {
+    /// k-steps of 32 per KC block.
+    kc_steps: usize,
+    /// Rows of C per task (multiple of 32).
+    mc: usize,
+    /// Columns of C per task (multiple of 32).
+    nc: usize,
+}
+
+/// KC from L1d (a 32×KC bf16 A panel ≈ 2/3 of it), NC and MC from L2 (the KC×NC B block ≈ 1/4,
+/// the MC×KC A block ≈ 1/8). Sapphire Rapids (48 KiB, 2 MiB): KC = 512, NC = 512, MC = 128.
+fn blocking() -> Blocking {
+    let (l1, l2) = detect::cache_sizes();
+    let kc_steps = (l1 * 2 / 3 / (32 * 2) / 32).clamp(2, 32);
+    let kc_bytes = kc_steps * 32 * 2;
+    let nc = (l2 / 4 / kc_bytes / 32 * 32).clamp(64, 4096);
+    let mc = (l2 / 8 / kc_bytes / 32 * 32).clamp(32, 1024);
+    Blocking { kc_steps, mc, nc }
+}
+
+/// C's base pointer and strides, shared by the tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct CPtr {
+    p: *mut f32,
+    rs: usize,
+    cs: usize,
+}
+// SAFETY: tasks write disjoint sets of C elements (distinct (i, j) blocks of a view whose
+// elements do not overlap — checked by `view_is_disjoint` before running tasks in parallel);
+// the pointer outlives the tasks because `run` borrows C mutably until they finish.
+unsafe impl Send for CPtr {}
+// SAFETY: as above.
+unsafe impl Sync for CPtr {}
+
+/// True when distinct (i, j) of a rows×cols view map to distinct elements.
+fn view_is_disjoint(rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    if rows <= 1 && cols <= 1 {
+        return true;
+    }
+    if rows <= 1 {
+        return cs >= 1;
+    }
+    if cols <= 1 {
+        return rs >= 1;
+    }
+    let span = |stride: usize, count: usize| stride.checked_mul(count);
+    (cs >= 1 && span(cs, cols).is_some_and(|w| rs >= w))
+        || (rs >= 1 && span(rs, rows).is_some_and(|h| cs >= h))
+}
+
+thread_local! {
+    /// Each thread's f32 accumulator for one MC×NC task (kept between calls).
+    static ACC: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+fn run<TA: AmxElement>(
+    cfg: &AmxConfig,
+    a: MatRef<'_, TA>,
+    b: &AmxPackedB,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    let (m, n, k) = (a.rows, b.n, b.k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let ks = ksteps(k);
+    let panel = ks * LINES_PER_KSTEP;
+    let mp = m.div_ceil(32);
+    let too_large = || Error::invalid(format!("gemm amx: A {m}x{k} is too large to pack"));
+    let total = mp
+        .checked_mul(panel)
+        .filter(|&l| l.checked_mul(64).is_some())
+        .ok_or_else(too_large)?;
+
+    // Pack A: 32-row panels of bf16.
+    let mut pa: Vec<Line> = bytemuck::zeroed_vec(total);
+    if panel > 0 {
+        let work = |(ip, dst): (usize, &mut [Line])| pack_a_panel(&a, 32 * ip, dst, cfg.pack);
+        if total >= PAR_MIN_PACK_LINES {
+            pa.par_chunks_mut(panel).enumerate().for_each(work);
+        } else {
+            pa.chunks_mut(panel).enumerate().for_each(work);
+        }
+    }
+
+    // Tasks: MC×NC blocks of C, N-major so consecutive tasks share a B block. Smaller blocks
+    // when there are too few tasks to keep the threads busy (does not change any result).
+    let threads = rayon::current_num_threads();
+    let Blocking {
+        kc_steps,
+        mut mc,
+        mut nc,
+    } = blocking();
+    let count = |mc: usize, nc: usize| m.div_ceil(mc) * n.div_ceil(nc);
+    while count(mc, nc) < 4 * threads && nc > 64 {
+        nc = (nc / 2).div_ceil(32) * 32;
+    }
+    while count(mc, nc) < 4 * threads && mc > 32 {
+        mc = (mc / 2).div_ceil(32) * 32;
+    }
+    let m_blocks = m.div_ceil(mc);
+    let tasks = m_blocks * n.div_ceil(nc);
+
+    let cp = CPtr {
+        p: c.data.as_mut_ptr(),
+        rs: c.row_stride,
+        cs: c.col_stride,
+    };
+    let task = |t: usize| {
+        let (ic, jc) = ((t % m_blocks) * mc, (t / m_blocks) * nc);
+        let (mcur, ncur) = (mc.min(m - ic), nc.min(n - jc));
+        let (mpanels, npanels) = (mcur.div_ceil(32), ncur.div_ceil(32));
+        let ldc = 32 * npanels;
+        ACC.with_borrow_mut(|acc_lines| {
+            let need = 32 * mpanels * ldc / 16;
+            if acc_lines.len() < need {
+                *acc_lines = bytemuck::zeroed_vec(need);
+            }
+            let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc_lines[..need]);
+            if ks == 0 {
+                acc.fill(0.0);
+            } else {
+                let session = TileSession::begin(cfg.tiles);
+                for s0 in (0..ks).step_by(kc_steps) {
+                    let nks = kc_steps.min(ks - s0);
+                    let (lo, hi) = (s0 * LINES_PER_KSTEP, (s0 + nks) * LINES_PER_KSTEP);
+                    for ir in 0..mpanels {
+                        let ap = &pa[(ic / 32 + ir) * panel..][lo..hi];
+                        for jr in 0..npanels {
+                            let bp = &b.lines[(jc / 32 + jr) * panel..][lo..hi];
+                            let cb = &mut acc[32 * ir * ldc + 32 * jr..];
+                            kernel_32x32(&session, cfg.tiles, ap, bp, nks, cb, ldc, s0 > 0);
+                        }
+                    }
+                }
+            }
+            write_back(cp, acc, ldc, ic, jc, mcur, ncur, opts);
+        });
+    };
+    let parallel = threads > 1
+        && tasks > 1
+        && view_is_disjoint(c.rows, c.cols, c.row_stride, c.col_stride)
+        && m.saturating_mul(n).saturating_mul(k).saturating_mul(2) >= PAR_MIN_FLOPS;
+    if parallel {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+    Ok(())
+}
+
+/// `C[ic+i][jc+j] = epilogue(alpha·acc[i][j] + beta·C[ic+i][jc+j])` for the task's block
+/// (`beta == 0` ignores C's previous contents, even NaN).
+#[allow(clippy::too_many_arguments)]
+fn write_back(
+    cp: CPtr,
+    acc: &[f32],
+    ldc: usize,
+    ic: usize,
+    jc: usize,
+    mcur: usize,
+    ncur: usize,
+    opts: &GemmOptions<'_>,
+) {
+    let (alpha, beta, epi) = (opts.alpha, opts.beta, &opts.epilogue);
+    for i in 0..mcur {
+        let arow = &acc[i * ldc..i * ldc + ncur];
+        let base = (ic + i) * cp.rs + jc * cp.cs;
+        if cp.cs == 1 {
+            // SAFETY: C was validated (`MatMut::check`), so elements (ic+i, jc..jc+ncur) lie
+            // inside its buffer; with unit column stride they are this contiguous run. No other
+            // task touches them (disjoint view, distinct blocks) and nothing else borrows C
+            // while `run` executes.
+            let crow = unsafe { std::slice::from_raw_parts_mut(cp.p.add(base), ncur) };
+            if beta == 0.0 && matches!(epi, Epilogue::None) {
+                for (cv, &av) in crow.iter_mut().zip(arow) {
+                    *cv = alpha * av;
+                }
+            } else {
+                for (j, (cv, &av)) in crow.iter_mut().zip(arow).enumerate() {
+                    let prev = if beta == 0.0 { 0.0 } else { beta * *cv };
+                    *cv = apply_epilogue(alpha * av + prev, jc + j, epi);
+                }
+            }
+        } else {
+            for (j, &av) in arow.iter().enumerate() {
+                // SAFETY: as above, element (ic+i, jc+j) of the validated view, written by
+                // this task only.
+                unsafe {
+                    let p = cp.p.add(base + j * cp.cs);
+                    let prev = if beta == 0.0 { 0.0 } else { beta * *p };
+                    *p = apply_epilogue(alpha * av + prev, jc + j, epi);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Packing strided A and B into tile rows ([`Line`]s), zero-padded to whole tiles.
+//!
+//! * A panel `ip` (rows `32·ip .. 32·ip+32`), k-step `s`: line `s·32 + 16·t + r` holds row
+//!   `32·ip + 16·t + r`, columns `k = 32·s .. 32·s+32`, as bf16 (f32 A is rounded to nearest
+//!   even while packing).
+//! * B panel `jp` (columns `32·jp .. 32·jp+32`), k-step `s`: line `s·32 + 16·t + r` holds, for
+//!   `n = 0..16`, the pair `(B[32·s+2r][j], B[32·s+2r+1][j])` with `j = 32·jp + 16·t + n` — the
+//!   "VNNI" layout `tdpbf16ps` expects.
+//!
+//! Rows, columns and k beyond the matrix are zeros, so the kernel never reads outside the
+//! packed buffers and padding adds nothing to C. Each panel is packed by one function; the
+//! AVX2 paths handle whole interior chunks of unit-stride operands and must match the scalar
+//! path bit for bit (tested).
+use super::tiles::{Line, LINES_PER_KSTEP};
+use super::AmxElement;
+use crate::gemm::MatRef;
+use half::bf16;
+use kiln_tensor::convert::f32_to_bf16_one;
+use kiln_tensor::{Error, Result};
+
+/// How panels are packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackKernel {
+    /// AVX2 conversion and interleaving for unit-stride chunks, scalar for the rest.
+    Avx2,
+    /// Element-by-element (the reference).
+    Scalar,
+}
+
+impl PackKernel {
+    /// The fastest packer this CPU runs.
+    pub fn best() -> PackKernel {
+        if Self::Avx2.is_available() {
+            PackKernel::Avx2
+        } else {
+            PackKernel::Scalar
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_available(self) -> bool {
+        match self {
+            PackKernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            PackKernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            PackKernel::Avx2 => false,
+        }
+    }
+
+    pub(crate) fn check(self) -> Result<()> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "gemm amx: packing kernel {self:?} is not supported by this CPU"
+            )))
+        }
+    }
+}
+
+/// Number of k-steps (32 each) covering `k`.
+pub(crate) fn ksteps(k: usize) -> usize {
+    k.div_ceil(32)
+}
+
+/// Packs A panel rows `i0 .. i0+32` into `dst` (`ksteps(a.cols)·32` lines).
+pub(crate) fn pack_a_panel<TA: AmxElement>(
+    a: &MatRef<'_, TA>,
+    i0: usize,
+    dst: &mut [Line],
+    pack: PackKernel,
+) {
+    let k = a.cols;
+    let ks = ksteps(k);
+    debug_assert_eq!(dst.len(), ks * LINES_PER_KSTEP);
+    for rr in 0..32 {
+        let i = i0 + rr;
+        let slot = 16 * (rr / 16) + rr % 16; // = rr: tile rr/16, row rr%16
+        for s in 0..ks {
+            let line = &mut dst[s * LINES_PER_KSTEP + slot].0;
+            if i >= a.rows {
+                *line = [0; 32];
+                continue;
+            }
+            let k0 = 32 * s;
+            let full = k0 + 32 <= k && a.col_stride == 1;
+            if TA::IS_F32 {
+                let data: &[f32] = bytemuck::cast_slice(a.data);
+                if full && pack == PackKernel::Avx2 {
+                    let start = i * a.row_stride + k0;
+                    convert_32(&data[start..start + 32], line);
+                } else {
+                    for (e, v) in line.iter_mut().enumerate() {
+                        let kk = k0 + e;
+                        *v = if kk < k {
+                            f32_to_bf16_one(data[i * a.row_stride + kk * a.col_stride]).to_bits()
+                        } else {
+                            0
+                        };
+                    }
+                }
+            } else {
+                let data: &[u16] = bytemuck::cast_slice(a.data);
+                if full {
+                    let start = i * a.row_stride + k0;
+                    line.copy_from_slice(&data[start..start + 32]);
+                } else {
+                    for (e, v) in line.iter_mut().enumerate() {
+                        let kk = k0 + e;
+                        *v = if kk < k {
+                            data[i * a.row_stride + kk * a.col_stride]
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs B panel columns `j0 .. j0+32` into `dst` (`ksteps(b.rows)·32` lines).
+pub(crate) fn pack_b_panel(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], pack: PackKernel) {
+    let (k, n) = (b.rows, b.cols);
+    let ks = ksteps(k);
+    debug_assert_eq!(dst.len(), ks * LINES_PER_KSTEP);
+    let data: &[u16] = bytemuck::cast_slice(b.data);
+    let at = |kk: usize, j: usize| -> u16 {
+        if kk < k && j < n {
+            data[kk * b.row_stride + j * b.col_stride]
+        } else {
+            0
+        }
+    };
+    for s in 0..ks {
+        for t in 0..2 {
+            let jt = j0 + 16 * t;
+            for r in 0..16 {
+                let k0 = 32 * s + 2 * r;
+                let line = &mut dst[s * LINES_PER_KSTEP + 16 * t + r].0;
+                let full = k0 + 1 < k && jt + 16 <= n && b.col_stride == 1;
+                if full && pack == PackKernel::Avx2 {
+                    let r0 = k0 * b.row_stride + jt;
+                    let r1 = (k0 + 1) * b.row_stride + jt;
+                    interleave_16(&data[r0..r0 + 16], &data[r1..r1 + 16], line);
+                } else {
+                    for nn in 0..16 {
+                        line[2 * nn] = at(k0, jt + nn);
+                        line[2 * nn + 1] = at(k0 + 1, jt + nn);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 32 f32 → 32 bf16 bits (round to nearest even, NaN kept quiet) with AVX2.
+/// Only called when [`PackKernel::Avx2`] was checked available.
+fn convert_32(src: &[f32], dst: &mut [u16; 32]) {
+    assert_eq!(src.len(), 32);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 is present (PackKernel::Avx2 is only used after `is_available`), and `src`
+    // has 32 elements (asserted), `dst` 32.
+    unsafe {
+        convert_32_avx2(src.as_ptr(), dst.as_mut_ptr())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_bf16_one(s).to_bits();
+    }
+}
+
+/// # Safety
+/// AVX2 present; `src` readable for 32 f32, `dst` writable for 32 u16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn convert_32_avx2(src: *const f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // bf16 bits of 8 f32s in the low halves of 8 i32 lanes:
+    // NaN → (x >> 16) | 0x40, else (x + 0x7fff + ((x >> 16) & 1)) >> 16.
+    let cvt8 = |x: __m256i| -> __m256i {
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+        let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7fff_ffff));
+        let is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f80_0000));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
+        _mm256_blendv_epi8(rounded, quiet, is_nan)
+    };
+    // SAFETY: the four 32-byte loads cover src[0..32]; the two stores cover dst[0..32].
+    unsafe {
+        let x0 = cvt8(_mm256_loadu_si256(src as *const __m256i));
+        let x1 = cvt8(_mm256_loadu_si256(src.add(8) as *const __m256i));
+        let x2 = cvt8(_mm256_loadu_si256(src.add(16) as *const __m256i));
+        let x3 = cvt8(_mm256_loadu_si256(src.add(24) as *const __m256i));
+        // packus works per 128-bit lane: [x0 lo, x1 lo, x0 hi, x1 hi] → reorder the 64-bit
+        // quarters to [x0 lo, x0 hi, x1 lo, x1 hi]. Values are < 2^16, so no saturation.
+        let p01 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(x0, x1));
+        let p23 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(x2, x3));
+        _mm256_storeu_si256(dst as *mut __m256i, p01);
+        _mm256_storeu_si256(dst.add(16) as *mut __m256i, p23);
+    }
+}
+
+/// `dst[2n] = r0[n]`, `dst[2n+1] = r1[n]` for n < 16, with AVX2.
+/// Only called when [`PackKernel::Avx2`] was checked available.
+fn interleave_16(r0: &[u16], r1: &[u16], dst: &mut [u16; 32]) {
+    assert!(r0.len() == 16 && r1.len() == 16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 is present (see `convert_32`); `r0`, `r1` have 16 elements (asserted), `dst`
+    // has 32.
+    unsafe {
+        interleave_16_avx2(r0.as_ptr(), r1.as_ptr(), dst.as_mut_ptr())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for nn in 0..16 {
+        dst[2 * nn] = r0[nn];
+        dst[2 * nn + 1] = r1[nn];
+    }
+}
+
+/// # Safety
+/// AVX2 present; `r0`, `r1` readable for 16 u16; `dst` writable for 32 u16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave_16_avx2(r0: *const u16, r1: *const u16, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: two 32-byte loads of r0[0..16] and r1[0..16], two 32-byte stores to dst[0..32].
+    unsafe {
+        let x = _mm256_loadu_si256(r0 as *const __m256i);
+        let y = _mm256_loadu_si256(r1 as *const __m256i);
+        // unpack works per 128-bit lane: lo = pairs 0..4 | 8..12, hi = pairs 4..8 | 12..16.
+        let lo = _mm256_unpacklo_epi16(x, y);
+        let hi = _mm256_unpackhi_epi16(x, y);
+        _mm256_storeu_si256(
+            dst as *mut __m256i,
+            _mm256_permute2x128_si256::<0x20>(lo, hi),
+        );
+        _mm256_storeu_si256(
+            dst.add(16) as *mut __m256i,
+            _mm256_permute2x128_si256::<0x31>(lo, hi),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 32) as u32
+    }
+
+    #[test]
+    fn avx2_packing_matches_scalar_bitwise() {
+        if !PackKernel::Avx2.is_available() {
+            println!("SKIP avx2_packing_matches_scalar_bitwise: no AVX2");
+            return;
+        }
+        let mut seed = 7u64;
+        for &(m, k) in &[(1, 1), (33, 64), (40, 95), (64, 128), (5, 257)] {
+            // Random bit patterns (NaN, inf, denormals, rounding ties included) plus exact ties.
+            let mut a: Vec<f32> = (0..m * k).map(|_| f32::from_bits(lcg(&mut seed))).collect();
+            a[0] = f32::from_bits(0x3f80_8000); // tie, round down to even
+            if a.len() > 1 {
+                a[1] = f32::from_bits(0x3f81_8000); // tie, round up to even
+            }
+            let av = MatRef::row_major(&a[..], m, k);
+            for ip in 0..m.div_ceil(32) {
+                let mut s = vec![Line::ZERO; ksteps(k) * 32];
+                let mut v = s.clone();
+                pack_a_panel(&av, 32 * ip, &mut s, PackKernel::Scalar);
+                pack_a_panel(&av, 32 * ip, &mut v, PackKernel::Avx2);
+                assert_eq!(s, v, "A {m}x{k} panel {ip}");
+            }
+            let b: Vec<bf16> = (0..m * k)
+                .map(|_| bf16::from_bits(lcg(&mut seed) as u16))
+                .collect();
+            let bv = MatRef::row_major(&b[..], k, m);
+            for jp in 0..m.div_ceil(32) {
+                let mut s = vec![Line::ZERO; ksteps(k) * 32];
+                let mut v = s.clone();
+                pack_b_panel(&bv, 32 * jp, &mut s, PackKernel::Scalar);
+                pack_b_panel(&bv, 32 * jp, &mut v, PackKernel::Avx2);
+                assert_eq!(s, v, "B {k}x{m} panel {jp}");
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_packing_layout() {
+        // A 3×40 of small integers (exact in bf16): row i, column k lands at line 32·(k/32) + i.
+        let (m, k) = (3, 40);
+        let a: Vec<f32> = (0..m * k).map(|x| (x % 7) as f32).collect();
+        let av = MatRef::row_major(&a[..], m, k);
+        let mut p = vec![Line::ZERO; ksteps(k) * 32];
+        pack_a_panel(&av, 0, &mut p, PackKernel::Scalar);
+        for s in 0..2 {
+            for rr in 0..32 {
+                for e in 0..32 {
+                    let (i, kk) = (rr, 32 * s + e);
+                    let want = if i < m && kk < k { a[i * k + kk] } else { 0.0 };
+                    let got = f32::from_bits((p[s * 32 + rr].0[e] as u32) << 16);
+                    assert_eq!(got, want);
+                }
+            }
+        }
+        // B 5×20 (k × n): VNNI pairs.
+        let (k, n) = (5, 20);
+        let b: Vec<bf16> = (0..k * n).map(|x| bf16::from_f32((x % 9) as f32)).collect();
+        let bv = MatRef::row_major(&b[..], k, n);
+        let mut q = vec![Line::ZERO; 32];
+        pack_b_panel(&bv, 0, &mut q, PackKernel::Scalar);
+        for t in 0..2 {
+            for r in 0..16 {
+                for nn in 0..16 {
+                    for e in 0..2 {
+                        let (kk, j) = (2 * r + e, 16 * t + nn);
+                        let want = if kk < k && j < n {
+                            b[kk * n + j]
+                        } else {
+                            bf16::ZERO
+                        };
+                        assert_eq!(q[16 * t + r].0[2 * nn + e], want.to_bits());
+                    }
+                }
+            }
+        }
+    }
+}
