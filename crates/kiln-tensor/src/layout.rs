@@ -102,6 +102,11 @@ impl Layout {
                 shape
             )));
         }
+        if shape.checked_numel().is_none() {
+            return Err(Error::Layout(format!(
+                "shape {shape} has more elements than fit in usize"
+            )));
+        }
         Ok(Layout {
             shape,
             strides,
@@ -262,6 +267,11 @@ impl Layout {
             return Err(Error::Layout(format!(
                 "cannot broadcast {} to the lower-rank shape {}",
                 self.shape, shape
+            )));
+        }
+        if shape.checked_numel().is_none() {
+            return Err(Error::Layout(format!(
+                "cannot broadcast to {shape}: more elements than fit in usize"
             )));
         }
         let lead = rank - self.rank();

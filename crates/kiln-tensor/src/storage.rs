@@ -122,7 +122,7 @@ impl Storage {
             )));
         }
         let addr = (*owner).as_ref()[start..].as_ptr() as usize;
-        if addr % dtype.size_in_bytes() != 0 {
+        if !addr.is_multiple_of(dtype.size_in_bytes()) {
             return Ok(None);
         }
         Ok(Some(Storage::CpuShared { owner, start, len }))

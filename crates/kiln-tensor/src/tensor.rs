@@ -165,6 +165,19 @@ impl Tensor {
         }
     }
 
+    /// The raw bytes of a contiguous tensor (its logical elements only, little-endian).
+    /// Errors for non-contiguous views.
+    pub fn as_bytes(&self) -> Result<&[u8]> {
+        if !self.is_contiguous() {
+            return Err(Error::Layout(
+                "as_bytes on a non-contiguous view; call contiguous() first".into(),
+            ));
+        }
+        let es = self.dtype.size_in_bytes();
+        let start = self.layout.offset() * es;
+        Ok(&self.storage.as_bytes()[start..start + self.numel() * es])
+    }
+
     /// The whole storage as a typed slice; index it with [`Tensor::layout`] (offset and strides).
     pub fn storage_slice<T: Element>(&self) -> Result<&[T]> {
         self.check_type::<T>()?;
