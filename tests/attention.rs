@@ -537,3 +537,63 @@ fn bad_arguments_are_errors() {
     assert!(c.append(1, q, q).is_err());
     assert!(c.append(0, k4, k4).is_err());
 }
+
+fn fixture_floats(v: &serde_json::Value) -> Vec<f32> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn fixture_shape(v: &serde_json::Value) -> Vec<usize> {
+    v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// PyTorch `scaled_dot_product_attention` with an explicit bottom-right boolean mask
+/// (`tests/fixtures/make_attention_fixtures.py`).
+#[test]
+fn matches_torch_sdpa_fixtures() {
+    let path = format!(
+        "{}/tests/fixtures/attention/sdpa.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for c in fx["cases"].as_array().unwrap() {
+        let causal = c["causal"].as_bool().unwrap();
+        let qs = fixture_shape(&c["q"]);
+        let ks = fixture_shape(&c["k"]);
+        let (b, h, tq, d) = (qs[0], qs[1], qs[2], qs[3]);
+        let tk = ks[2];
+        let (q, k, v, want) = (
+            fixture_floats(&c["q"]),
+            fixture_floats(&c["k"]),
+            fixture_floats(&c["v"]),
+            fixture_floats(&c["out"]),
+        );
+        for isa in Isa::available() {
+            let mut out = vec![f32::NAN; want.len()];
+            attention_forward(
+                HeadsRef::contiguous(&q[..], b, h, tq, d),
+                HeadsRef::contiguous(&k[..], b, h, tk, d),
+                HeadsRef::contiguous(&v[..], b, h, tk, d),
+                HeadsMut::contiguous(&mut out, b, h, tq, d),
+                opts(causal, isa),
+            )
+            .unwrap();
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 2e-5 + 2e-5 * w.abs(),
+                    "{isa:?} {qs:?}x{tk} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
