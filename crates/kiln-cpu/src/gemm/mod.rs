@@ -7,7 +7,108 @@
 //! Public API (stable; other kernels and models call it):
 //! * [`gemm`] — one matrix product.
 //! * [`gemm_batched`] — a batch of products with a stride per batch.
-use kiln_tensor::{Error, FloatElement, Result};
+//! * [`gemm_with_isa`] — the same with a chosen microkernel (tests, benchmarks).
+//! * [`PackedB`], [`gemm_packed`] — B packed once and reused (weights used every call).
+//!
+//! Structure (BLIS, see `docs/gemm.md`): [`blocking`] derives `MC/KC/NC` from the cache sizes;
+//! [`pack`] packs A and B panels (widening f16/bf16); [`micro`], [`avx2`], [`avx512`] are the
+//! register-blocked microkernels; [`driver`] is the loop nest, the macro-kernel and the
+//! threading; [`gemv`] is the M = 1 path.
+use kiln_tensor::{DType, Error, FloatElement, Result};
+use std::sync::OnceLock;
+
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+pub mod blocking;
+pub mod driver;
+pub mod gemv;
+pub mod micro;
+pub mod pack;
+
+/// An instruction set a microkernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F, `12 × 32` tile.
+    Avx512,
+    /// AVX2 + FMA, `6 × 16` tile.
+    Avx2,
+    /// `wide::f32x8`, `6 × 16` tile, no run-time detection needed.
+    Portable,
+    /// Plain Rust, `4 × 4` tile.
+    Scalar,
+}
+
+impl Isa {
+    /// All kernels, fastest first.
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Portable, Isa::Scalar];
+
+    /// Whether this CPU runs it (detected at run time).
+    pub fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2 => false,
+            Isa::Portable | Isa::Scalar => true,
+        }
+    }
+
+    /// The fastest kernel this CPU runs (detected once).
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|i| i.is_available())
+                .unwrap_or(Isa::Scalar)
+        })
+    }
+
+    /// Every kernel this CPU runs.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// Lower-case name: `avx512`, `avx2`, `portable`, `scalar`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// Parses [`Isa::name`].
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == s.to_ascii_lowercase())
+    }
+
+    /// The microkernel's `(MR, NR)`.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            Isa::Avx512 => (12, 32),
+            Isa::Avx2 | Isa::Portable => (6, 16),
+            Isa::Scalar => (micro::SCALAR_MR, micro::SCALAR_NR),
+        }
+    }
+
+    /// The cache blocking used with this kernel on this machine.
+    pub fn blocking(self) -> blocking::Blocking {
+        let (mr, nr) = self.tile();
+        blocking::Blocking::for_kernel(mr, nr, blocking::CacheSizes::detect())
+    }
+}
 
 /// A read-only strided matrix: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -179,9 +280,125 @@ pub fn gemm<TB: FloatElement>(
     c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
+    gemm_with_isa(Isa::best(), a, b, c, opts)
+}
+
+/// [`gemm`] with the microkernel of `isa` (an error if this CPU cannot run it). The M = 1 path
+/// uses AVX2 code for both `Avx512` and `Avx2` (it is bandwidth-bound), plain Rust otherwise.
+pub fn gemm_with_isa<TB: FloatElement>(
+    isa: Isa,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, TB>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
     validate(&a, &b, &c, opts)?;
-    reference_gemm(a, b, c, opts);
+    let Some(kern) = micro::Kernel::for_isa(isa) else {
+        return Err(Error::invalid(format!(
+            "gemm: the {} microkernel is not supported by this CPU",
+            isa.name()
+        )));
+    };
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // C = beta·C, then the epilogue.
+        for i in 0..m {
+            for j in 0..n {
+                let at = i * c.row_stride + j * c.col_stride;
+                let old = if opts.beta == 0.0 { 0.0 } else { c.data[at] };
+                c.data[at] = apply_epilogue(
+                    micro::update(0.0, old, opts.alpha, opts.beta),
+                    j,
+                    &opts.epilogue,
+                );
+            }
+        }
+        return Ok(());
+    }
+    if m == 1 && gemm_m1(isa, &a, &b, &mut *c.data, c.col_stride, false, opts) {
+        return Ok(());
+    }
+    if n == 1 && m > 1 && TB::DTYPE == DType::F32 {
+        // C (m × 1) = A·b  ⇔  Cᵀ (1 × m) = bᵀ·Aᵀ: an M = 1 product with Aᵀ streamed as B.
+        let bf: &[f32] = bytemuck::cast_slice(b.data);
+        let bt = MatRef::strided(bf, 1, k, b.col_stride, b.row_stride);
+        if gemm_m1(isa, &bt, &a.t(), &mut *c.data, c.row_stride, true, opts) {
+            return Ok(());
+        }
+    }
+    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let prod = driver::Product {
+        a,
+        b,
+        c: driver::CPtr {
+            ptr: c.data.as_mut_ptr(),
+            rs: c.row_stride,
+            cs: c.col_stride,
+        },
+        alpha: opts.alpha,
+        beta: opts.beta,
+        epilogue: opts.epilogue,
+    };
+    // SAFETY: `c` was validated to lie inside `c.data` and not to overlap itself, and we hold
+    // its exclusive borrow for the whole call.
+    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
     Ok(())
+}
+
+/// The M = 1 product `c[j·cs] = alpha·(x·B)[j] + beta·c[j·cs]`, then the epilogue, for A a
+/// `1 × k` row and B `k × n` with a unit row or column stride. Returns false, touching nothing,
+/// when B's layout is not one the GEMV path streams. `transposed`: the product is `Cᵀ` of a
+/// one-column C, so every element is in C's column 0 (for the bias).
+#[allow(clippy::too_many_arguments)]
+fn gemm_m1<TA: FloatElement, TB: FloatElement>(
+    isa: Isa,
+    a: &MatRef<'_, TA>,
+    b: &MatRef<'_, TB>,
+    c: &mut [f32],
+    cs: usize,
+    transposed: bool,
+    opts: &GemmOptions<'_>,
+) -> bool {
+    let col = |j: usize| if transposed { 0 } else { j };
+    let (k, n) = (b.rows, b.cols);
+    if !(b.col_stride == 1 || b.row_stride == 1 || n == 1 || k == 1) {
+        return false;
+    }
+    let x: Vec<f32> = (0..k).map(|p| a.data[p * a.col_stride].to_f32()).collect();
+    let in_place = cs == 1 && opts.beta == 0.0;
+    let mut tmp = Vec::new();
+    let y: &mut [f32] = if in_place {
+        &mut c[..n]
+    } else {
+        tmp.resize(n, 0.0);
+        &mut tmp
+    };
+    if !gemv::gemv(isa, &x, b, y) {
+        return false;
+    }
+    if in_place {
+        for (j, v) in c[..n].iter_mut().enumerate() {
+            *v = apply_epilogue(opts.alpha * *v, col(j), &opts.epilogue);
+        }
+    } else {
+        for (j, &acc) in tmp.iter().enumerate() {
+            let p = &mut c[j * cs];
+            let old = if opts.beta == 0.0 { 0.0 } else { *p };
+            *p = apply_epilogue(
+                micro::update(acc, old, opts.alpha, opts.beta),
+                col(j),
+                &opts.epilogue,
+            );
+        }
+    }
+    true
 }
 
 fn validate<TB>(
@@ -199,12 +416,33 @@ fn validate<TB>(
     a.check("A")?;
     b.check("B")?;
     c.check("C")?;
+    if !disjoint_elements(c.rows, c.cols, c.row_stride, c.col_stride) {
+        return Err(Error::invalid(format!(
+            "gemm: C view {}x{} (strides {}, {}) maps two elements to one address",
+            c.rows, c.cols, c.row_stride, c.col_stride
+        )));
+    }
     if let Epilogue::Bias(bias) | Epilogue::BiasGelu(bias) = opts.epilogue {
         if bias.len() != c.cols {
             return Err(Error::shape("gemm bias", &[c.cols], &[bias.len()]));
         }
     }
     Ok(())
+}
+
+/// Whether a `rows × cols` view with these strides gives every element its own address (a
+/// sufficient test: one stride steps over the whole extent of the other).
+fn disjoint_elements(rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    if rows <= 1 && cols <= 1 {
+        return true;
+    }
+    if rows <= 1 {
+        return cs >= 1;
+    }
+    if cols <= 1 {
+        return rs >= 1;
+    }
+    (cs >= 1 && rs >= cols.saturating_mul(cs)) || (rs >= 1 && cs >= rows.saturating_mul(rs))
 }
 
 /// Straightforward triple loop (f32 accumulation, k innermost). The correctness reference for
@@ -253,8 +491,38 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// A batch of products: for `b in 0..batch`, `C_b = alpha·A_b·B_b + beta·C_b`, where operand
 /// `X_b` is the view `X` shifted by `b · batch_stride_x` elements (a stride of 0 broadcasts).
+///
+/// When B is shared (`batch_stride_b == 0`) and the A and C batches follow each other row by
+/// row, the batch is folded into M: one `batch·m × n` product. Otherwise, when the C batches
+/// are disjoint, small products run in parallel over the batch.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_batched<TB: FloatElement>(
+    batch: usize,
+    a: MatRef<'_, f32>,
+    batch_stride_a: usize,
+    b: MatRef<'_, TB>,
+    batch_stride_b: usize,
+    c: MatMut<'_>,
+    batch_stride_c: usize,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    gemm_batched_with_isa(
+        Isa::best(),
+        batch,
+        a,
+        batch_stride_a,
+        b,
+        batch_stride_b,
+        c,
+        batch_stride_c,
+        opts,
+    )
+}
+
+/// [`gemm_batched`] with the microkernel of `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched_with_isa<TB: FloatElement>(
+    isa: Isa,
     batch: usize,
     a: MatRef<'_, f32>,
     batch_stride_a: usize,
@@ -271,31 +539,93 @@ pub fn gemm_batched<TB: FloatElement>(
         row_stride,
         col_stride,
     } = c;
-    for bi in 0..batch {
-        let sa = bi * batch_stride_a;
-        let sb = bi * batch_stride_b;
-        let sc = bi * batch_stride_c;
-        if sa > a.data.len() || sb > b.data.len() || sc > data.len() {
+    if batch == 0 {
+        return Ok(());
+    }
+    for (name, len, stride) in [
+        ("A", a.data.len(), batch_stride_a),
+        ("B", b.data.len(), batch_stride_b),
+        ("C", data.len(), batch_stride_c),
+    ] {
+        if (batch - 1).checked_mul(stride).is_none_or(|s| s > len) {
             return Err(Error::invalid(format!(
-                "gemm_batched: batch {bi} starts outside an operand"
+                "gemm_batched: batch {} of {name} starts outside its buffer",
+                batch - 1
             )));
         }
-        let av = MatRef {
-            data: &a.data[sa..],
+    }
+    // Fold the batch into M: A_b and C_b continue A_0 and C_0 row by row, B is shared.
+    if batch > 1
+        && batch_stride_b == 0
+        && rows > 0
+        && batch_stride_a == rows * a.row_stride
+        && batch_stride_c == rows * row_stride
+    {
+        let af = MatRef {
+            rows: batch * rows,
             ..a
         };
-        let bv = MatRef {
-            data: &b.data[sb..],
-            ..b
+        let cf = MatMut {
+            data,
+            rows: batch * rows,
+            cols,
+            row_stride,
+            col_stride,
         };
+        return gemm_with_isa(isa, af, b, cf, opts);
+    }
+    let view = |bi: usize| {
+        (
+            MatRef {
+                data: &a.data[bi * batch_stride_a..],
+                ..a
+            },
+            MatRef {
+                data: &b.data[bi * batch_stride_b..],
+                ..b
+            },
+        )
+    };
+    let c_extent = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * row_stride + (cols - 1) * col_stride + 1
+    };
+    let flops = 2 * rows * cols * a.cols;
+    if batch > 1
+        && rayon::current_num_threads() > 1
+        && batch_stride_c >= c_extent
+        && c_extent > 0
+        && flops < 64 * driver::PARALLEL_FLOPS
+    {
+        // Disjoint C batches: each chunk of `batch_stride_c` elements holds one C_b.
+        use rayon::prelude::*;
+        return data
+            .par_chunks_mut(batch_stride_c)
+            .take(batch)
+            .enumerate()
+            .try_for_each(|(bi, chunk)| {
+                let (av, bv) = view(bi);
+                let cv = MatMut {
+                    data: chunk,
+                    rows,
+                    cols,
+                    row_stride,
+                    col_stride,
+                };
+                gemm_with_isa(isa, av, bv, cv, opts)
+            });
+    }
+    for bi in 0..batch {
+        let (av, bv) = view(bi);
         let cv = MatMut {
-            data: &mut data[sc..],
+            data: &mut data[bi * batch_stride_c..],
             rows,
             cols,
             row_stride,
             col_stride,
         };
-        gemm(av, bv, cv, opts)?;
+        gemm_with_isa(isa, av, bv, cv, opts)?;
     }
     Ok(())
 }

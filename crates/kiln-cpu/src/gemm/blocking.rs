@@ -1,0 +1,115 @@
+//! Cache blocking: the sizes `MC`, `KC`, `NC` of the BLIS loops, derived from this machine's
+//! cache sizes and the microkernel's `MR × NR`.
+//!
+//! * `KC`: one packed B micro-panel (`KC × NR` f32) fills about half of L1d, leaving room for
+//!   the A micro-panel (`KC × MR`) streaming through and the C tile.
+//! * `MC`: one packed A block (`MC × KC` f32) fills about half of L2.
+//! * `NC`: one packed B block (`KC × NC` f32) fills about a quarter of the last-level cache (it is
+//!   shared by every thread, and by other processes).
+use std::sync::OnceLock;
+
+/// Data-cache sizes in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSizes {
+    pub l1d: usize,
+    pub l2: usize,
+    pub l3: usize,
+}
+
+impl CacheSizes {
+    /// Used when the OS does not tell: a common x86 server core.
+    pub const FALLBACK: CacheSizes = CacheSizes {
+        l1d: 32 << 10,
+        l2: 1 << 20,
+        l3: 16 << 20,
+    };
+
+    /// The caches of cpu0, read once from `/sys/devices/system/cpu/cpu0/cache/index*/`; any
+    /// level that cannot be read keeps its [`CacheSizes::FALLBACK`] value.
+    pub fn detect() -> CacheSizes {
+        static SIZES: OnceLock<CacheSizes> = OnceLock::new();
+        *SIZES.get_or_init(|| read_sysfs().unwrap_or(CacheSizes::FALLBACK))
+    }
+}
+
+fn read_sysfs() -> Option<CacheSizes> {
+    let mut sizes = CacheSizes::FALLBACK;
+    let mut found = false;
+    for idx in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{idx}");
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
+        else {
+            continue;
+        };
+        let Some(bytes) = parse_size(size.trim()) else {
+            continue;
+        };
+        let kind = kind.trim();
+        match (level.trim(), kind) {
+            ("1", "Data") | ("1", "Unified") => sizes.l1d = bytes,
+            ("2", "Unified") | ("2", "Data") => sizes.l2 = bytes,
+            ("3", "Unified") => sizes.l3 = bytes,
+            _ => continue,
+        }
+        found = true;
+    }
+    found.then_some(sizes)
+}
+
+/// Parses `32K`, `2048K`, `32M`, `1G` or a plain byte count.
+fn parse_size(s: &str) -> Option<usize> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<usize>().ok()?.checked_mul(mult)
+}
+
+/// Loop sizes of one BLIS GEMM: `mc` rows of A per packed block, `kc` depth per packed panel,
+/// `nc` columns of B per packed block. `mc` is a multiple of MR and `nc` of NR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocking {
+    pub mc: usize,
+    pub kc: usize,
+    pub nc: usize,
+}
+
+impl Blocking {
+    /// The blocking for an `mr × nr` microkernel on caches `cs` (see the module comment).
+    pub fn for_kernel(mr: usize, nr: usize, cs: CacheSizes) -> Blocking {
+        let f = std::mem::size_of::<f32>();
+        let kc = (cs.l1d / 2 / (nr * f)).clamp(64, 512) / 8 * 8;
+        let mc = ((cs.l2 / 2 / (kc * f)).clamp(mr, 1024) / mr) * mr;
+        let nc = ((cs.l3 / 4 / (kc * f)).clamp(nr, 8192) / nr) * nr;
+        Blocking { mc, kc, nc }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("32K"), Some(32768));
+        assert_eq!(parse_size("32768K"), Some(32 << 20));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn blocking_is_multiple_of_tile() {
+        for cs in [CacheSizes::FALLBACK, CacheSizes::detect()] {
+            for (mr, nr) in [(6, 16), (12, 32), (4, 4)] {
+                let b = Blocking::for_kernel(mr, nr, cs);
+                assert_eq!(b.mc % mr, 0);
+                assert_eq!(b.nc % nr, 0);
+                assert!(b.kc >= 64 && b.mc >= mr && b.nc >= nr);
+            }
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The BLIS loop nest around the microkernel, and its threading.
+//!
+//! ```text
+//! for jc in 0..n step NC                      // B block columns      (L3)
+//!   for pc in 0..k step KC                    // depth block
+//!     pack_b(B[pc.., jc..]) → Bp  (KC × NC)   // shared by all threads, packed in parallel
+//!     parallel for (ic, n-chunk) tasks        // rows step MC, columns split in NR panels
+//!       pack_a(A[ic.., pc..]) → Ap (MC × KC)  // per thread                (L2)
+//!       macro_kernel: for jr step NR, for ir step MR: microkernel(Ap[ir], Bp[jr], C[ir, jr])
+//! ```
+//! The first depth block stores `alpha·AB + beta·C` (C not read when `beta == 0`), later ones
+//! `alpha·AB + C`, and the last one applies the epilogue to the tile while it is in L1, so a
+//! linear layer makes one pass over C. Work is split over M and N only — never K — and every
+//! tile is computed the same way whoever computes it, so results are bitwise identical for any
+//! thread count.
+use super::blocking::Blocking;
+use super::micro::{update, Kernel, MAX_TILE};
+use super::pack::{pack_a, pack_b_panel};
+use super::{apply_epilogue, Epilogue, MatRef};
+use kiln_tensor::{AlignedBuffer, FloatElement};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Below this many flops (`2·m·n·k`) a product runs on the calling thread only: the fork/join
+/// of the pool costs more than it gains (measured with `kiln bench matmul`, see docs/gemm.md).
+pub const PARALLEL_FLOPS: usize = 1 << 21;
+
+/// The destination C: a raw pointer so that tasks on different threads can write disjoint
+/// tiles of one strided matrix.
+#[derive(Clone, Copy)]
+pub struct CPtr {
+    pub ptr: *mut f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+// SAFETY: a CPtr is only dereferenced inside tasks that own disjoint sets of C's elements
+// (distinct (row-block, column-chunk) pairs of one product); the view was validated to lie
+// inside its buffer and not to overlap itself.
+unsafe impl Send for CPtr {}
+// SAFETY: as above.
+unsafe impl Sync for CPtr {}
+
+thread_local! {
+    /// Per-thread packed A block, reused across calls.
+    static A_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
+    /// The calling thread's packed B block, reused across calls.
+    static B_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
+}
+
+/// Takes a buffer of at least `len` f32 out of `slot` (growing it), for the caller to put back.
+fn take_buffer(
+    slot: &'static std::thread::LocalKey<RefCell<AlignedBuffer>>,
+    len: usize,
+) -> AlignedBuffer {
+    let mut buf = slot.with(|s| std::mem::replace(&mut *s.borrow_mut(), AlignedBuffer::zeroed(0)));
+    if buf.len() < len * 4 {
+        buf = AlignedBuffer::zeroed(len * 4);
+    }
+    buf
+}
+
+fn put_buffer(slot: &'static std::thread::LocalKey<RefCell<AlignedBuffer>>, buf: AlignedBuffer) {
+    slot.with(|s| {
+        let mut cur = s.borrow_mut();
+        if cur.len() < buf.len() {
+            *cur = buf;
+        }
+    });
+}
+
+/// Everything a task needs about the product, shared read-only.
+pub struct Product<'a, 'e, TB> {
+    pub a: MatRef<'a, f32>,
+    pub b: MatRef<'a, TB>,
+    pub c: CPtr,
+    pub alpha: f32,
+    pub beta: f32,
+    pub epilogue: Epilogue<'e>,
+}
+
+/// `C = alpha·A·B + beta·C` then the epilogue, by the BLIS loop nest with `kern` and `blk`.
+/// `threads == 1` keeps everything on the calling thread. `k` must be at least 1.
+///
+/// # Safety
+/// `prod.c` must point at an `a.rows × b.cols` matrix (strides `rs`, `cs`) that lies inside one
+/// live, exclusively borrowed buffer and does not overlap itself.
+pub unsafe fn gemm_blis<TB: FloatElement>(
+    kern: &Kernel,
+    blk: Blocking,
+    prod: &Product<'_, '_, TB>,
+    threads: usize,
+) {
+    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols);
+    debug_assert!(k > 0);
+    let (mr, nr) = (kern.mr, kern.nr);
+    let nc = blk.nc.min(n.next_multiple_of(nr));
+    let kc_max = blk.kc.min(k);
+    let mut bpack = take_buffer(&B_PACK, nc * kc_max);
+    // Row blocks: a multiple of the thread count when there are several, each a multiple of MR.
+    let mut mblocks = m.div_ceil(blk.mc);
+    if threads > 1 {
+        mblocks = mblocks.next_multiple_of(threads);
+    }
+    let mc = m.div_ceil(mblocks).next_multiple_of(mr);
+    let mblocks = m.div_ceil(mc);
+    for jc in (0..n).step_by(nc) {
+        let ncur = nc.min(n - jc);
+        let panels = ncur.div_ceil(nr);
+        // Column chunks so that there are at least two tasks per thread.
+        let nsplit = if threads > 1 {
+            (2 * threads).div_ceil(mblocks).min(panels).max(1)
+        } else {
+            1
+        };
+        for pc in (0..k).step_by(blk.kc) {
+            let kcur = blk.kc.min(k - pc);
+            let first = pc == 0;
+            let last = pc + kcur == k;
+            let bp = &mut bpack.as_mut_slice::<f32>()[..panels * nr * kcur];
+            let pack = |(jp, dst): (usize, &mut [f32])| {
+                let c0 = jc + jp * nr;
+                pack_b_panel(&prod.b, pc, kcur, c0, nr.min(jc + ncur - c0), nr, dst);
+            };
+            if threads > 1 && panels > 1 {
+                bp.par_chunks_mut(nr * kcur).enumerate().for_each(pack);
+            } else {
+                bp.chunks_mut(nr * kcur).enumerate().for_each(pack);
+            }
+            let bp: &[f32] = bp;
+            let task = |t: usize| {
+                let (ib, ns) = (t / nsplit, t % nsplit);
+                let i0 = ib * mc;
+                let mcur = mc.min(m - i0);
+                let (p0, p1) = (ns * panels / nsplit, (ns + 1) * panels / nsplit);
+                if p0 == p1 {
+                    return;
+                }
+                let mut apack = take_buffer(&A_PACK, mc * kcur);
+                let ap = &mut apack.as_mut_slice::<f32>()[..mcur.div_ceil(mr) * mr * kcur];
+                pack_a(&prod.a, i0, mcur, pc, kcur, mr, ap);
+                let block = Block {
+                    i0,
+                    mcur,
+                    j0: jc,
+                    ncur,
+                    p0,
+                    p1,
+                    kc: kcur,
+                    beta: if first { prod.beta } else { 1.0 },
+                    last,
+                };
+                // SAFETY: this task alone owns rows i0 .. i0+mcur, panels p0 .. p1 of C's
+                // columns jc .. jc+ncur (tasks are distinct (ib, ns) pairs); the caller vouches
+                // for the rest.
+                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
+                put_buffer(&A_PACK, apack);
+            };
+            let tasks = mblocks * nsplit;
+            if threads > 1 && tasks > 1 {
+                (0..tasks).into_par_iter().for_each(task);
+            } else {
+                (0..tasks).for_each(task);
+            }
+        }
+    }
+    put_buffer(&B_PACK, bpack);
+}
+
+/// One task's share of a (jc, pc) iteration.
+struct Block {
+    i0: usize,
+    mcur: usize,
+    j0: usize,
+    ncur: usize,
+    /// Panel range (of NR columns) inside the packed B block.
+    p0: usize,
+    p1: usize,
+    kc: usize,
+    beta: f32,
+    last: bool,
+}
+
+/// The two loops around the microkernel: for each B micro-panel (kept in L1), for each A
+/// micro-panel of the packed block, one `MR × NR` tile. Edge tiles and C with a non-unit column
+/// stride go through a local tile buffer and the same rounding sequence ([`update`]).
+///
+/// # Safety
+/// The tiles of `blk` must be this caller's alone, inside the C that `prod.c` points at.
+unsafe fn macro_kernel<TB>(
+    kern: &Kernel,
+    ap: &[f32],
+    bp: &[f32],
+    prod: &Product<'_, '_, TB>,
+    blk: &Block,
+) {
+    let (mr, nr, kc) = (kern.mr, kern.nr, blk.kc);
+    let c = prod.c;
+    let mut tile = [0f32; MAX_TILE];
+    let has_epilogue = blk.last && !matches!(prod.epilogue, Epilogue::None);
+    for jp in blk.p0..blk.p1 {
+        let jt = jp * nr; // column offset inside the block
+        let ncols = nr.min(blk.ncur - jt);
+        let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
+        for (ip, apanel) in ap.chunks_exact(mr * kc).enumerate() {
+            let it = ip * mr;
+            let nrows = mr.min(blk.mcur - it);
+            let (i, j) = (blk.i0 + it, blk.j0 + jt);
+            // SAFETY: (i, j) is this task's tile; offsets stay inside C's buffer.
+            let corigin = unsafe { c.ptr.add(i * c.rs + j * c.cs) };
+            if nrows == mr && ncols == nr && c.cs == 1 {
+                // SAFETY: a full tile with contiguous rows, owned by this task.
+                unsafe { (kern.micro)(kc, apanel, bpanel, corigin, c.rs, prod.alpha, blk.beta) };
+            } else {
+                // SAFETY: `tile` holds MR·NR ≤ MAX_TILE elements at row stride NR.
+                unsafe { (kern.micro)(kc, apanel, bpanel, tile.as_mut_ptr(), nr, 1.0, 0.0) };
+                for ii in 0..nrows {
+                    for jj in 0..ncols {
+                        // SAFETY: (i+ii, j+jj) is inside the matrix and this task's tile.
+                        unsafe {
+                            let p = corigin.add(ii * c.rs + jj * c.cs);
+                            let old = if blk.beta == 0.0 { 0.0 } else { *p };
+                            *p = update(tile[ii * nr + jj], old, prod.alpha, blk.beta);
+                        }
+                    }
+                }
+            }
+            if has_epilogue {
+                for ii in 0..nrows {
+                    for jj in 0..ncols {
+                        // SAFETY: as above.
+                        unsafe {
+                            let p = corigin.add(ii * c.rs + jj * c.cs);
+                            *p = apply_epilogue(*p, j + jj, &prod.epilogue);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

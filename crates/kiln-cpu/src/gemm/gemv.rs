@@ -1,0 +1,390 @@
+//! The M = 1 path (GEMV, a decode step): `y[j] = Σ_p x[p]·B[p, j]`, streaming B once from
+//! memory with no packing. It is bandwidth-bound, so bf16/f16 weights are widened in registers
+//! (bf16: a 16-bit shift; f16: F16C) and read half the bytes of f32.
+//!
+//! Two layouts are streamed directly:
+//! * row-major B (`[k, n]`, a Conv1D weight): each thread owns a run of columns; for every depth
+//!   step `p` (four at a time) the row run `B[p, j0..j1]` is read contiguously and
+//!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`;
+//! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product; four
+//!   columns at a time, two 8-lane accumulators each, summed by a fixed tree.
+//!
+//! Each output's arithmetic is independent of how columns are split among threads, so results
+//! are bitwise identical for any thread count.
+use super::pack::convert_run;
+use super::{Isa, MatRef};
+use kiln_tensor::FloatElement;
+use rayon::prelude::*;
+
+/// B larger than this (bytes) is split among threads.
+const PARALLEL_BYTES: usize = 256 << 10;
+
+/// `y = x·B` for `x` of length `k` (contiguous), B `k × n` with a unit row or column stride,
+/// `y` of length `n` (overwritten). Returns false (and leaves `y` alone) when B's layout is
+/// neither row- nor column-contiguous.
+pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [f32]) -> bool {
+    let (k, n) = (b.rows, b.cols);
+    debug_assert!(x.len() == k && y.len() == n);
+    let row_major = b.col_stride == 1 || n == 1;
+    if !row_major && b.row_stride != 1 && k != 1 {
+        return false;
+    }
+    let bytes = k * n * std::mem::size_of::<TB>();
+    let threads = if bytes >= PARALLEL_BYTES {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let chunk = if threads > 1 {
+        n.div_ceil(threads * 4).next_multiple_of(64)
+    } else {
+        n
+    }
+    .max(1);
+    let run = |(ci, yc): (usize, &mut [f32])| {
+        let j0 = ci * chunk;
+        if row_major {
+            gemv_rows(isa, x, b, j0, yc);
+        } else {
+            gemv_cols(isa, x, b, j0, yc);
+        }
+    };
+    if threads > 1 {
+        y.par_chunks_mut(chunk).enumerate().for_each(run);
+    } else {
+        y.chunks_mut(chunk).enumerate().for_each(run);
+    }
+    true
+}
+
+/// Row-major B: `yc[j] = Σ_p x[p]·B[p, j0 + j]`.
+fn gemv_rows<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usize, yc: &mut [f32]) {
+    let k = b.rows;
+    let w = yc.len();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = x86::rows_fn::<TB>(isa) {
+        if k > 0 {
+            // The view was validated: every (p, j) with p < k, j < n is inside b.data.
+            let last = (k - 1) * b.row_stride + j0 + w;
+            assert!(last <= b.data.len() && x.len() >= k);
+            // SAFETY: rows p < k at stride row_stride, columns j0 .. j0+w are inside b.data
+            // (checked above); yc has w elements; rows_fn only returns a function whose CPU
+            // features are present.
+            unsafe {
+                f(
+                    k,
+                    x.as_ptr(),
+                    b.data[j0..].as_ptr() as *const u8,
+                    b.row_stride,
+                    yc.as_mut_ptr(),
+                    w,
+                )
+            };
+        } else {
+            yc.fill(0.0);
+        }
+        return;
+    }
+    let _ = isa;
+    yc.fill(0.0);
+    let mut buf = [0f32; 256];
+    for (cj, ys) in yc.chunks_mut(buf.len()).enumerate() {
+        let c0 = j0 + cj * buf.len();
+        for (p, &xp) in x.iter().enumerate().take(k) {
+            let s = p * b.row_stride + c0 * b.col_stride;
+            let row = &mut buf[..ys.len()];
+            if b.col_stride == 1 {
+                convert_run(&b.data[s..s + ys.len()], row);
+            } else {
+                for (j, r) in row.iter_mut().enumerate() {
+                    *r = b.data[s + j * b.col_stride].to_f32();
+                }
+            }
+            for (y, &v) in ys.iter_mut().zip(row.iter()) {
+                *y += xp * v;
+            }
+        }
+    }
+}
+
+/// Column-major B: `yc[j] = Σ_p x[p]·B[p, j0 + j]`, a contiguous dot product per column.
+fn gemv_cols<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usize, yc: &mut [f32]) {
+    let k = b.rows;
+    let w = yc.len();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = x86::cols_fn::<TB>(isa) {
+        if k > 0 {
+            let last = (j0 + w - 1) * b.col_stride + k;
+            assert!(last <= b.data.len() && x.len() >= k);
+            // SAFETY: columns j0 .. j0+w at stride col_stride, rows p < k are inside b.data
+            // (checked above); yc has w elements; the CPU features are present.
+            unsafe {
+                f(
+                    k,
+                    x.as_ptr(),
+                    b.data[j0 * b.col_stride..].as_ptr() as *const u8,
+                    b.col_stride,
+                    yc.as_mut_ptr(),
+                    w,
+                )
+            };
+        } else {
+            yc.fill(0.0);
+        }
+        return;
+    }
+    let _ = isa;
+    let mut buf = [0f32; 256];
+    for (j, y) in yc.iter_mut().enumerate() {
+        let s = (j0 + j) * b.col_stride;
+        let mut acc = 0f32;
+        for (p0, xs) in x[..k].chunks(buf.len()).enumerate() {
+            let s = s + p0 * buf.len();
+            let col = &mut buf[..xs.len()];
+            convert_run(&b.data[s..s + xs.len()], col);
+            for (&xp, &v) in xs.iter().zip(col.iter()) {
+                acc += xp * v;
+            }
+        }
+        *y = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::Isa;
+    use kiln_tensor::{DType, FloatElement};
+    use std::arch::x86_64::*;
+
+    /// `(k, x, b, stride, y, w)`: see `gemv_rows` / `gemv_cols`.
+    pub type GemvFn = unsafe fn(usize, *const f32, *const u8, usize, *mut f32, usize);
+
+    fn simd_ok<TB: FloatElement>(isa: Isa) -> bool {
+        matches!(isa, Isa::Avx2 | Isa::Avx512)
+            && matches!(TB::DTYPE, DType::F32 | DType::BF16 | DType::F16)
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// The AVX2 row-major kernel for `TB`, when the CPU runs it.
+    pub fn rows_fn<TB: FloatElement>(isa: Isa) -> Option<GemvFn> {
+        if !simd_ok::<TB>(isa) {
+            return None;
+        }
+        Some(match TB::DTYPE {
+            DType::F32 => rows_f32,
+            DType::BF16 => rows_bf16,
+            _ => rows_f16,
+        })
+    }
+
+    /// The AVX2 column-major kernel for `TB`, when the CPU runs it.
+    pub fn cols_fn<TB: FloatElement>(isa: Isa) -> Option<GemvFn> {
+        if !simd_ok::<TB>(isa) {
+            return None;
+        }
+        Some(match TB::DTYPE {
+            DType::F32 => cols_f32,
+            DType::BF16 => cols_bf16,
+            _ => cols_f16,
+        })
+    }
+
+    macro_rules! load8 {
+        (f32, $p:expr) => {
+            _mm256_loadu_ps($p as *const f32)
+        };
+        (bf16, $p:expr) => {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128($p as *const __m128i)),
+                16,
+            ))
+        };
+        (f16, $p:expr) => {
+            _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
+        };
+    }
+    macro_rules! load1 {
+        (f32, $p:expr) => {
+            *($p as *const f32)
+        };
+        (bf16, $p:expr) => {
+            f32::from_bits((*($p as *const u16) as u32) << 16)
+        };
+        (f16, $p:expr) => {
+            half::f16::from_bits(*($p as *const u16)).to_f32()
+        };
+    }
+
+    macro_rules! gemv_kernels {
+        ($rows:ident, $cols:ident, $dot:ident, $t:tt, $elem:ty) => {
+            /// Row-major: `y[j] = Σ_p x[p]·B[p, j]`, `j < w`, B row `p` at `b + p·rs` elements.
+            ///
+            /// # Safety
+            /// B rows `p < k`, columns `j < w` readable; `x` has `k`, `y` has `w` elements;
+            /// the CPU has AVX2, FMA (and F16C for f16).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $rows(
+                k: usize,
+                x: *const f32,
+                b: *const u8,
+                rs: usize,
+                y: *mut f32,
+                w: usize,
+            ) {
+                let b = b as *const $elem;
+                // SAFETY (whole body): every access is at p < k, j < w (the contract above).
+                unsafe {
+                    for j in 0..w {
+                        *y.add(j) = 0.0;
+                    }
+                    let mut p = 0;
+                    while p + 4 <= k {
+                        let xs = [*x.add(p), *x.add(p + 1), *x.add(p + 2), *x.add(p + 3)];
+                        let xv = xs.map(|v| _mm256_set1_ps(v));
+                        let r = [
+                            b.add(p * rs),
+                            b.add((p + 1) * rs),
+                            b.add((p + 2) * rs),
+                            b.add((p + 3) * rs),
+                        ];
+                        let mut j = 0;
+                        while j + 16 <= w {
+                            let mut a0 = _mm256_loadu_ps(y.add(j));
+                            let mut a1 = _mm256_loadu_ps(y.add(j + 8));
+                            for q in 0..4 {
+                                a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
+                                a1 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j + 8)), a1);
+                            }
+                            _mm256_storeu_ps(y.add(j), a0);
+                            _mm256_storeu_ps(y.add(j + 8), a1);
+                            j += 16;
+                        }
+                        while j + 8 <= w {
+                            let mut a0 = _mm256_loadu_ps(y.add(j));
+                            for q in 0..4 {
+                                a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
+                            }
+                            _mm256_storeu_ps(y.add(j), a0);
+                            j += 8;
+                        }
+                        while j < w {
+                            let mut acc = *y.add(j);
+                            for q in 0..4 {
+                                acc = xs[q].mul_add(load1!($t, r[q].add(j)), acc);
+                            }
+                            *y.add(j) = acc;
+                            j += 1;
+                        }
+                        p += 4;
+                    }
+                    while p < k {
+                        let xp = *x.add(p);
+                        let xv = _mm256_set1_ps(xp);
+                        let r = b.add(p * rs);
+                        let mut j = 0;
+                        while j + 8 <= w {
+                            let a0 = _mm256_fmadd_ps(
+                                xv,
+                                load8!($t, r.add(j)),
+                                _mm256_loadu_ps(y.add(j)),
+                            );
+                            _mm256_storeu_ps(y.add(j), a0);
+                            j += 8;
+                        }
+                        while j < w {
+                            *y.add(j) = xp.mul_add(load1!($t, r.add(j)), *y.add(j));
+                            j += 1;
+                        }
+                        p += 1;
+                    }
+                }
+            }
+
+            /// Column-major: `y[j] = Σ_p x[p]·B[p, j]`, column `j` contiguous at `b + j·cs`.
+            ///
+            /// # Safety
+            /// B columns `j < w`, rows `p < k` readable; `x` has `k`, `y` has `w` elements;
+            /// the CPU has AVX2, FMA (and F16C for f16).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $cols(
+                k: usize,
+                x: *const f32,
+                b: *const u8,
+                cs: usize,
+                y: *mut f32,
+                w: usize,
+            ) {
+                let b = b as *const $elem;
+                let mut j = 0;
+                // SAFETY: columns j .. j+4 (or j) < w, as the contract says.
+                unsafe {
+                    while j + 4 <= w {
+                        let cols = [
+                            b.add(j * cs),
+                            b.add((j + 1) * cs),
+                            b.add((j + 2) * cs),
+                            b.add((j + 3) * cs),
+                        ];
+                        let out = $dot::<4>(k, x, cols);
+                        for q in 0..4 {
+                            *y.add(j + q) = out[q];
+                        }
+                        j += 4;
+                    }
+                    while j < w {
+                        *y.add(j) = $dot::<1>(k, x, [b.add(j * cs)])[0];
+                        j += 1;
+                    }
+                }
+            }
+
+            /// `C` dot products of `x` with contiguous columns; each column has two 8-lane
+            /// accumulators (even and odd 8-blocks of depth), a fixed reduction tree, then the
+            /// depth tail in order.
+            ///
+            /// # Safety
+            /// Each column has `k` readable elements, `x` has `k`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $dot<const C: usize>(
+                k: usize,
+                x: *const f32,
+                cols: [*const $elem; C],
+            ) -> [f32; C] {
+                // SAFETY: accesses are at p < k.
+                unsafe {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; C];
+                    let mut p = 0;
+                    while p + 16 <= k {
+                        let x0 = _mm256_loadu_ps(x.add(p));
+                        let x1 = _mm256_loadu_ps(x.add(p + 8));
+                        for q in 0..C {
+                            acc[q][0] = _mm256_fmadd_ps(x0, load8!($t, cols[q].add(p)), acc[q][0]);
+                            acc[q][1] =
+                                _mm256_fmadd_ps(x1, load8!($t, cols[q].add(p + 8)), acc[q][1]);
+                        }
+                        p += 16;
+                    }
+                    let mut out = [0f32; C];
+                    for q in 0..C {
+                        let s = _mm256_add_ps(acc[q][0], acc[q][1]);
+                        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                        let mut v = _mm_cvtss_f32(h);
+                        for pp in p..k {
+                            v = (*x.add(pp)).mul_add(load1!($t, cols[q].add(pp)), v);
+                        }
+                        out[q] = v;
+                    }
+                    out
+                }
+            }
+        };
+    }
+
+    gemv_kernels!(rows_f32, cols_f32, dot_f32, f32, f32);
+    gemv_kernels!(rows_bf16, cols_bf16, dot_bf16, bf16, u16);
+    gemv_kernels!(rows_f16, cols_f16, dot_f16, f16, u16);
+}

@@ -1,0 +1,158 @@
+//! Packing: copying a block of A or B into the contiguous, zero-padded layout the microkernel
+//! streams through.
+//!
+//! * Packed A (`pack_a`): an `mc × kc` block as `⌈mc/MR⌉` micro-panels; panel `r` holds rows
+//!   `r·MR .. r·MR+MR` as `kc` columns of `MR` elements: `panel[p·MR + i] = A[i0 + r·MR + i, p0 + p]`.
+//! * Packed B (`pack_b_panel`): a `kc × NR` micro-panel as `kc` rows of `NR` elements:
+//!   `panel[p·NR + j] = B[p0 + p, j0 + j]`, converted to f32 (f16/bf16 weights are widened here).
+//!
+//! Rows or columns past the matrix edge are written as zeros, so the microkernel always computes
+//! a full `MR × NR` tile and never reads outside the packed buffers.
+use super::MatRef;
+use half::slice::HalfFloatSliceExt;
+use kiln_tensor::{DType, FloatElement};
+
+/// `dst[i] = src[i] as f32` for a contiguous run (a copy for f32, a shift for bf16, F16C for
+/// f16 when the CPU has it).
+#[inline]
+pub fn convert_run<TB: FloatElement>(src: &[TB], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    match TB::DTYPE {
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::BF16 => {
+            let s: &[u16] = bytemuck::cast_slice(src);
+            for (d, &x) in dst.iter_mut().zip(s) {
+                *d = f32::from_bits((x as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            let s: &[half::f16] = bytemuck::cast_slice(src);
+            s.convert_to_f32_slice(dst);
+        }
+        _ => {
+            for (d, x) in dst.iter_mut().zip(src) {
+                *d = x.to_f32();
+            }
+        }
+    }
+}
+
+/// Packs rows `i0 .. i0+mc`, columns `p0 .. p0+kc` of A into `⌈mc/MR⌉` micro-panels of
+/// `kc × mr` (layout in the module comment). `dst` holds at least `⌈mc/mr⌉·mr·kc` elements.
+#[allow(clippy::too_many_arguments)]
+pub fn pack_a(
+    a: &MatRef<'_, f32>,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    let panels = mc.div_ceil(mr);
+    for (ip, panel) in dst.chunks_exact_mut(mr * kc).take(panels).enumerate() {
+        let r0 = i0 + ip * mr;
+        let rows = mr.min(i0 + mc - r0);
+        if a.row_stride == 1 && rows == mr {
+            // Column-major A (e.g. a transposed row-major matrix): each depth step is a
+            // contiguous run of MR elements.
+            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                let s = r0 + (p0 + p) * a.col_stride;
+                out.copy_from_slice(&a.data[s..s + mr]);
+            }
+            continue;
+        }
+        for i in 0..rows {
+            let base = (r0 + i) * a.row_stride + p0 * a.col_stride;
+            if a.col_stride == 1 {
+                let row = &a.data[base..base + kc];
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * mr + i] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    panel[p * mr + i] = a.data[base + p * a.col_stride];
+                }
+            }
+        }
+        for i in rows..mr {
+            for p in 0..kc {
+                panel[p * mr + i] = 0.0;
+            }
+        }
+    }
+}
+
+/// Packs rows `p0 .. p0+kc`, columns `j0 .. j0+cols` (`cols ≤ nr`) of B into one `kc × nr`
+/// micro-panel, converting to f32 and zero-filling columns `cols .. nr`. `dst` holds `kc·nr`.
+#[allow(clippy::too_many_arguments)]
+pub fn pack_b_panel<TB: FloatElement>(
+    b: &MatRef<'_, TB>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    debug_assert!(cols <= nr && dst.len() >= kc * nr);
+    if b.col_stride == 1 || cols == 1 {
+        // Row-major B (a Conv1D weight `[in, out]`): each depth step is a contiguous run.
+        for p in 0..kc {
+            let s = (p0 + p) * b.row_stride + j0 * b.col_stride;
+            let out = &mut dst[p * nr..p * nr + nr];
+            convert_run(&b.data[s..s + cols], &mut out[..cols]);
+            out[cols..].fill(0.0);
+        }
+    } else if b.row_stride == 1 {
+        // Column-major B (`wteᵀ` for the logits): each column is a contiguous run of depth.
+        let mut col = [0f32; 64];
+        for j in 0..cols {
+            let s = p0 + (j0 + j) * b.col_stride;
+            let mut p = 0;
+            while p < kc {
+                let len = (kc - p).min(col.len());
+                convert_run(&b.data[s + p..s + p + len], &mut col[..len]);
+                for (q, &v) in col[..len].iter().enumerate() {
+                    dst[(p + q) * nr + j] = v;
+                }
+                p += len;
+            }
+        }
+        for p in 0..kc {
+            dst[p * nr + cols..p * nr + nr].fill(0.0);
+        }
+    } else {
+        for p in 0..kc {
+            let out = &mut dst[p * nr..p * nr + nr];
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = if j < cols {
+                    b.data[(p0 + p) * b.row_stride + (j0 + j) * b.col_stride].to_f32()
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Packs rows `p0 .. p0+kc`, columns `j0 .. j0+nc` of B as `⌈nc/nr⌉` consecutive micro-panels.
+#[allow(clippy::too_many_arguments)]
+pub fn pack_b<TB: FloatElement>(
+    b: &MatRef<'_, TB>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    for (jp, panel) in dst
+        .chunks_exact_mut(nr * kc)
+        .take(nc.div_ceil(nr))
+        .enumerate()
+    {
+        let c0 = j0 + jp * nr;
+        pack_b_panel(b, p0, kc, c0, nr.min(j0 + nc - c0), nr, panel);
+    }
+}

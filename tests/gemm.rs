@@ -1,0 +1,568 @@
+//! GEMM against a naive f64 reference: every size 1..17 in every dimension, primes, the GPT-2
+//! logits shape, transposed and strided operands, alpha/beta (beta = 0 ignores NaN in C), every
+//! B dtype, every microkernel this CPU runs, epilogues, batches, and bitwise equality between
+//! 1 and 2 threads.
+//!
+//! Tolerance. The reference reads exactly the values the kernel reads (f16/bf16 → f32 is exact,
+//! so the B dtype changes the inputs, not the error) and sums in f64. An f32 dot product of
+//! length K summed in any order is within `γ_K·Σ|a_p·b_p|`, `γ_K ≈ K·u`, `u = 2⁻²⁴`, of the exact
+//! value; the K-blocked kernels add one rounding per depth block (≤ K of them), and the
+//! `alpha·acc + beta·c` update three more. So per element:
+//! `tol = (K + 4)·u·(|alpha|·Σ_p|a_p·b_p| + |beta·c|) + 2·u·|c|` (the last term: the bias add and
+//! the rounding of the result to f32), plus, after GELU (slope ≤ 1.13, tanh within a few ulps),
+//! `8·u·|gelu| + 1e-7`.
+use half::{bf16, f16};
+use kiln_cpu::gemm::{
+    gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_with_isa, Epilogue, GemmOptions,
+    Isa, MatMut, MatRef,
+};
+use kiln_tensor::FloatElement;
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// xorshift64*: deterministic inputs without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        (v as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lay {
+    /// Row-major, with `pad` extra elements per row.
+    Row(usize),
+    /// Column-major (a transposed row-major matrix), with `pad` extra elements per column.
+    Col(usize),
+    /// Neither stride is 1.
+    Strided,
+}
+
+/// `(row_stride, col_stride, buffer length)` of a `rows × cols` view laid out as `lay`.
+fn strides(rows: usize, cols: usize, lay: Lay) -> (usize, usize, usize) {
+    let (rs, cs) = match lay {
+        Lay::Row(pad) => (cols + pad, 1),
+        Lay::Col(pad) => (1, rows + pad),
+        Lay::Strided => (2 * cols + 3, 2),
+    };
+    let len = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    };
+    (rs, cs, len + 5)
+}
+
+fn random<T: FloatElement>(len: usize, rng: &mut Rng) -> Vec<T> {
+    (0..len).map(|_| T::from_f32(rng.next())).collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Epi {
+    None,
+    Bias,
+    BiasGelu,
+    Gelu,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    la: Lay,
+    lb: Lay,
+    lc: Lay,
+    alpha: f32,
+    beta: f32,
+    epi: Epi,
+}
+
+impl Case {
+    fn plain(m: usize, n: usize, k: usize) -> Case {
+        Case {
+            m,
+            n,
+            k,
+            la: Lay::Row(0),
+            lb: Lay::Row(0),
+            lc: Lay::Row(0),
+            alpha: 1.0,
+            beta: 0.0,
+            epi: Epi::None,
+        }
+    }
+}
+
+/// Runs `case` with B of type `TB` on `isa` and checks every element against the f64 reference.
+/// Returns C's buffer (for bitwise comparisons).
+fn check<TB: FloatElement>(isa: Option<Isa>, case: Case, seed: u64) -> Vec<f32> {
+    let Case {
+        m,
+        n,
+        k,
+        la,
+        lb,
+        lc,
+        alpha,
+        beta,
+        epi,
+    } = case;
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let (ars, acs, alen) = strides(m, k, la);
+    let (brs, bcs, blen) = strides(k, n, lb);
+    let (crs, ccs, clen) = strides(m, n, lc);
+    let a: Vec<f32> = random(alen, &mut rng);
+    let b: Vec<TB> = random(blen, &mut rng);
+    let mut c: Vec<f32> = random(clen, &mut rng);
+    if beta == 0.0 {
+        // beta = 0: C is write-only, NaN must not leak.
+        for (i, v) in c.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *v = f32::NAN;
+            }
+        }
+    }
+    let c0 = c.clone();
+    let bias: Vec<f32> = random(n, &mut rng);
+    let epilogue = match epi {
+        Epi::None => Epilogue::None,
+        Epi::Bias => Epilogue::Bias(&bias),
+        Epi::BiasGelu => Epilogue::BiasGelu(&bias),
+        Epi::Gelu => Epilogue::Gelu,
+    };
+    let opts = GemmOptions {
+        alpha,
+        beta,
+        epilogue,
+    };
+    let av = MatRef::strided(&a, m, k, ars, acs);
+    let bv = MatRef::strided(&b, k, n, brs, bcs);
+    let cv = MatMut::strided(&mut c, m, n, crs, ccs);
+    match isa {
+        Some(isa) => gemm_with_isa(isa, av, bv, cv, &opts),
+        None => gemm(av, bv, cv, &opts),
+    }
+    .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let mut touched = vec![false; clen];
+    for i in 0..m {
+        for j in 0..n {
+            let (mut exact, mut mag) = (0f64, 0f64);
+            for p in 0..k {
+                let t = a[i * ars + p * acs] as f64 * b[p * brs + j * bcs].to_f32() as f64;
+                exact += t;
+                mag += t.abs();
+            }
+            let at = i * crs + j * ccs;
+            touched[at] = true;
+            let old = if beta == 0.0 { 0.0 } else { c0[at] as f64 };
+            let mut want = alpha as f64 * exact + beta as f64 * old;
+            let mut tol =
+                (k + 4) as f64 * U * (alpha.abs() as f64 * mag + (beta as f64 * old).abs());
+            match epi {
+                Epi::None => {}
+                Epi::Bias => want += bias[j] as f64,
+                Epi::BiasGelu => {
+                    want = gelu_tanh((want + bias[j] as f64) as f32) as f64;
+                    tol = tol * 1.13 + 8.0 * U * want.abs() + 1e-7;
+                }
+                Epi::Gelu => {
+                    want = gelu_tanh(want as f32) as f64;
+                    tol = tol * 1.13 + 8.0 * U * want.abs() + 1e-7;
+                }
+            }
+            // The f32 result itself (and a bias add) is one or two more roundings of the value.
+            tol += 2.0 * U * want.abs();
+            let got = c[at] as f64;
+            assert!(
+                (got - want).abs() <= tol + 1e-30,
+                "{isa:?} {} {case:?}: C[{i},{j}] = {got}, want {want} (tol {tol:e})",
+                std::any::type_name::<TB>()
+            );
+        }
+    }
+    for (at, t) in touched.iter().enumerate() {
+        if !t {
+            assert!(
+                c[at].to_bits() == c0[at].to_bits(),
+                "{isa:?} {case:?}: element {at} outside C was written"
+            );
+        }
+    }
+    c
+}
+
+fn isas() -> Vec<Isa> {
+    let v = Isa::available();
+    assert!(v.contains(&Isa::Scalar) && v.contains(&Isa::Portable));
+    v
+}
+
+#[test]
+fn every_size_1_to_17() {
+    for isa in isas() {
+        for m in 1..=17 {
+            for n in 1..=17 {
+                for k in 1..=17 {
+                    check::<f32>(
+                        Some(isa),
+                        Case::plain(m, n, k),
+                        (m * 400 + n * 20 + k) as u64,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_dtype_and_layout_small() {
+    let lays = [
+        Lay::Row(0),
+        Lay::Row(3),
+        Lay::Col(0),
+        Lay::Col(2),
+        Lay::Strided,
+    ];
+    let mut seed = 1;
+    for isa in isas() {
+        for (m, n, k) in [
+            (1, 9, 5),
+            (5, 1, 7),
+            (7, 13, 17),
+            (13, 31, 7),
+            (17, 16, 33),
+            (6, 16, 300),
+        ] {
+            for la in lays {
+                for lb in lays {
+                    for lc in [Lay::Row(0), Lay::Row(1), Lay::Col(0), Lay::Strided] {
+                        seed += 1;
+                        let case = Case {
+                            la,
+                            lb,
+                            lc,
+                            ..Case::plain(m, n, k)
+                        };
+                        check::<f32>(Some(isa), case, seed);
+                        check::<bf16>(Some(isa), case, seed);
+                        check::<f16>(Some(isa), case, seed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn alpha_beta_and_epilogues() {
+    let mut seed = 100;
+    for isa in isas() {
+        for (m, n, k) in [
+            (1, 37, 19),
+            (3, 5, 2),
+            (13, 31, 7),
+            (40, 70, 300),
+            (1, 70, 1),
+            (9, 1, 40),
+        ] {
+            for (alpha, beta) in [
+                (1.0, 0.0),
+                (-2.0, 0.0),
+                (1.0, 1.0),
+                (0.5, -1.5),
+                (0.0, 0.25),
+            ] {
+                for epi in [Epi::None, Epi::Bias, Epi::BiasGelu, Epi::Gelu] {
+                    for lc in [Lay::Row(0), Lay::Col(1)] {
+                        seed += 1;
+                        let case = Case {
+                            alpha,
+                            beta,
+                            epi,
+                            lc,
+                            ..Case::plain(m, n, k)
+                        };
+                        check::<f32>(Some(isa), case, seed);
+                        check::<bf16>(Some(isa), case, seed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_depth_scales_c() {
+    for isa in isas() {
+        for beta in [0.0, 2.0] {
+            let case = Case {
+                beta,
+                epi: Epi::Bias,
+                ..Case::plain(3, 4, 0)
+            };
+            check::<f32>(Some(isa), case, 7);
+        }
+    }
+}
+
+#[test]
+fn primes() {
+    let mut seed = 500;
+    for isa in isas() {
+        let big = if isa == Isa::Scalar { 131 } else { 257 };
+        for (m, n, k) in [
+            (big, big, big),
+            (7, big, 13),
+            (31, 13, big),
+            (big, 7, 31),
+            (13, 31, 7),
+        ] {
+            for lb in [Lay::Row(0), Lay::Col(0)] {
+                seed += 1;
+                let case = Case {
+                    lb,
+                    la: if seed % 2 == 0 {
+                        Lay::Row(0)
+                    } else {
+                        Lay::Col(1)
+                    },
+                    ..Case::plain(m, n, k)
+                };
+                check::<f32>(Some(isa), case, seed);
+                check::<bf16>(Some(isa), case, seed + 1000);
+                check::<f16>(Some(isa), case, seed + 2000);
+            }
+        }
+    }
+}
+
+#[test]
+fn gpt2_logits_decode_shape() {
+    // 1 × 768 × 50257: logits = x·wteᵀ (B column-major) and a row-major B, f32 and bf16.
+    for lb in [Lay::Col(0), Lay::Row(0)] {
+        let case = Case {
+            lb,
+            ..Case::plain(1, 50257, 768)
+        };
+        check::<f32>(None, case, 3);
+        check::<bf16>(None, case, 4);
+    }
+}
+
+#[test]
+fn gpt2_linear_shapes_f16_bf16() {
+    for (m, n, k) in [
+        (5, 2304, 768),
+        (64, 3072, 768),
+        (1, 768, 3072),
+        (2, 768, 3072),
+    ] {
+        let case = Case {
+            epi: Epi::BiasGelu,
+            ..Case::plain(m, n, k)
+        };
+        check::<bf16>(None, case, 11);
+        check::<f16>(None, case, 12);
+    }
+}
+
+fn pool(t: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn one_and_two_threads_bitwise_equal() {
+    let (p1, p2) = (pool(1), pool(2));
+    let cases = [
+        Case::plain(300, 200, 700),
+        Case {
+            la: Lay::Col(0),
+            lb: Lay::Col(3),
+            beta: 0.5,
+            epi: Epi::BiasGelu,
+            ..Case::plain(131, 517, 300)
+        },
+        Case {
+            lb: Lay::Col(0),
+            ..Case::plain(1, 4099, 768)
+        },
+        Case::plain(1, 4099, 768),
+        Case {
+            lc: Lay::Col(0),
+            ..Case::plain(2000, 1, 300)
+        },
+        Case::plain(7, 3001, 129),
+    ];
+    for isa in isas() {
+        for case in cases {
+            let one = p1.install(|| check::<f32>(Some(isa), case, 9));
+            let two = p2.install(|| check::<f32>(Some(isa), case, 9));
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {case:?}: 1 and 2 threads differ"
+            );
+            let one = p1.install(|| check::<bf16>(Some(isa), case, 9));
+            let two = p2.install(|| check::<bf16>(Some(isa), case, 9));
+            assert!(one
+                .iter()
+                .zip(&two)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
+
+/// Batched products: folded into M (shared B), parallel over the batch (disjoint C), and a
+/// broadcast A; each batch checked against a single-product call.
+#[test]
+fn batched_matches_single_products() {
+    let (p1, p2) = (pool(1), pool(2));
+    let mut rng = Rng(77);
+    let (batch, m, n, k) = (5, 9, 33, 20);
+    let a: Vec<f32> = random(batch * m * k, &mut rng);
+    let b: Vec<f32> = random(batch * k * n, &mut rng);
+    let bb: Vec<bf16> = random(batch * k * n, &mut rng);
+    for isa in isas() {
+        for (sa, sb) in [(m * k, 0), (m * k, k * n), (0, k * n)] {
+            let run = |p: &rayon::ThreadPool| {
+                let mut c = vec![f32::NAN; batch * m * n];
+                p.install(|| {
+                    gemm_batched_with_isa(
+                        isa,
+                        batch,
+                        MatRef::row_major(&a, m, k),
+                        sa,
+                        MatRef::row_major(&b, k, n),
+                        sb,
+                        MatMut::row_major(&mut c, m, n),
+                        m * n,
+                        &GemmOptions::default(),
+                    )
+                })
+                .unwrap();
+                c
+            };
+            let (c1, c2) = (run(&p1), run(&p2));
+            assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
+            for bi in 0..batch {
+                let mut want = vec![0f32; m * n];
+                gemm_with_isa(
+                    isa,
+                    MatRef::row_major(&a[bi * sa..], m, k),
+                    MatRef::row_major(&b[bi * sb..], k, n),
+                    MatMut::row_major(&mut want, m, n),
+                    &GemmOptions::default(),
+                )
+                .unwrap();
+                let got = &c1[bi * m * n..(bi + 1) * m * n];
+                for (x, y) in got.iter().zip(&want) {
+                    let tol = (k + 4) as f32 * 1e-7 * (k as f32);
+                    assert!((x - y).abs() <= tol, "{isa:?} batch {bi}: {x} vs {y}");
+                }
+            }
+        }
+        // bf16 B, strided batches (not foldable).
+        let mut c = vec![0f32; batch * m * n];
+        gemm_batched(
+            batch,
+            MatRef::row_major(&a, m, k),
+            m * k,
+            MatRef::row_major(&bb, k, n),
+            k * n,
+            MatMut::row_major(&mut c, m, n),
+            m * n,
+            &GemmOptions::default(),
+        )
+        .unwrap();
+        for bi in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| {
+                            a[bi * m * k + i * k + p] as f64 * bb[bi * k * n + p * n + j].to_f64()
+                        })
+                        .sum();
+                    let got = c[bi * m * n + i * n + j] as f64;
+                    assert!((got - want).abs() <= (k + 4) as f64 * U * k as f64);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let a = vec![0f32; 12];
+    let b = vec![0f32; 12];
+    let mut c = vec![0f32; 16];
+    let o = GemmOptions::default();
+    // Inner dimensions differ.
+    assert!(gemm(
+        MatRef::row_major(&a, 3, 4),
+        MatRef::row_major(&b, 3, 4),
+        MatMut::row_major(&mut c, 3, 4),
+        &o
+    )
+    .is_err());
+    // A view past its buffer.
+    assert!(gemm(
+        MatRef::row_major(&a, 4, 4),
+        MatRef::row_major(&b, 4, 3),
+        MatMut::row_major(&mut c, 4, 3),
+        &o
+    )
+    .is_err());
+    // C maps two elements to one address.
+    assert!(gemm(
+        MatRef::row_major(&a, 3, 4),
+        MatRef::row_major(&b, 4, 3),
+        MatMut::strided(&mut c, 3, 3, 1, 1),
+        &o
+    )
+    .is_err());
+    // Bias of the wrong length.
+    let bias = [0f32; 2];
+    let ob = GemmOptions {
+        epilogue: Epilogue::Bias(&bias),
+        ..Default::default()
+    };
+    assert!(gemm(
+        MatRef::row_major(&a, 3, 4),
+        MatRef::row_major(&b, 4, 3),
+        MatMut::row_major(&mut c, 3, 3),
+        &ob
+    )
+    .is_err());
+    // A kernel this CPU cannot run is an error, not a crash.
+    for isa in Isa::ALL {
+        let r = gemm_with_isa(
+            isa,
+            MatRef::row_major(&a, 3, 4),
+            MatRef::row_major(&b, 4, 3),
+            MatMut::row_major(&mut c, 3, 3),
+            &o,
+        );
+        assert_eq!(r.is_ok(), isa.is_available());
+    }
+    // Batch past the buffer.
+    assert!(gemm_batched(
+        3,
+        MatRef::row_major(&a, 3, 4),
+        12,
+        MatRef::row_major(&b, 4, 3),
+        0,
+        MatMut::row_major(&mut c, 3, 3),
+        9,
+        &o
+    )
+    .is_err());
+}
