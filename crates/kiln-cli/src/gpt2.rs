@@ -1,11 +1,405 @@
 //! `kiln gpt2 …`: generate, logits, tokenize, detokenize, init.
-use clap::Subcommand;
-use kiln_tensor::{Error, Result};
+//!
+//! Every subcommand takes a checkpoint folder as the Hub has it (`config.json`,
+//! `model.safetensors`, `vocab.json`, `merges.txt`); `kiln gpt2 init` writes one with random
+//! weights. Errors end the command with one `error:` line and exit status 1.
+use crate::bench::with_threads;
+use clap::{Args, Subcommand};
+use kiln_models::gpt2::{
+    init_checkpoint, ContextPolicy, GenerateOptions, Gpt2, Gpt2Config, LoadOptions, SamplerConfig,
+};
+use kiln_models::tokenizer::Gpt2Tokenizer;
+use kiln_tensor::{DType, Error, Result, Tensor};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(Subcommand, Debug)]
-pub enum Gpt2Command {}
+pub enum Gpt2Command {
+    /// Generate text from a prompt, streaming it to stdout; timings go to stderr.
+    Generate(GenerateArgs),
+    /// Write the logits [T, vocab] (f32) and ids (i64) of one forward pass to a safetensors file.
+    Logits(LogitsArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Print the text of token ids.
+    Detokenize(DetokenizeArgs),
+    /// Write a randomly initialised checkpoint folder (Hub layout, tokenizer files included).
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(
+        long,
+        conflicts_with = "prompt_file",
+        required_unless_present = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (UTF-8).
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Most tokens to generate (generation also stops at <|endoftext|>).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (sampling is used when this, --top-k or --top-p is given).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities sum to p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Penalty on tokens already in the text (1.0 = none; CTRL's rule).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler's random generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Always take the most likely token (the default unless a sampling option is given).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Weight dtype in memory: f32, bf16 or f16 (default: the checkpoint's, used without copy).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object {prompt_ids, ids, text, load_ms, prefill_ms, decode_tokens_per_s, …}
+    /// instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Treat `<|endoftext|>` in the prompt as the special token (id 50256).
+    #[arg(long)]
+    pub allow_special: bool,
+    /// Drop the oldest prompt tokens when prompt + new tokens exceed the context (default: error).
+    #[arg(long)]
+    pub truncate: bool,
+    /// If the model folder has no config.json, first write a random checkpoint of this size there
+    /// (124M, 355M, 774M, 1558M or tiny), as `kiln gpt2 init` would.
+    #[arg(long, value_name = "SIZE")]
+    pub init_if_missing: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// Checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Text to run.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    pub prompt: Option<String>,
+    /// Token ids to run, comma-separated.
+    #[arg(long)]
+    pub ids: Option<String>,
+    /// Output safetensors file: `logits` [T, vocab] f32, `ids` [T] i64.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype in memory: f32, bf16 or f16 (default: the checkpoint's).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Treat `<|endoftext|>` in the prompt as the special token.
+    #[arg(long)]
+    pub allow_special: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// Checkpoint folder (its vocab.json and merges.txt; GPT-2's own when it has none).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The text.
+    #[arg(long)]
+    pub text: String,
+    /// Treat `<|endoftext|>` as the special token.
+    #[arg(long)]
+    pub allow_special: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DetokenizeArgs {
+    /// Checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long)]
+    pub ids: String,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Folder to write (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// 124M, 355M, 774M, 1558M or tiny.
+    #[arg(long, default_value = "124M")]
+    pub size: String,
+    /// Dtype of the weights in the file: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
 pub fn run(cmd: Gpt2Command) -> Result<()> {
-    let _ = Error::invalid("");
-    match cmd {}
+    match cmd {
+        Gpt2Command::Generate(a) => {
+            let threads = a.threads;
+            check_threads(threads)?;
+            with_threads(threads, move || generate(a))?
+        }
+        Gpt2Command::Logits(a) => {
+            let threads = a.threads;
+            check_threads(threads)?;
+            with_threads(threads, move || logits(a))?
+        }
+        Gpt2Command::Tokenize(a) => tokenize(a),
+        Gpt2Command::Detokenize(a) => detokenize(a),
+        Gpt2Command::Init(a) => init(a),
+    }
+}
+
+fn check_threads(threads: Option<usize>) -> Result<()> {
+    if threads == Some(0) {
+        return Err(Error::invalid("--threads must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Parses a `--dtype` value (f32, bf16, f16).
+fn parse_dtype(s: &str) -> Result<DType> {
+    match DType::parse(s) {
+        Some(d) if d.is_float() => Ok(d),
+        _ => Err(Error::invalid(format!(
+            "--dtype `{s}`: expected f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// Parses `1,2,3` (spaces allowed).
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u32>()
+                .map_err(|_| Error::invalid(format!("--ids: `{p}` is not a token id")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        return Err(Error::invalid("--ids: no token ids given"));
+    }
+    Ok(ids)
+}
+
+/// The tokenizer of a checkpoint folder: its vocab.json and merges.txt, or GPT-2's built-in
+/// files when the folder has neither.
+fn folder_tokenizer(dir: &Path) -> Result<Gpt2Tokenizer> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+        ));
+    }
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if vocab.exists() || merges.exists() {
+        Gpt2Tokenizer::from_files(&vocab, &merges)
+    } else {
+        Gpt2Tokenizer::gpt2_default()
+    }
+}
+
+fn read_prompt_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Text(format!(
+            "{}: the prompt file is not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// Peak resident memory of this process in MB (Linux `VmHWM`), if known.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => read_prompt_file(f)?,
+        (None, None) => return Err(Error::invalid("give --prompt or --prompt-file")),
+    };
+    if prompt.is_empty() {
+        return Err(Error::invalid("the prompt is empty"));
+    }
+    let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let sampling = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
+    let sampler = SamplerConfig {
+        greedy: a.greedy || !sampling,
+        temperature: a.temperature.unwrap_or(1.0),
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p.unwrap_or(1.0),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampler.validate()?;
+    if let Some(size) = &a.init_if_missing {
+        if !a.model.join("config.json").exists() {
+            let cfg = Gpt2Config::preset(size)?;
+            eprintln!(
+                "{}: no checkpoint there; writing a random GPT-2 {size} ({} parameters)",
+                a.model.display(),
+                cfg.num_params()
+            );
+            init_checkpoint(&a.model, &cfg, DType::F32, 0)?;
+        }
+    }
+    let gpt2 = Gpt2::load(&a.model, &LoadOptions { dtype })?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampler,
+        stop_at_eot: true,
+        context: if a.truncate {
+            ContextPolicy::TruncateLeft
+        } else {
+            ContextPolicy::Error
+        },
+        allow_special: a.allow_special,
+    };
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        let _ = out.write_all(prompt.as_bytes());
+        let _ = out.flush();
+    }
+    let stream = !a.json;
+    let gen = gpt2.generate(&prompt, &opts, |_, text| {
+        if stream && !text.is_empty() {
+            // A closed pipe stops the output, not the run.
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    let threads = rayon::current_num_threads();
+    let dtype = gpt2.model.weights.dtype;
+    if a.json {
+        let obj = json!({
+            "prompt_ids": gen.prompt_ids,
+            "ids": gen.ids,
+            "text": gen.text,
+            "load_ms": gpt2.load_ms,
+            "prefill_ms": gen.prefill_ms,
+            "decode_tokens_per_s": gen.decode_tokens_per_s(),
+            "decode_ms": gen.decode_ms,
+            "decode_steps": gen.decode_steps,
+            "load_to_first_token_ms": gpt2.load_ms + gen.prefill_ms,
+            "stop": format!("{:?}", gen.stop),
+            "dtype": dtype.name(),
+            "threads": threads,
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        let _ = writeln!(out, "{obj}");
+    } else {
+        let _ = writeln!(out);
+        eprintln!(
+            "load {:.0} ms · prefill {} tokens {:.1} ms · decode {} tokens {:.1} tokens/s · {} weights, {} threads",
+            gpt2.load_ms,
+            gen.prompt_ids.len(),
+            gen.prefill_ms,
+            gen.decode_steps,
+            gen.decode_tokens_per_s(),
+            dtype,
+            threads
+        );
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let gpt2 = Gpt2::load(&a.model, &LoadOptions { dtype })?;
+    let ids = match (&a.prompt, &a.ids) {
+        (Some(p), _) => {
+            if p.is_empty() {
+                return Err(Error::invalid("the prompt is empty"));
+            }
+            gpt2.encode(p, a.allow_special)
+        }
+        (None, Some(s)) => parse_ids(s)?,
+        (None, None) => return Err(Error::invalid("give --prompt or --ids")),
+    };
+    let logits = gpt2.model.logits(&ids)?;
+    let v = gpt2.model.config.vocab_size;
+    let t_logits = Tensor::from_vec(logits, vec![ids.len(), v])?;
+    let t_ids = Tensor::from_vec(
+        ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+        vec![ids.len()],
+    )?;
+    kiln_io::write_safetensors(
+        &a.out,
+        [("logits", &t_logits), ("ids", &t_ids)],
+        &BTreeMap::new(),
+    )?;
+    eprintln!(
+        "wrote {}: logits [{}, {v}], ids [{}]",
+        a.out.display(),
+        ids.len(),
+        ids.len()
+    );
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = folder_tokenizer(&a.model)?;
+    let ids = tok.encode_with_special(&a.text, a.allow_special);
+    println!("{}", json!(ids));
+    Ok(())
+}
+
+fn detokenize(a: DetokenizeArgs) -> Result<()> {
+    let tok = folder_tokenizer(&a.model)?;
+    let ids = parse_ids(&a.ids)?;
+    let text = tok.decode(&ids)?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let cfg = Gpt2Config::preset(&a.size)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    let start = Instant::now();
+    init_checkpoint(&a.out, &cfg, dtype, a.seed)?;
+    let bytes = std::fs::metadata(a.out.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!(
+        "wrote {}: GPT-2 {} ({} layers, {} heads, width {}), {} parameters, {dtype}, {:.0} MB, in {:.1} s",
+        a.out.display(),
+        a.size,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.num_params(),
+        bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

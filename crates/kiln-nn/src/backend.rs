@@ -8,7 +8,13 @@
 //! Shapes are given by the slice lengths plus the few sizes each op needs; every method checks
 //! them and returns an error rather than reading out of bounds.
 use half::{bf16, f16};
+use kiln_cpu::attention::{attention_forward, AttentionOptions, HeadsMut, HeadsRef};
+use kiln_cpu::elementwise::add::add_inplace;
+use kiln_cpu::elementwise::embedding::embedding_forward;
+use kiln_cpu::elementwise::gelu::gelu_inplace;
+use kiln_cpu::elementwise::softmax::softmax_rows_inplace;
 use kiln_cpu::gemm::{self, Epilogue, GemmOptions, MatMut, MatRef};
+use kiln_cpu::norm::layer_norm::layer_norm_forward;
 use kiln_tensor::{DType, Error, Result, Tensor};
 
 /// The elements of a weight matrix in one of the float storage dtypes.
@@ -257,13 +263,15 @@ pub trait Backend: Send + Sync {
     /// `x += y` element-wise.
     fn add(&self, x: &mut [f32], y: &[f32]) -> Result<()>;
 
-    /// Row gather: `out[i, :] = table[ids[i], :]`, or `+=` when `accumulate`. `table` is
-    /// `[rows, width]`, `out` is `[ids.len(), width]`.
+    /// Token plus position embeddings: `out[i, :] = tokens[ids[i], :] + positions[pos_start + i, :]`.
+    /// `tokens` is `[V, C]`, `positions` `[P, C]`, `out` `[ids.len(), C]`. An id ≥ V or a
+    /// position ≥ P is an error.
     fn embedding(
         &self,
         ids: &[u32],
-        table: WeightView<'_>,
-        accumulate: bool,
+        tokens: WeightView<'_>,
+        positions: WeightView<'_>,
+        pos_start: usize,
         out: &mut [f32],
     ) -> Result<()>;
 
@@ -329,72 +337,90 @@ impl Backend for CpuBackend {
         y: &mut [f32],
     ) -> Result<()> {
         let n = gamma.len();
-        if n == 0 || beta.len() != n || x.len() % n != 0 || y.len() != x.len() {
+        if n == 0 || x.len() % n != 0 {
             return Err(Error::invalid(format!(
-                "layer_norm: x has {} elements, y {}, gamma {}, beta {}",
-                x.len(),
-                y.len(),
-                gamma.len(),
-                beta.len()
+                "layer_norm: {} elements are not rows of {n}",
+                x.len()
             )));
         }
-        cpu_ops::layer_norm(x, gamma, beta, eps, y);
-        Ok(())
+        layer_norm_forward(x, gamma, beta, x.len() / n, n, eps, y, None, None)
     }
 
     fn attention(&self, qkv: &[f32], t: usize, cache: &mut KvCache, out: &mut [f32]) -> Result<()> {
-        let c = cache.n_head * cache.head_dim;
-        if out.len() != t * c {
-            return Err(Error::shape("attention: output", &[t, c], &[out.len()]));
+        let (h, d, cap) = (cache.n_head, cache.head_dim, cache.capacity);
+        if out.len() != t * h * d {
+            return Err(Error::shape("attention: output", &[t, h * d], &[out.len()]));
         }
         cache.append_from_qkv(qkv, t)?;
-        cpu_ops::attention(qkv, t, cache, out);
-        Ok(())
+        // The new queries, read in place from the fused projection; keys and values from the
+        // cache, `[1, H, len, D]` with a head stride of `capacity·D`.
+        let q = HeadsRef::fused_qkv(qkv, 1, t, h, d, 0)?;
+        let cached = |data| HeadsRef {
+            data,
+            batch: 1,
+            heads: h,
+            seq: cache.len,
+            head_dim: d,
+            stride_batch: h * cap * d,
+            stride_head: cap * d,
+            stride_seq: d,
+        };
+        let o = HeadsMut::seq_major(out, 1, t, h, d);
+        attention_forward(
+            q,
+            cached(&cache.k[..]),
+            cached(&cache.v[..]),
+            o,
+            AttentionOptions::causal(),
+        )
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) -> Result<()> {
-        if x.len() != y.len() {
-            return Err(Error::shape("add", &[x.len()], &[y.len()]));
-        }
-        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-        Ok(())
+        add_inplace(x, y)
     }
 
     fn embedding(
         &self,
         ids: &[u32],
-        table: WeightView<'_>,
-        accumulate: bool,
+        tokens: WeightView<'_>,
+        positions: WeightView<'_>,
+        pos_start: usize,
         out: &mut [f32],
     ) -> Result<()> {
-        let width = table.cols;
-        table.check("embedding: table")?;
-        if out.len() != ids.len() * width {
+        let dim = tokens.cols;
+        tokens.check("embedding: token table")?;
+        positions.check("embedding: position table")?;
+        if positions.cols != dim {
             return Err(Error::shape(
-                "embedding: output",
-                &[ids.len(), width],
-                &[out.len()],
+                "embedding: position table",
+                &[positions.rows, dim],
+                &[positions.rows, positions.cols],
             ));
         }
-        for (i, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            if id >= table.rows {
-                return Err(Error::invalid(format!(
-                    "embedding: id {id} is outside the table of {} rows",
-                    table.rows
-                )));
-            }
-            let row = &mut out[i * width..(i + 1) * width];
-            for (j, o) in row.iter_mut().enumerate() {
-                let v = table.data.get(id * table.row_stride + j * table.col_stride);
-                *o = if accumulate { *o + v } else { v };
-            }
+        let dense = |w: &WeightView<'_>| w.col_stride == 1 && w.row_stride == w.cols;
+        if !(dense(&tokens) && dense(&positions)) {
+            return Err(Error::invalid("embedding: tables must be row-major"));
         }
-        Ok(())
+        let (n, t) = (ids.len(), tokens.rows * dim);
+        let p = positions.rows * dim;
+        match (tokens.data, positions.data) {
+            (WeightData::F32(a), WeightData::F32(b)) => {
+                embedding_forward(ids, n, &a[..t], &b[..p], pos_start, dim, out)
+            }
+            (WeightData::BF16(a), WeightData::BF16(b)) => {
+                embedding_forward(ids, n, &a[..t], &b[..p], pos_start, dim, out)
+            }
+            (WeightData::F16(a), WeightData::F16(b)) => {
+                embedding_forward(ids, n, &a[..t], &b[..p], pos_start, dim, out)
+            }
+            _ => Err(Error::invalid(
+                "embedding: token and position tables must have the same dtype",
+            )),
+        }
     }
 
     fn gelu(&self, x: &mut [f32]) -> Result<()> {
-        x.iter_mut().for_each(|v| *v = gemm::gelu_tanh(*v));
+        gelu_inplace(x);
         Ok(())
     }
 
@@ -405,67 +431,6 @@ impl Backend for CpuBackend {
                 x.len()
             )));
         }
-        x.chunks_exact_mut(cols).for_each(cpu_ops::softmax_row);
-        Ok(())
-    }
-}
-
-/// Plain loops for the ops whose `kiln-cpu` kernels are not wired in.
-mod cpu_ops {
-    use super::KvCache;
-    use rayon::prelude::*;
-
-    /// `y = (x − μ)/√(σ² + eps)·γ + β` per row, μ and σ² over the row (biased).
-    pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) {
-        let n = gamma.len();
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(yr, xr)| {
-                let mean = xr.iter().sum::<f32>() / n as f32;
-                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for j in 0..n {
-                    yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
-                }
-            });
-    }
-
-    pub fn softmax_row(row: &mut [f32]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-
-    /// Attention of the last `t` cached positions (already appended) against the cache.
-    pub fn attention(qkv: &[f32], t: usize, cache: &KvCache, out: &mut [f32]) {
-        let (h, d, cap) = (cache.n_head, cache.head_dim, cache.capacity);
-        let c = h * d;
-        let start = cache.len - t;
-        let scale = 1.0 / (d as f32).sqrt();
-        out.par_chunks_mut(c).enumerate().for_each(|(i, orow)| {
-            let p = start + i;
-            let mut s = vec![0f32; p + 1];
-            for head in 0..h {
-                let q = &qkv[i * 3 * c + head * d..i * 3 * c + (head + 1) * d];
-                let kh = &cache.k[head * cap * d..];
-                let vh = &cache.v[head * cap * d..];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let k = &kh[j * d..(j + 1) * d];
-                    *sj = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                }
-                softmax_row(&mut s);
-                let o = &mut orow[head * d..(head + 1) * d];
-                o.iter_mut().for_each(|v| *v = 0.0);
-                for (j, &w) in s.iter().enumerate() {
-                    let v = &vh[j * d..(j + 1) * d];
-                    o.iter_mut().zip(v).for_each(|(a, b)| *a += w * b);
-                }
-            }
-        });
+        softmax_rows_inplace(x, x.len() / cols, cols)
     }
 }

@@ -1,0 +1,371 @@
+//! The library API: load a checkpoint folder, tokenize, generate with a callback per token.
+//!
+//! ```no_run
+//! use kiln_models::gpt2::{Gpt2, GenerateOptions, LoadOptions};
+//! let gpt2 = Gpt2::load("models/gpt2", &LoadOptions::default())?;
+//! let out = gpt2.generate("What is the capital of France?", &GenerateOptions::default(), |_id, text| {
+//!     print!("{text}");
+//!     true // keep going
+//! })?;
+//! eprintln!("\n{} tokens, {:.1} tokens/s", out.ids.len(), out.decode_tokens_per_s());
+//! # Ok::<(), kiln_tensor::Error>(())
+//! ```
+use super::config::Gpt2Config;
+use super::model::{Gpt2Model, Gpt2State, Logits};
+use super::sampler::{Sampler, SamplerConfig};
+use super::weights::Gpt2Weights;
+use crate::tokenizer::Gpt2Tokenizer;
+use kiln_io::SafeTensors;
+use kiln_tensor::{DType, Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The end-of-text token of the GPT-2 vocabulary.
+pub const EOT: u32 = 50256;
+
+/// How a checkpoint folder is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Dtype of the weight matrices in memory; `None` keeps the checkpoint's (zero-copy).
+    pub dtype: Option<DType>,
+}
+
+/// What to do when the prompt plus the new tokens do not fit in `n_positions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContextPolicy {
+    /// Refuse with an error before running anything.
+    #[default]
+    Error,
+    /// Drop the oldest prompt tokens so that prompt + `max_new_tokens` fit.
+    TruncateLeft,
+}
+
+/// Options of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Stop when `<|endoftext|>` is produced (it is not added to the output).
+    pub stop_at_eot: bool,
+    pub context: ContextPolicy,
+    /// Treat `<|endoftext|>` in the prompt text as the special token.
+    pub allow_special: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 64,
+            sampler: SamplerConfig::greedy(),
+            stop_at_eot: true,
+            context: ContextPolicy::Error,
+            allow_special: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `max_new_tokens` were produced.
+    MaxTokens,
+    /// `<|endoftext|>` was produced.
+    EndOfText,
+    /// The callback asked to stop.
+    Callback,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The prompt as the model saw it (after truncation, if any).
+    pub prompt_ids: Vec<u32>,
+    /// The new tokens (without a final `<|endoftext|>`).
+    pub ids: Vec<u32>,
+    /// The new tokens decoded (invalid UTF-8 as U+FFFD).
+    pub text: String,
+    pub stop: StopReason,
+    /// Time of the prompt's forward pass and the first token's choice.
+    pub prefill_ms: f64,
+    /// Time of the decode steps (every token after the first).
+    pub decode_ms: f64,
+    /// Number of decode steps (forward passes after the prefill).
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    /// Decode steps per second (0 when there were none).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_steps == 0 || self.decode_ms <= 0.0 {
+            0.0
+        } else {
+            self.decode_steps as f64 / (self.decode_ms / 1e3)
+        }
+    }
+}
+
+/// Turns a stream of token byte strings into text, holding back an incomplete UTF-8 sequence
+/// until the bytes that finish it arrive (a token may end in the middle of a character).
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
+    pending: Vec<u8>,
+}
+
+impl TextStream {
+    /// Adds `bytes` and returns the text that is now complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..good]).expect("checked valid"),
+                    );
+                    match e.error_len() {
+                        // Invalid bytes: one U+FFFD, then carry on after them.
+                        Some(n) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..good + n);
+                        }
+                        // An incomplete sequence at the end: wait for more bytes.
+                        None => {
+                            self.pending.drain(..good);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The text still held back (an unfinished sequence comes out as U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+/// A loaded GPT-2: model, tokenizer and how long loading took.
+pub struct Gpt2 {
+    pub model: Gpt2Model,
+    pub tokenizer: Gpt2Tokenizer,
+    /// Folder it was loaded from.
+    pub dir: PathBuf,
+    pub load_ms: f64,
+    /// The open checkpoint; zero-copy weights borrow its memory map.
+    pub file: SafeTensors,
+}
+
+impl std::fmt::Debug for Gpt2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpt2")
+            .field("dir", &self.dir)
+            .field("model", &self.model)
+            .field("load_ms", &self.load_ms)
+            .finish()
+    }
+}
+
+impl Gpt2 {
+    /// Loads a folder as the Hub has it: `config.json`, `model.safetensors`, and `vocab.json`
+    /// + `merges.txt` (when those two are absent and the vocabulary is GPT-2's 50257 tokens,
+    /// the GPT-2 tokenizer built into kiln is used).
+    pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let start = Instant::now();
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            ));
+        }
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let tokenizer = load_tokenizer(dir, &config)?;
+        let file = SafeTensors::open(dir.join("model.safetensors"))?;
+        let dtype = match opts.dtype {
+            Some(d) => d,
+            None => checkpoint_dtype(&file)?,
+        };
+        let weights = Gpt2Weights::load(&file, &config, dtype)?;
+        let model = Gpt2Model::new(config, weights)?;
+        Ok(Gpt2 {
+            model,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+            file,
+        })
+    }
+
+    /// Token ids of `text`; with `allow_special`, `<|endoftext|>` is the special token.
+    pub fn encode(&self, text: &str, allow_special: bool) -> Vec<u32> {
+        self.tokenizer.encode_with_special(text, allow_special)
+    }
+
+    /// Text of `ids` (invalid UTF-8 as U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids)
+    }
+
+    /// Tokenizes `prompt` and generates; `on_token(id, text)` is called for every new token with
+    /// the text it completes (possibly empty, when the token ends inside a UTF-8 character) and
+    /// returns `false` to stop.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        let ids = self.encode(prompt, opts.allow_special);
+        self.generate_ids(&ids, opts, on_token)
+    }
+
+    /// Generates from prompt ids; see [`Gpt2::generate`].
+    pub fn generate_ids(
+        &self,
+        prompt_ids: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Generation> {
+        let mut stream = TextStream::default();
+        let mut text = String::new();
+        let mut gen = generate_ids(&self.model, prompt_ids, opts, |id| {
+            let bytes = self.tokenizer.decode_bytes(&[id])?;
+            let piece = stream.push(&bytes);
+            text.push_str(&piece);
+            Ok(on_token(id, &piece))
+        })?;
+        let rest = stream.finish();
+        if !rest.is_empty() {
+            on_token(u32::MAX, &rest);
+            text.push_str(&rest);
+        }
+        gen.text = text;
+        Ok(gen)
+    }
+}
+
+/// The dtype of the checkpoint's matrices (that of `wte.weight`).
+pub fn checkpoint_dtype(file: &SafeTensors) -> Result<DType> {
+    let name = if file.contains("wte.weight") {
+        "wte.weight"
+    } else {
+        "transformer.wte.weight"
+    };
+    Ok(file.info(name)?.dtype)
+}
+
+/// The folder's tokenizer, or the built-in GPT-2 one when the folder has none.
+fn load_tokenizer(dir: &Path, config: &Gpt2Config) -> Result<Gpt2Tokenizer> {
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    let tok = if vocab.exists() || merges.exists() {
+        Gpt2Tokenizer::from_files(&vocab, &merges)?
+    } else {
+        Gpt2Tokenizer::gpt2_default()?
+    };
+    if tok.vocab_size() > config.vocab_size {
+        return Err(Error::Config {
+            path: dir.join("config.json"),
+            reason: format!(
+                "vocab_size {} is smaller than the tokenizer's {} tokens",
+                config.vocab_size,
+                tok.vocab_size()
+            ),
+        });
+    }
+    Ok(tok)
+}
+
+/// The generation loop on ids: prefill the prompt in one pass, then one decode step per token,
+/// calling `on_token(id)` after each choice (`Ok(false)` stops).
+pub fn generate_ids(
+    model: &Gpt2Model,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Generation> {
+    let n_pos = model.config.n_positions;
+    if prompt_ids.is_empty() {
+        return Err(Error::invalid("the prompt is empty"));
+    }
+    let mut prompt = prompt_ids;
+    // The last new token is never fed back, so prompt + max_new - 1 positions are needed.
+    let need = prompt.len() + opts.max_new_tokens.saturating_sub(1);
+    if need > n_pos {
+        match opts.context {
+            ContextPolicy::Error => {
+                return Err(Error::Capacity(format!(
+                    "the prompt ({} tokens) plus {} new tokens exceed the model's context of {n_pos} positions \
+                     (use fewer new tokens, a shorter prompt, or truncation)",
+                    prompt.len(),
+                    opts.max_new_tokens
+                )))
+            }
+            ContextPolicy::TruncateLeft => {
+                let keep = n_pos.saturating_sub(opts.max_new_tokens.saturating_sub(1));
+                if keep == 0 {
+                    return Err(Error::Capacity(format!(
+                        "{} new tokens do not fit in the model's context of {n_pos} positions",
+                        opts.max_new_tokens
+                    )));
+                }
+                prompt = &prompt[prompt.len() - keep..];
+            }
+        }
+    }
+    let mut sampler = Sampler::new(opts.sampler.clone())?;
+    let mut gen = Generation {
+        prompt_ids: prompt.to_vec(),
+        ids: Vec::new(),
+        text: String::new(),
+        stop: StopReason::MaxTokens,
+        prefill_ms: 0.0,
+        decode_ms: 0.0,
+        decode_steps: 0,
+    };
+    if opts.max_new_tokens == 0 {
+        return Ok(gen);
+    }
+    let need = prompt.len() + opts.max_new_tokens - 1;
+    let mut state: Gpt2State = model.new_state(need)?;
+    let mut history = prompt.to_vec();
+    let mut logits = Vec::new();
+
+    let t0 = Instant::now();
+    model.forward(prompt, &mut state, Logits::Last, &mut logits)?;
+    let mut next = sampler.sample(&mut logits, &history)?;
+    gen.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    loop {
+        if opts.stop_at_eot && next == EOT {
+            gen.stop = StopReason::EndOfText;
+            break;
+        }
+        gen.ids.push(next);
+        history.push(next);
+        if !on_token(next)? {
+            gen.stop = StopReason::Callback;
+            break;
+        }
+        if gen.ids.len() == opts.max_new_tokens {
+            break;
+        }
+        model.forward(&[next], &mut state, Logits::Last, &mut logits)?;
+        gen.decode_steps += 1;
+        next = sampler.sample(&mut logits, &history)?;
+    }
+    gen.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    Ok(gen)
+}

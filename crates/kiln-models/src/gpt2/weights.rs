@@ -1,0 +1,184 @@
+//! GPT-2 weights from a safetensors file in the Hub's layout.
+//!
+//! Names are accepted with or without the `transformer.` prefix (the Hub file has none,
+//! `save_pretrained` in transformers 5 writes it). The `h.N.attn.bias` / `attn.masked_bias`
+//! mask buffers are ignored; `lm_head.weight` is used when present, otherwise the output
+//! projection is tied to `wte`. Every tensor is checked: a missing one is an error naming it, a
+//! mis-shaped one names it with the expected and found shape.
+//!
+//! The matrices are kept in the weight dtype asked for; when that is the file's dtype they are
+//! views into the memory map (no copy). Layer-norm parameters and biases are small and are
+//! converted to f32 once.
+use super::config::Gpt2Config;
+use kiln_io::SafeTensors;
+use kiln_nn::backend::WeightView;
+use kiln_tensor::{DType, Error, Result, Tensor};
+
+/// One transformer block. Conv1D weights are `[in, out]`, as the checkpoint stores them.
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    pub ln_1_w: Vec<f32>,
+    pub ln_1_b: Vec<f32>,
+    /// `[C, 3C]`: queries, keys, values side by side.
+    pub c_attn_w: Tensor,
+    pub c_attn_b: Vec<f32>,
+    /// `[C, C]`.
+    pub attn_proj_w: Tensor,
+    pub attn_proj_b: Vec<f32>,
+    pub ln_2_w: Vec<f32>,
+    pub ln_2_b: Vec<f32>,
+    /// `[C, F]`.
+    pub fc_w: Tensor,
+    pub fc_b: Vec<f32>,
+    /// `[F, C]`.
+    pub mlp_proj_w: Tensor,
+    pub mlp_proj_b: Vec<f32>,
+}
+
+/// All weights of a GPT-2 language model.
+#[derive(Debug, Clone)]
+pub struct Gpt2Weights {
+    /// Token embeddings `[V, C]`.
+    pub wte: Tensor,
+    /// Position embeddings `[P, C]`.
+    pub wpe: Tensor,
+    pub blocks: Vec<BlockWeights>,
+    pub ln_f_w: Vec<f32>,
+    pub ln_f_b: Vec<f32>,
+    /// An untied output projection `[V, C]`; `None` means tied to `wte`.
+    pub lm_head: Option<Tensor>,
+    /// The dtype of the matrices in memory.
+    pub dtype: DType,
+}
+
+/// Reads the tensors of one checkpoint, resolving the optional `transformer.` prefix.
+struct Reader<'a> {
+    st: &'a SafeTensors,
+    dtype: DType,
+}
+
+impl Reader<'_> {
+    fn resolve(&self, name: &str) -> Result<String> {
+        if self.st.contains(name) {
+            return Ok(name.to_string());
+        }
+        let prefixed = format!("transformer.{name}");
+        if self.st.contains(&prefixed) {
+            return Ok(prefixed);
+        }
+        Err(Error::MissingTensor {
+            path: self.st.path().to_path_buf(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The tensor `name` with its shape checked, still in the file's dtype.
+    fn raw(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let full = self.resolve(name)?;
+        let t = self.st.tensor(&full)?;
+        let context = format!("{}: tensor `{full}`", self.st.path().display());
+        t.expect_dims(&context, dims)?;
+        if !t.dtype().is_float() {
+            return Err(Error::DTypeMismatch {
+                context,
+                expected: "f32, f16 or bf16".into(),
+                found: t.dtype().to_string(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// A matrix in the weight dtype (zero-copy when that is the file's dtype).
+    fn matrix(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        self.raw(name, dims)?.to_dtype(self.dtype)
+    }
+
+    /// A vector converted to f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.raw(name, &[len])?.to_f32_vec()
+    }
+}
+
+impl Gpt2Weights {
+    /// Loads and checks every tensor `cfg` calls for; matrices end up in `dtype`
+    /// (f32, f16 or bf16).
+    pub fn load(st: &SafeTensors, cfg: &Gpt2Config, dtype: DType) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(Error::invalid(format!(
+                "weight dtype must be f32, f16 or bf16, not {dtype}"
+            )));
+        }
+        let r = Reader { st, dtype };
+        let (c, f, v, p) = (cfg.n_embd, cfg.mlp_dim(), cfg.vocab_size, cfg.n_positions);
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let n = |s: &str| format!("h.{l}.{s}");
+            blocks.push(BlockWeights {
+                ln_1_w: r.vector(&n("ln_1.weight"), c)?,
+                ln_1_b: r.vector(&n("ln_1.bias"), c)?,
+                c_attn_w: r.matrix(&n("attn.c_attn.weight"), &[c, 3 * c])?,
+                c_attn_b: r.vector(&n("attn.c_attn.bias"), 3 * c)?,
+                attn_proj_w: r.matrix(&n("attn.c_proj.weight"), &[c, c])?,
+                attn_proj_b: r.vector(&n("attn.c_proj.bias"), c)?,
+                ln_2_w: r.vector(&n("ln_2.weight"), c)?,
+                ln_2_b: r.vector(&n("ln_2.bias"), c)?,
+                fc_w: r.matrix(&n("mlp.c_fc.weight"), &[c, f])?,
+                fc_b: r.vector(&n("mlp.c_fc.bias"), f)?,
+                mlp_proj_w: r.matrix(&n("mlp.c_proj.weight"), &[f, c])?,
+                mlp_proj_b: r.vector(&n("mlp.c_proj.bias"), c)?,
+            });
+        }
+        let lm_head = if st.contains("lm_head.weight") {
+            Some(r.matrix("lm_head.weight", &[v, c])?)
+        } else {
+            None
+        };
+        Ok(Gpt2Weights {
+            wte: r.matrix("wte.weight", &[v, c])?,
+            wpe: r.matrix("wpe.weight", &[p, c])?,
+            blocks,
+            ln_f_w: r.vector("ln_f.weight", c)?,
+            ln_f_b: r.vector("ln_f.bias", c)?,
+            lm_head,
+            dtype,
+        })
+    }
+
+    /// The output projection `[V, C]` (lm_head, or wte when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Bytes of the matrices a decode step streams: every block matrix and the output
+    /// projection (the embedding rows it gathers are negligible).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.c_attn_w.size_in_bytes()
+                    + b.attn_proj_w.size_in_bytes()
+                    + b.fc_w.size_in_bytes()
+                    + b.mlp_proj_w.size_in_bytes()
+            })
+            .sum();
+        blocks + self.lm_head().size_in_bytes()
+    }
+
+    /// True when every matrix borrows the file's bytes (zero-copy).
+    pub fn is_zero_copy(&self) -> bool {
+        self.wte.is_borrowed()
+            && self.wpe.is_borrowed()
+            && self.blocks.iter().all(|b| {
+                b.c_attn_w.is_borrowed()
+                    && b.attn_proj_w.is_borrowed()
+                    && b.fc_w.is_borrowed()
+                    && b.mlp_proj_w.is_borrowed()
+            })
+    }
+}
+
+/// A weight view of a contiguous 2-D tensor.
+pub(crate) fn view(t: &Tensor) -> Result<WeightView<'_>> {
+    WeightView::from_tensor(t)
+}
