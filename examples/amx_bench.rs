@@ -81,6 +81,39 @@ fn main() {
     } else {
         SHAPES.to_vec()
     };
+    // Packing B alone (runs without AMX too): bytes read + written per second.
+    for &(k, n) in &[(768usize, 2304usize), (768, 50257), (4096, 4096)] {
+        let b: Vec<bf16> = (0..k * n)
+            .map(|i| bf16::from_f32(((i * 104729) % 2001) as f32 / 1000.0 - 1.0))
+            .collect();
+        let bv = MatRef::row_major(&b[..], k, n);
+        for threads in [1usize, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            let mut bytes = 0usize;
+            let ms = pool.install(|| {
+                median_ms(min_reps, min_secs, || {
+                    let p = AmxPackedB::pack_with(bv, cfg.pack).expect("pack B");
+                    bytes = 2 * k * n + p.size_bytes();
+                })
+            });
+            println!(
+                "{}",
+                json!({
+                    "op": "amx_pack_b",
+                    "shape": [k, n],
+                    "dtype": "bf16",
+                    "pack": format!("{:?}", cfg.pack),
+                    "threads": threads,
+                    "median_ms": ms,
+                    "gbps": bytes as f64 / (ms * 1e-3) / 1e9,
+                })
+            );
+        }
+    }
+
     for &(m, n, k) in &shapes {
         // Values in [-1, 1); the timing does not depend on them.
         let a: Vec<f32> = (0..m * k)

@@ -66,8 +66,14 @@ def main():
         print("kiln: SOFTWARE TILE MODEL (--emulated): kiln figures are not AMX performance")
     else:
         print(f"kiln: measured AMX peak {peak['gflops']:.0f} GFLOP/s per core")
+    for r in records:
+        if r["op"] == "amx_pack_b":
+            k, n = r["shape"]
+            print(f"pack B {k}x{n} ({r['pack']}, {r['threads']} thr): {r['median_ms']:.3f} ms, {r['gbps']:.1f} GB/s")
     rows = {}
     for r in records[1:]:
+        if r["op"] == "amx_pack_b":
+            continue
         key = (tuple(r["shape"]), r["threads"])
         rows.setdefault(key, {})[r["op"]] = r
     header = (

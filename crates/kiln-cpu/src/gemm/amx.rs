@@ -402,7 +402,7 @@ fn run<TA: AmxElement>(
                         for jr in 0..npanels {
                             let bp = &b.lines[(jc / 32 + jr) * panel..][lo..hi];
                             let cb = &mut acc[32 * ir * ldc + 32 * jr..];
-                            kernel_32x32(&session, cfg.tiles, ap, bp, nks, cb, ldc, s0 > 0);
+                            kernel_32x32(&session, ap, bp, nks, cb, ldc, s0 > 0);
                         }
                     }
                 }

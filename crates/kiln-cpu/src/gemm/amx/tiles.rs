@@ -67,8 +67,9 @@ static TILE_CONFIG: TileConfig = TileConfig {
 /// Each task that runs [`kernel_32x32`] holds one; nothing else may use the tiles on this thread
 /// while it lives (the task body makes no rayon calls, so no other task interleaves).
 pub(crate) struct TileSession {
-    #[allow(dead_code)]
     kernel: TileKernel,
+    /// Not `Send`/`Sync`: the configuration belongs to the thread that made it.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl TileSession {
@@ -91,7 +92,10 @@ impl TileSession {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = amx_support;
-        TileSession { kernel }
+        TileSession {
+            kernel,
+            _thread: std::marker::PhantomData,
+        }
     }
 }
 
@@ -116,10 +120,9 @@ impl Drop for TileSession {
 /// * `b`: `ksteps·32` lines of a packed B panel;
 /// * `c`: f32, row `i` at `c[i·ldc .. i·ldc + 32]`, so `c.len() ≥ 31·ldc + 32`.
 ///
-/// `session` proves the tiles are configured on this thread when `kernel` is AMX.
+/// The session's kernel runs it; an AMX session has configured the tiles on this thread.
 pub(crate) fn kernel_32x32(
     session: &TileSession,
-    kernel: TileKernel,
     a: &[Line],
     b: &[Line],
     ksteps: usize,
@@ -129,10 +132,9 @@ pub(crate) fn kernel_32x32(
 ) {
     let need = ksteps * LINES_PER_KSTEP;
     assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
-    match kernel {
+    match session.kernel {
         TileKernel::Emulated => emulated_32x32(a, b, ksteps, c, ldc, accumulate),
         TileKernel::Amx => {
-            assert!(session.kernel == TileKernel::Amx);
             if ksteps == 0 {
                 if !accumulate {
                     for row in c.chunks_mut(ldc).take(32) {
