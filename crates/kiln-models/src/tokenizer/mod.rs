@@ -15,16 +15,17 @@
 
 mod bpe;
 pub mod bytes;
+mod cache;
 pub mod pretokenize;
 mod unicode_tables;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::RwLock;
 
 use kiln_tensor::{Error, Result};
 
 use bpe::{FxBuild, FxHashMap, Merges};
+use cache::{PieceCache, ShortKey, MAX_CACHED_PIECE};
 
 /// GPT-2's `vocab.json` (50 257 tokens), as shipped with the repository.
 pub const GPT2_VOCAB_JSON: &[u8] = include_bytes!("../../assets/gpt2/vocab.json");
@@ -35,11 +36,6 @@ pub const GPT2_TOKENIZER_LICENSE: &[u8] = include_bytes!("../../assets/gpt2/LICE
 
 /// The special end-of-text token.
 pub const ENDOFTEXT: &str = "<|endoftext|>";
-
-/// Pieces longer than this many bytes are not cached (they are rare, and costly to keep).
-const MAX_CACHED_PIECE: usize = 64;
-/// The cache stops growing at this many pieces.
-const CACHE_CAPACITY: usize = 1 << 16;
 
 /// GPT-2's byte-level BPE tokenizer. `Send + Sync`: one instance can serve many threads.
 pub struct Gpt2Tokenizer {
@@ -52,8 +48,8 @@ pub struct Gpt2Tokenizer {
     byte_ids: [u32; 256],
     merges: Merges,
     eot_id: u32,
-    /// Piece → ids, for pieces of at most [`MAX_CACHED_PIECE`] bytes.
-    cache: RwLock<FxHashMap<Box<str>, Box<[u32]>>>,
+    /// Piece → ids, for pieces of at most 64 bytes.
+    cache: RwLock<PieceCache>,
 }
 
 impl std::fmt::Debug for Gpt2Tokenizer {
@@ -67,13 +63,13 @@ impl std::fmt::Debug for Gpt2Tokenizer {
 }
 
 /// The parsed `vocab.json`: token string → id.
-fn parse_vocab(bytes: &[u8]) -> std::result::Result<HashMap<String, u32>, String> {
-    let map: HashMap<String, u64> = serde_json::from_slice(bytes)
+fn parse_vocab(bytes: &[u8]) -> std::result::Result<FxHashMap<String, u32>, String> {
+    let map: FxHashMap<String, u64> = serde_json::from_slice(bytes)
         .map_err(|e| format!("not a JSON object of token → id: {e}"))?;
     if map.is_empty() {
         return Err("the vocabulary is empty".into());
     }
-    let mut out = HashMap::with_capacity(map.len());
+    let mut out = FxHashMap::with_capacity_and_hasher(map.len(), FxBuild::default());
     for (k, v) in map {
         let id = u32::try_from(v)
             .ok()
@@ -85,7 +81,7 @@ fn parse_vocab(bytes: &[u8]) -> std::result::Result<HashMap<String, u32>, String
 }
 
 /// The parsed `merges.txt`: `(left, right)` pairs in rank order, with the 1-based line of each.
-fn parse_merges(bytes: &[u8]) -> std::result::Result<Vec<(usize, String, String)>, String> {
+fn parse_merges(bytes: &[u8]) -> std::result::Result<Vec<(usize, &str, &str)>, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -95,9 +91,7 @@ fn parse_merges(bytes: &[u8]) -> std::result::Result<Vec<(usize, String, String)
         }
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
-                out.push((i + 1, a.to_string(), b.to_string()))
-            }
+            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => out.push((i + 1, a, b)),
             _ => {
                 return Err(format!(
                     "line {}: expected two tokens separated by one space, found {line:?}",
@@ -204,10 +198,7 @@ impl Gpt2Tokenizer {
             byte_ids,
             merges,
             eot_id,
-            cache: RwLock::new(FxHashMap::with_capacity_and_hasher(
-                4096,
-                FxBuild::default(),
-            )),
+            cache: RwLock::new(PieceCache::new()),
         })
     }
 
@@ -262,7 +253,7 @@ impl Gpt2Tokenizer {
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
         // Read the shared cache under one read lock for the whole text; pieces computed here are remembered in
         // `fresh` (as ranges of `out`) and added to the shared cache at the end under one write lock.
-        let mut fresh: FxHashMap<&str, (usize, usize)> = FxHashMap::default();
+        let mut fresh: FxHashMap<&[u8], (usize, usize)> = FxHashMap::default();
         let mut syms: Vec<u32> = Vec::with_capacity(64);
         {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
@@ -272,12 +263,14 @@ impl Gpt2Tokenizer {
                     out.push(self.byte_ids[bytes[0] as usize]);
                     continue;
                 }
-                if bytes.len() <= MAX_CACHED_PIECE {
-                    if let Some(ids) = cache.get(piece) {
+                let cacheable = bytes.len() <= MAX_CACHED_PIECE;
+                if cacheable {
+                    let key = ShortKey::new(bytes);
+                    if let Some(ids) = cache.get(bytes, key.as_ref()) {
                         out.extend_from_slice(ids);
                         continue;
                     }
-                    if let Some(&(a, b)) = fresh.get(piece) {
+                    if let Some(&(a, b)) = fresh.get(bytes) {
                         out.extend_from_within(a..b);
                         continue;
                     }
@@ -286,20 +279,15 @@ impl Gpt2Tokenizer {
                 syms.clear();
                 syms.extend(bytes.iter().map(|&b| self.byte_ids[b as usize]));
                 bpe::merge_word(&self.merges, &syms, out);
-                if bytes.len() <= MAX_CACHED_PIECE {
-                    fresh.insert(piece, (start, out.len()));
+                if cacheable {
+                    fresh.insert(bytes, (start, out.len()));
                 }
             }
         }
         if !fresh.is_empty() {
             let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
             for (piece, (a, b)) in fresh {
-                if cache.len() >= CACHE_CAPACITY {
-                    break;
-                }
-                cache
-                    .entry(piece.into())
-                    .or_insert_with(|| out[a..b].into());
+                cache.insert(piece, &out[a..b]);
             }
         }
     }
