@@ -1,16 +1,141 @@
-//! `kiln bench matmul` (being written).
+//! `kiln bench matmul`: `C = A·B` with A `[m, k]` f32, B `[k, n]` in f32, bf16 or f16, C f32.
+//!
+//! Reports the median time, GFLOP/s (`2·m·n·k` flops) and the fraction of the measured FMA
+//! peak for the same thread count; for `m = 1` (a decode step, bandwidth-bound) also GB/s of B
+//! read per call and the fraction of the measured triad bandwidth.
+use super::{median_ms, random_f32, with_threads, BenchRecord};
 use clap::Args;
-use kiln_tensor::{Error, Result};
+use half::{bf16, f16};
+use kiln_cpu::gemm::{gemm_with_isa, GemmOptions, Isa, MatMut, MatRef};
+use kiln_cpu::peak;
+use kiln_tensor::{Error, FloatElement, Result};
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct MatmulArgs {
+    #[arg(long)]
+    pub m: usize,
+    #[arg(long)]
+    pub n: usize,
+    #[arg(long)]
+    pub k: usize,
+    /// B's dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// B's layout: `row` (`[k, n]` row-major, a Conv1D weight) or `col` (`[n, k]` row-major
+    /// viewed transposed, as `x·wteᵀ` for the logits).
+    #[arg(long, default_value = "row")]
+    pub layout: String,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Minimum timed repetitions (after warm-up); timing also runs for at least 0.5 s.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Microkernel: avx512, avx2, portable or scalar (default: the fastest available).
+    #[arg(long)]
+    pub isa: Option<String>,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: MatmulArgs) -> Result<()> {
-    Err(Error::invalid(format!(
-        "bench matmul: not built yet ({args:?})"
-    )))
+    let isa = match &args.isa {
+        Some(s) => Isa::parse(s)
+            .ok_or_else(|| Error::invalid(format!("bench matmul: unknown --isa {s}")))?,
+        None => Isa::best(),
+    };
+    if !isa.is_available() {
+        return Err(Error::invalid(format!(
+            "bench matmul: this CPU cannot run --isa {}",
+            isa.name()
+        )));
+    }
+    let col = match args.layout.as_str() {
+        "row" => false,
+        "col" => true,
+        other => {
+            return Err(Error::invalid(format!(
+                "bench matmul: --layout must be row or col, not {other}"
+            )))
+        }
+    };
+    if args.m == 0 || args.n == 0 || args.k == 0 {
+        return Err(Error::invalid(
+            "bench matmul: --m, --n and --k must be at least 1",
+        ));
+    }
+    let elems = args
+        .m
+        .checked_mul(args.k)
+        .and_then(|a| args.k.checked_mul(args.n).map(|b| a.max(b)))
+        .filter(|&e| e <= 1 << 31)
+        .ok_or_else(|| Error::invalid("bench matmul: operands too large"))?;
+    let _ = elems;
+    match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" => bench::<f32>(&args, isa, col),
+        "bf16" => bench::<bf16>(&args, isa, col),
+        "f16" => bench::<f16>(&args, isa, col),
+        other => Err(Error::invalid(format!(
+            "bench matmul: --dtype must be f32, bf16 or f16, not {other}"
+        ))),
+    }
+}
+
+fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, col: bool) -> Result<()> {
+    let (m, n, k) = (args.m, args.n, args.k);
+    let a = random_f32(m * k, 1);
+    let b: Vec<TB> = random_f32(k * n, 2).into_iter().map(TB::from_f32).collect();
+    let mut c = vec![0f32; m * n];
+    let opts = GemmOptions::default();
+    let (threads, ms) = with_threads(args.threads, || {
+        let threads = rayon::current_num_threads();
+        let mut err = None;
+        let ms = median_ms(2, args.reps.max(1), Duration::from_millis(500), || {
+            let bv = if col {
+                MatRef::row_major(&b, n, k).t()
+            } else {
+                MatRef::row_major(&b, k, n)
+            };
+            if let Err(e) = gemm_with_isa(
+                isa,
+                MatRef::row_major(&a, m, k),
+                bv,
+                MatMut::row_major(&mut c, m, n),
+                &opts,
+            ) {
+                err = Some(e);
+            }
+        });
+        err.map_or(Ok((threads, ms)), Err)
+    })??;
+    let pk = peak::quick(threads);
+    let gflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e9;
+    let b_bytes = (k * n * std::mem::size_of::<TB>()) as f64;
+    let gbps = b_bytes / (ms * 1e-3) / 1e9;
+    let mut extra = serde_json::Map::new();
+    extra.insert("isa".into(), isa.name().into());
+    extra.insert("layout".into(), if col { "col" } else { "row" }.into());
+    extra.insert("peak_gflops".into(), pk.fma_gflops(threads).into());
+    extra.insert("peak_gbps".into(), pk.gbps(threads).into());
+    let (gbps_field, fraction) = if m == 1 {
+        extra.insert("gflops_m1".into(), gflops.into());
+        (Some(gbps), gbps / pk.gbps(threads))
+    } else {
+        (None, gflops / pk.fma_gflops(threads))
+    };
+    BenchRecord {
+        op: "matmul".into(),
+        shape: serde_json::json!([m, n, k]),
+        dtype: TB::DTYPE.name().into(),
+        threads,
+        median_ms: ms,
+        gflops: if m == 1 { None } else { Some(gflops) },
+        gbps: gbps_field,
+        peak_fraction: fraction,
+        extra,
+    }
+    .print(args.json);
+    Ok(())
 }

@@ -107,6 +107,27 @@ pub fn median_ms(warmup: usize, min_reps: usize, min_time: Duration, mut f: impl
     times[times.len() / 2]
 }
 
+/// The number of cores (the thread count when `--threads` is not given).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift64*), for benchmark inputs.
+pub fn random_f32(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let v = s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+            (v as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// Runs `f` on a rayon pool of `threads` threads (all cores when `None`).
 pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> Result<R> {
     let mut builder = rayon::ThreadPoolBuilder::new();

@@ -43,6 +43,15 @@ unsafe fn kernel_12x32(
     beta: f32,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // Start fetching the C tile now, so its misses overlap the depth loop.
+    for i in 0..MR {
+        // SAFETY: prefetching never faults; the addresses are inside the tile anyway.
+        unsafe {
+            let row = c.add(i * rs_c) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(row);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR - 1));
+        }
+    }
     let mut ap = a;
     let mut bp = b;
     for _ in 0..kc {

@@ -485,6 +485,7 @@ pub fn apply_epilogue(x: f32, j: usize, epilogue: &Epilogue<'_>) -> f32 {
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
+    #[allow(clippy::excessive_precision)]
     const S: f32 = 0.797_884_56; // sqrt(2/pi)
     0.5 * x * (1.0 + (S * (x + 0.044715 * x * x * x)).tanh())
 }
