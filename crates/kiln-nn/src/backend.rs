@@ -185,6 +185,11 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keeps only the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes held by keys and values.
     pub fn size_in_bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * 4

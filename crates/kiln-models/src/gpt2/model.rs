@@ -74,6 +74,10 @@ impl Gpt2State {
     pub fn clear(&mut self) {
         self.caches.iter_mut().for_each(KvCache::clear);
     }
+    /// Keeps only the first `len` positions (e.g. to re-run a decode step).
+    pub fn truncate(&mut self, len: usize) {
+        self.caches.iter_mut().for_each(|c| c.truncate(len));
+    }
     /// Bytes held by the KV caches.
     pub fn cache_bytes(&self) -> usize {
         self.caches.iter().map(KvCache::size_in_bytes).sum()
