@@ -350,7 +350,7 @@ fn conv2d_matches_naive_f64() {
             ran += 1;
         }
     }
-    assert!(ran >= cases().len() - 1);
+    assert!(ran >= cases().len() - 2);
 }
 
 #[test]
@@ -362,7 +362,7 @@ fn conv_transpose2d_matches_naive_f64() {
             ran += 1;
         }
     }
-    assert!(ran >= cases().len() - 1);
+    assert!(ran >= cases().len() - 2);
 }
 
 #[test]

@@ -20,12 +20,13 @@
 //! | [`weight_grad`] | `dW_g = small · im2col(big)ᵀ` | weight gradient (x, dy) | weight gradient (dy, x) |
 //!
 //! The transposed conv never forms a zero-inserted input: its forward pass is exactly the input
-//! gradient of the matching conv. Dedicated paths: pointwise (1×1, stride 1, no padding: the
+//! gradient of the matching conv. Dedicated paths: dense (the kernel covers the whole image and
+//! the patch side is 1×1: one plain product over the batch), pointwise (1×1, stride 1, no padding: the
 //! image itself is the patch matrix) and depthwise (one image and one patch channel per group:
 //! direct loops over the same taps). Work is split over fixed chunks of images, independent of
 //! the thread count; the weight gradient is reduced over fixed slices of the batch in slice
 //! order, so results are bitwise identical for any number of threads.
-use crate::gemm::{gemm, GemmOptions, MatMut, MatRef};
+use crate::gemm::{gemm, Epilogue, GemmOptions, MatMut, MatRef};
 use kiln_tensor::{Error, FloatElement, Result};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -274,15 +275,26 @@ impl ConvGeometry {
             && self.big[1] == self.small[1]
             && self.big[2] == self.small[2]
     }
+    /// The kernel covers the whole unpadded image and the patch side is 1×1 (DCGAN's first
+    /// generator and last discriminator layer): the patch matrix of image n is the image itself,
+    /// so the batch is one plain matrix product `[N, Cb·Hb·Wb] ↔ [N, Cs]`.
+    fn dense(&self) -> bool {
+        self.groups == 1
+            && self.small[1] == 1
+            && self.small[2] == 1
+            && self.padding == [0, 0]
+            && self.dilation == [1, 1]
+            && self.kernel == [self.big[1], self.big[2]]
+    }
     /// One image channel and one patch channel per group.
     fn depthwise(&self) -> bool {
         self.cbg() == 1 && self.csg() == 1
     }
-    /// Images per work chunk: enough patch columns to feed the GEMM (at least 256 and at least
-    /// the weight's rows) while the patch matrix stays under 16 MiB. Depends on the shapes only.
+    /// Images per work chunk: enough patch columns to feed the GEMM (at least 512 and at least
+    /// the weight's rows) while the patch matrix stays under 4 MiB. Depends on the shapes only.
     fn images_per_chunk(&self) -> usize {
-        const MIN_COLS: usize = 256;
-        const COL_CAP: usize = 1 << 22;
+        const MIN_COLS: usize = 512;
+        const COL_CAP: usize = 1 << 20;
         let hw = self.small_hw();
         let want = MIN_COLS.max(self.csg()).div_ceil(hw);
         let cap = (COL_CAP / (self.k_group() * hw)).max(1);
@@ -379,27 +391,37 @@ fn tap_is_full(g: &ConvGeometry, t: &Tap) -> bool {
 }
 
 /// `dst[i] = src[start + i·step]`.
-#[inline]
+#[inline(always)]
 fn gather(dst: &mut [f32], src: &[f32], start: usize, step: usize) {
-    if step == 1 {
-        dst.copy_from_slice(&src[start..start + dst.len()]);
-    } else {
-        for (d, s) in dst.iter_mut().zip(src[start..].iter().step_by(step)) {
-            *d = *s;
+    let len = dst.len();
+    match (len, step) {
+        (0, _) => {}
+        (1, _) => dst[0] = src[start],
+        (_, 1) => dst.copy_from_slice(&src[start..start + len]),
+        _ => {
+            let s = &src[start..=start + step * (len - 1)];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = s[i * step];
+            }
         }
     }
 }
 
 /// `dst[start + i·step] += src[i]` — the adjoint of [`gather`].
-#[inline]
+#[inline(always)]
 fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
+    let len = src.len();
+    if len == 0 {
+        return;
+    }
+    let d = &mut dst[start..=start + step * (len - 1)];
     if step == 1 {
-        for (d, s) in dst[start..start + src.len()].iter_mut().zip(src) {
+        for (d, s) in d.iter_mut().zip(src) {
             *d += *s;
         }
     } else {
-        for (d, s) in dst[start..].iter_mut().step_by(step).zip(src) {
-            *d += *s;
+        for (i, s) in src.iter().enumerate() {
+            d[i * step] += *s;
         }
     }
 }
@@ -552,6 +574,16 @@ pub fn correlate(
         });
         return Ok(());
     }
+    if g.dense() {
+        // small [N, Cs] = big [N, K] · Wᵀ (+ bias per column)
+        let a = MatRef::row_major(big, g.batch, kg);
+        let b = MatRef::row_major(w, cs, kg).t();
+        let opts = GemmOptions {
+            epilogue: bias.map_or(Epilogue::None, Epilogue::Bias),
+            ..Default::default()
+        };
+        return gemm(a, b, MatMut::row_major(small, g.batch, cs), &opts);
+    }
     let nb = g.images_per_chunk();
     let direct = nb == 1 && g.pointwise();
     let m = nb * shw;
@@ -622,6 +654,17 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
             }
         });
         return Ok(());
+    }
+    if g.dense() {
+        // big [N, K] = small [N, Cs] · W [Cs, K]
+        let a = MatRef::row_major(small, g.batch, cs);
+        let b = MatRef::row_major(w, cs, kg);
+        return gemm(
+            a,
+            b,
+            MatMut::row_major(big, g.batch, kg),
+            &GemmOptions::default(),
+        );
     }
     let nb = g.images_per_chunk();
     let direct = nb == 1 && g.pointwise();
@@ -699,6 +742,12 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
             }
         });
         return Ok(());
+    }
+    if g.dense() {
+        // dW [Cs, K] = small [N, Cs]ᵀ · big [N, K]
+        let a = MatRef::row_major(small, g.batch, cs).t();
+        let b = MatRef::row_major(big, g.batch, kg);
+        return gemm(a, b, MatMut::row_major(dw, cs, kg), &GemmOptions::default());
     }
     let nb = g.images_per_chunk();
     let chunks = g.batch.div_ceil(nb);
