@@ -54,7 +54,7 @@ mod tiles;
 pub use pack::PackKernel;
 pub use tiles::TileKernel;
 
-use pack::{ksteps, pack_a_panel, pack_b_panel};
+use pack::{ksteps, pack_a_panel, pack_b_panels};
 use tiles::{kernel_32x32, Line, TileSession, LINES_PER_KSTEP};
 
 mod sealed {
@@ -164,11 +164,13 @@ impl AmxPackedB {
             .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
         let mut lines: Vec<Line> = bytemuck::zeroed_vec(total);
         if panel > 0 {
-            let work = |(jp, dst): (usize, &mut [Line])| pack_b_panel(&b, 32 * jp, dst, pack);
+            // Groups of 8 panels: each B row pair is read as a 512-byte run.
+            let group = 8 * panel;
+            let work = |(g, dst): (usize, &mut [Line])| pack_b_panels(&b, 256 * g, dst, pack);
             if total >= PAR_MIN_PACK_LINES {
-                lines.par_chunks_mut(panel).enumerate().for_each(work);
+                lines.par_chunks_mut(group).enumerate().for_each(work);
             } else {
-                lines.chunks_mut(panel).enumerate().for_each(work);
+                lines.chunks_mut(group).enumerate().for_each(work);
             }
         }
         Ok(AmxPackedB { k, n, lines })

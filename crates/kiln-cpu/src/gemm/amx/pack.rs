@@ -120,11 +120,21 @@ pub(crate) fn pack_a_panel<TA: AmxElement>(
     }
 }
 
-/// Packs B panel columns `j0 .. j0+32` into `dst` (`ksteps(b.rows)·32` lines).
-pub(crate) fn pack_b_panel(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], pack: PackKernel) {
+/// Packs consecutive B panels starting at column `j0` (multiple of 32) into `dst`, which holds
+/// a whole number of panels of `ksteps(b.rows)·32` lines each.
+///
+/// The loop runs over k outermost and across all the panels innermost, so each pair of B rows
+/// is read as one contiguous run (`32·panels` columns) rather than 64 bytes per row per panel
+/// (which costs a TLB miss per 64 bytes on wide matrices).
+pub(crate) fn pack_b_panels(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], pack: PackKernel) {
     let (k, n) = (b.rows, b.cols);
     let ks = ksteps(k);
-    debug_assert_eq!(dst.len(), ks * LINES_PER_KSTEP);
+    let panel = ks * LINES_PER_KSTEP;
+    if panel == 0 {
+        return;
+    }
+    debug_assert_eq!(dst.len() % panel, 0);
+    let count = dst.len() / panel;
     let data: &[u16] = bytemuck::cast_slice(b.data);
     let at = |kk: usize, j: usize| -> u16 {
         if kk < k && j < n {
@@ -134,20 +144,22 @@ pub(crate) fn pack_b_panel(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], pa
         }
     };
     for s in 0..ks {
-        for t in 0..2 {
-            let jt = j0 + 16 * t;
-            for r in 0..16 {
-                let k0 = 32 * s + 2 * r;
-                let line = &mut dst[s * LINES_PER_KSTEP + 16 * t + r].0;
-                let full = k0 + 1 < k && jt + 16 <= n && b.col_stride == 1;
-                if full && pack == PackKernel::Avx2 {
-                    let r0 = k0 * b.row_stride + jt;
-                    let r1 = (k0 + 1) * b.row_stride + jt;
-                    interleave_16(&data[r0..r0 + 16], &data[r1..r1 + 16], line);
-                } else {
-                    for nn in 0..16 {
-                        line[2 * nn] = at(k0, jt + nn);
-                        line[2 * nn + 1] = at(k0 + 1, jt + nn);
+        for r in 0..16 {
+            let k0 = 32 * s + 2 * r;
+            for p in 0..count {
+                for t in 0..2 {
+                    let jt = j0 + 32 * p + 16 * t;
+                    let line = &mut dst[p * panel + s * LINES_PER_KSTEP + 16 * t + r].0;
+                    let full = k0 + 1 < k && jt + 16 <= n && b.col_stride == 1;
+                    if full && pack == PackKernel::Avx2 {
+                        let r0 = k0 * b.row_stride + jt;
+                        let r1 = (k0 + 1) * b.row_stride + jt;
+                        interleave_16(&data[r0..r0 + 16], &data[r1..r1 + 16], line);
+                    } else {
+                        for nn in 0..16 {
+                            line[2 * nn] = at(k0, jt + nn);
+                            line[2 * nn + 1] = at(k0 + 1, jt + nn);
+                        }
                     }
                 }
             }
@@ -284,9 +296,18 @@ mod tests {
             for jp in 0..m.div_ceil(32) {
                 let mut s = vec![Line::ZERO; ksteps(k) * 32];
                 let mut v = s.clone();
-                pack_b_panel(&bv, 32 * jp, &mut s, PackKernel::Scalar);
-                pack_b_panel(&bv, 32 * jp, &mut v, PackKernel::Avx2);
+                pack_b_panels(&bv, 32 * jp, &mut s, PackKernel::Scalar);
+                pack_b_panels(&bv, 32 * jp, &mut v, PackKernel::Avx2);
                 assert_eq!(s, v, "B {k}x{m} panel {jp}");
+            }
+            // Several panels in one call equal the panels packed one by one.
+            let np = m.div_ceil(32);
+            let mut all = vec![Line::ZERO; np * ksteps(k) * 32];
+            pack_b_panels(&bv, 0, &mut all, PackKernel::Avx2);
+            for (jp, chunk) in all.chunks(ksteps(k) * 32).enumerate() {
+                let mut one = vec![Line::ZERO; ksteps(k) * 32];
+                pack_b_panels(&bv, 32 * jp, &mut one, PackKernel::Scalar);
+                assert_eq!(chunk, &one[..], "B {k}x{m} group, panel {jp}");
             }
         }
     }
@@ -314,7 +335,7 @@ mod tests {
         let b: Vec<bf16> = (0..k * n).map(|x| bf16::from_f32((x % 9) as f32)).collect();
         let bv = MatRef::row_major(&b[..], k, n);
         let mut q = vec![Line::ZERO; 32];
-        pack_b_panel(&bv, 0, &mut q, PackKernel::Scalar);
+        pack_b_panels(&bv, 0, &mut q, PackKernel::Scalar);
         for t in 0..2 {
             for r in 0..16 {
                 for nn in 0..16 {
