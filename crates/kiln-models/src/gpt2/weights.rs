@@ -10,9 +10,11 @@
 //! views into the memory map (no copy). Layer-norm parameters and biases are small and are
 //! converted to f32 once.
 use super::config::Gpt2Config;
+use half::{bf16, f16};
 use kiln_io::SafeTensors;
 use kiln_nn::backend::WeightView;
-use kiln_tensor::{DType, Error, Result, Tensor};
+use kiln_tensor::{convert, DType, Error, FloatElement, Result, Tensor};
+use rayon::prelude::*;
 
 /// One transformer block. Conv1D weights are `[in, out]`, as the checkpoint stores them.
 #[derive(Debug, Clone)]
@@ -90,7 +92,7 @@ impl Reader<'_> {
 
     /// A matrix in the weight dtype (zero-copy when that is the file's dtype).
     fn matrix(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
-        self.raw(name, dims)?.to_dtype(self.dtype)
+        convert(&self.raw(name, dims)?, self.dtype)
     }
 
     /// A vector converted to f32.
@@ -175,6 +177,57 @@ impl Gpt2Weights {
                     && b.fc_w.is_borrowed()
                     && b.mlp_proj_w.is_borrowed()
             })
+    }
+}
+
+/// `t` in `dtype`: `t` itself (sharing the map) when the dtype matches, otherwise one
+/// conversion straight from the source bytes into a new buffer, in parallel blocks (no f32
+/// intermediate copy of the whole tensor).
+fn convert(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return t.contiguous();
+    }
+    fn run<S: FloatElement, D: FloatElement>(
+        src: &[S],
+        shape: Vec<usize>,
+        widen: fn(&[S], &mut [f32]),
+        narrow: fn(&[f32], &mut [D]),
+    ) -> Result<Tensor> {
+        const BLOCK: usize = 1 << 14;
+        let mut out = vec![D::from_f32(0.0); src.len()];
+        out.par_chunks_mut(BLOCK)
+            .zip(src.par_chunks(BLOCK))
+            .for_each(|(d, s)| {
+                let mut f = [0f32; BLOCK];
+                let f = &mut f[..s.len()];
+                widen(s, f);
+                narrow(f, d);
+            });
+        Tensor::from_vec(out, shape)
+    }
+    fn id(s: &[f32], d: &mut [f32]) {
+        d.copy_from_slice(s)
+    }
+    let t = t.contiguous()?;
+    let shape = t.dims().to_vec();
+    match (t.dtype(), dtype) {
+        (DType::F32, DType::BF16) => run(t.as_slice()?, shape, id, convert::f32_to_bf16),
+        (DType::F32, DType::F16) => run(t.as_slice()?, shape, id, convert::f32_to_f16),
+        (DType::BF16, DType::F32) => run(t.as_slice()?, shape, convert::bf16_to_f32, id),
+        (DType::BF16, DType::F16) => run::<bf16, f16>(
+            t.as_slice()?,
+            shape,
+            convert::bf16_to_f32,
+            convert::f32_to_f16,
+        ),
+        (DType::F16, DType::F32) => run(t.as_slice()?, shape, convert::f16_to_f32, id),
+        (DType::F16, DType::BF16) => run::<f16, bf16>(
+            t.as_slice()?,
+            shape,
+            convert::f16_to_f32,
+            convert::f32_to_bf16,
+        ),
+        _ => t.to_dtype(dtype),
     }
 }
 
