@@ -4,7 +4,8 @@
 //! pair with the lowest rank (the earliest line of `merges.txt`) is merged, the leftmost one when the same pair
 //! occurs several times; this stops when no adjacent pair has a merge. The symbols are kept in a linked list
 //! and the candidate pairs in a min-heap keyed by `(rank, position)`, so a piece of `n` bytes costs
-//! `O(n log n)`; heap entries made stale by an earlier merge are recognised and skipped when popped.
+//! `O(n log n)`; heap entries made stale by an earlier merge are recognised and skipped when popped. Short
+//! pieces (nearly all) use a simpler in-place loop without allocation that gives the same result.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -125,20 +126,68 @@ impl PartialOrd for Candidate {
 
 const NONE: u32 = u32::MAX;
 
-/// Applies the merges to the symbol ids `syms` (one per byte at first) and appends the result to `out`.
-pub(crate) fn merge_word(merges: &Merges, syms: &[u32], out: &mut Vec<u32>) {
+/// Pieces of up to this many bytes use [`merge_short`], longer ones [`merge_long`].
+const SHORT_PIECE: usize = 64;
+
+/// Applies the merges to the symbol ids `syms` (one per byte at first; used as scratch) and appends the result
+/// to `out`. `ranks` is scratch space.
+pub(crate) fn merge_word(
+    merges: &Merges,
+    syms: &mut Vec<u32>,
+    ranks: &mut Vec<(u32, u32)>,
+    out: &mut Vec<u32>,
+) {
     let n = syms.len();
     if n <= 1 {
         out.extend_from_slice(syms);
-        return;
-    }
-    if n == 2 {
+    } else if n == 2 {
         match merges.get(syms[0], syms[1]) {
             Some((_, m)) => out.push(m),
             None => out.extend_from_slice(syms),
         }
-        return;
+    } else if n <= SHORT_PIECE {
+        merge_short(merges, syms, ranks);
+        out.extend_from_slice(syms);
+    } else {
+        merge_long(merges, syms, out);
     }
+}
+
+/// Short pieces: `ranks[i]` holds the `(rank, merged id)` of the pair `(syms[i], syms[i + 1])` (rank `NONE`
+/// without a rule). Each step scans `ranks` for the lowest rank (the first one on ties), merges that pair in
+/// place and looks up only the two pairs that changed: `O(n)` hash lookups and `O(n²)` integer compares, with
+/// no allocation.
+fn merge_short(merges: &Merges, syms: &mut Vec<u32>, ranks: &mut Vec<(u32, u32)>) {
+    let pair = |a: u32, b: u32| merges.get(a, b).unwrap_or((NONE, 0));
+    ranks.clear();
+    ranks.extend(syms.windows(2).map(|w| pair(w[0], w[1])));
+    loop {
+        let mut best = NONE;
+        let mut at = 0usize;
+        for (i, &(rank, _)) in ranks.iter().enumerate() {
+            if rank < best {
+                best = rank;
+                at = i;
+            }
+        }
+        if best == NONE {
+            return;
+        }
+        syms[at] = ranks[at].1;
+        syms.remove(at + 1);
+        ranks.remove(at);
+        if at > 0 {
+            ranks[at - 1] = pair(syms[at - 1], syms[at]);
+        }
+        if at + 1 < syms.len() {
+            ranks[at] = pair(syms[at], syms[at + 1]);
+        }
+    }
+}
+
+/// Long pieces: the linked list and heap described at the top of this file.
+fn merge_long(merges: &Merges, syms: &[u32], out: &mut Vec<u32>) {
+    let n = syms.len();
     // Linked list over the original positions: id, and prev/next live positions (NONE at the ends).
     let mut id: Vec<u32> = syms.to_vec();
     let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
@@ -205,7 +254,16 @@ pub(crate) fn merge_word(merges: &Merges, syms: &[u32], out: &mut Vec<u32>) {
 }
 
 /// The textbook algorithm (rescan all pairs, merge the lowest-ranked leftmost one), kept as the reference the
-/// heap version is tested against.
+/// other two are tested against.
+#[cfg(test)]
+pub(crate) fn merge_word_both(merges: &Merges, syms: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut short = syms.to_vec();
+    merge_short(merges, &mut short, &mut Vec::new());
+    let mut long = Vec::new();
+    merge_long(merges, syms, &mut long);
+    (short, long)
+}
+
 #[cfg(test)]
 pub(crate) fn merge_word_naive(merges: &Merges, syms: &[u32]) -> Vec<u32> {
     let mut s = syms.to_vec();

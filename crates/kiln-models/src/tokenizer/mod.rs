@@ -255,6 +255,7 @@ impl Gpt2Tokenizer {
         // `fresh` (as ranges of `out`) and added to the shared cache at the end under one write lock.
         let mut fresh: FxHashMap<&[u8], (usize, usize)> = FxHashMap::default();
         let mut syms: Vec<u32> = Vec::with_capacity(64);
+        let mut ranks: Vec<(u32, u32)> = Vec::with_capacity(64);
         {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
             for piece in pretokenize::pieces(text) {
@@ -278,7 +279,7 @@ impl Gpt2Tokenizer {
                 let start = out.len();
                 syms.clear();
                 syms.extend(bytes.iter().map(|&b| self.byte_ids[b as usize]));
-                bpe::merge_word(&self.merges, &syms, out);
+                bpe::merge_word(&self.merges, &mut syms, &mut ranks, out);
                 if cacheable {
                     fresh.insert(bytes, (start, out.len()));
                 }
@@ -336,25 +337,27 @@ mod tests {
     }
 
     #[test]
-    fn heap_merges_equal_naive_merges() {
+    fn merge_algorithms_agree() {
         let tok = Gpt2Tokenizer::gpt2_default().unwrap();
-        let words = [
-            "hello",
-            " world",
-            "aaaaaaaaaaaaaaaaaaaaaaa",
-            " antidisestablishmentarianism",
-            "!!!!!!!!!!!!!!!",
-            "\n\n\n\n\n\n",
-            "                ",
-            "你好世界你好世界",
-            "ZZZZzzzzZZZZ",
-            " 1234567890123",
+        let corpus = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tokenizer/bench_corpus.txt"
+        ))
+        .unwrap();
+        let long = [
+            "a".repeat(300),
+            "!?".repeat(100),
+            "我爱自然语言处理".repeat(20),
+            " antidisestablishmentarianism".repeat(5),
         ];
-        for w in words {
+        let mut seen = std::collections::HashSet::new();
+        let pieces = pretokenize::pieces(&corpus).chain(long.iter().map(|s| s.as_str()));
+        for w in pieces.filter(|w| seen.insert(*w)).take(5000) {
             let syms: Vec<u32> = w.bytes().map(|b| tok.byte_ids[b as usize]).collect();
-            let mut fast = Vec::new();
-            bpe::merge_word(&tok.merges, &syms, &mut fast);
-            assert_eq!(fast, bpe::merge_word_naive(&tok.merges, &syms), "{w:?}");
+            let naive = bpe::merge_word_naive(&tok.merges, &syms);
+            let (short, long) = bpe::merge_word_both(&tok.merges, &syms);
+            assert_eq!(short, naive, "{w:?}");
+            assert_eq!(long, naive, "{w:?}");
         }
     }
 }
