@@ -46,6 +46,7 @@ use half::bf16;
 use kiln_tensor::{Error, Result};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 mod detect;
 mod pack;
@@ -153,6 +154,11 @@ impl AmxPackedB {
 
     /// Packs with a chosen packer (errors if this CPU cannot run it).
     pub fn pack_with(b: MatRef<'_, bf16>, pack: PackKernel) -> Result<AmxPackedB> {
+        Self::pack_into(b, pack, Vec::new())
+    }
+
+    /// Packs into `lines` (reusing its memory; every line is overwritten).
+    fn pack_into(b: MatRef<'_, bf16>, pack: PackKernel, lines: Vec<Line>) -> Result<AmxPackedB> {
         pack.check()?;
         b.check("B")?;
         let (k, n) = (b.rows, b.cols);
@@ -162,7 +168,7 @@ impl AmxPackedB {
             .checked_mul(panel)
             .filter(|&l| l.checked_mul(64).is_some())
             .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
-        let mut lines: Vec<Line> = bytemuck::zeroed_vec(total);
+        let mut lines = sized(lines, total);
         if panel > 0 {
             // Groups of 8 panels: each B row pair is read as a 512-byte run.
             let group = 8 * panel;
@@ -225,8 +231,10 @@ pub fn gemm_bf16_amx_with<TA: AmxElement>(
 ) -> Result<()> {
     cfg.check()?;
     check_shapes(&a, b.rows, b.cols, &c, opts)?;
-    let packed = AmxPackedB::pack_with(b, cfg.pack)?;
-    gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts)
+    let packed = AmxPackedB::pack_into(b, cfg.pack, scratch_take(b_lines(b.rows, b.cols)))?;
+    let result = gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts);
+    scratch_give(packed.lines);
+    result
 }
 
 /// As [`gemm_bf16_amx_packed`] with a chosen tile kernel and packer.
@@ -322,6 +330,66 @@ fn view_is_disjoint(rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
         || (rs >= 1 && span(rs, rows).is_some_and(|h| cs >= h))
 }
 
+/// Lines of a packed `[k, n]` B (saturating; the packer checks for overflow).
+fn b_lines(k: usize, n: usize) -> usize {
+    (ksteps(k) * LINES_PER_KSTEP).saturating_mul(n.div_ceil(32))
+}
+
+/// `v` resized to `len` lines. Lines it already holds keep their (stale) contents — the packers
+/// overwrite every line — so a reused buffer costs no extra pass; new lines are zeros.
+fn sized(mut v: Vec<Line>, len: usize) -> Vec<Line> {
+    if v.len() >= len {
+        v.truncate(len);
+    } else if v.is_empty() {
+        v = bytemuck::zeroed_vec(len);
+    } else {
+        v.resize(len, Line::ZERO);
+    }
+    v
+}
+
+/// Packing buffers kept between calls: a fresh multi-megabyte buffer costs a page fault per
+/// 4 KiB on first touch (measured ≈ 3–5 µs per page on a virtual machine, more than the packing
+/// itself), so the per-call paths reuse them. At most [`SCRATCH_MAX_BUFFERS`] buffers and
+/// [`SCRATCH_MAX_BYTES`] are kept.
+static SCRATCH: Mutex<Vec<Vec<Line>>> = Mutex::new(Vec::new());
+const SCRATCH_MAX_BUFFERS: usize = 4;
+const SCRATCH_MAX_BYTES: usize = 512 << 20;
+
+/// A kept buffer of at least `len` lines (the smallest such), or an empty one.
+fn scratch_take(len: usize) -> Vec<Line> {
+    let Ok(mut pool) = SCRATCH.lock() else {
+        return Vec::new();
+    };
+    let best = (0..pool.len())
+        .filter(|&i| pool[i].len() >= len)
+        .min_by_key(|&i| pool[i].len());
+    match best {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
+    }
+}
+
+/// Returns a buffer to the pool, dropping the smallest ones beyond the limits.
+fn scratch_give(v: Vec<Line>) {
+    if v.is_empty() {
+        return;
+    }
+    let Ok(mut pool) = SCRATCH.lock() else {
+        return;
+    };
+    pool.push(v);
+    pool.sort_by_key(|b| std::cmp::Reverse(b.len()));
+    let mut bytes = 0;
+    pool.retain(|b| {
+        let size = b.len() * 64;
+        let keep = bytes + size <= SCRATCH_MAX_BYTES;
+        bytes += if keep { size } else { 0 };
+        keep
+    });
+    pool.truncate(SCRATCH_MAX_BUFFERS);
+}
+
 thread_local! {
     /// Each thread's f32 accumulator for one MC×NC task (kept between calls).
     static ACC: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
@@ -348,7 +416,7 @@ fn run<TA: AmxElement>(
         .ok_or_else(too_large)?;
 
     // Pack A: 32-row panels of bf16.
-    let mut pa: Vec<Line> = bytemuck::zeroed_vec(total);
+    let mut pa = sized(scratch_take(total), total);
     if panel > 0 {
         let work = |(ip, dst): (usize, &mut [Line])| pack_a_panel(&a, 32 * ip, dst, cfg.pack);
         if total >= PAR_MIN_PACK_LINES {
@@ -421,6 +489,7 @@ fn run<TA: AmxElement>(
     } else {
         (0..tasks).for_each(task);
     }
+    scratch_give(pa);
     Ok(())
 }
 

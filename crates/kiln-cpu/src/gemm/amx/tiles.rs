@@ -23,7 +23,6 @@ use bytemuck::{Pod, Zeroable};
 pub(crate) struct Line(pub [u16; 32]);
 
 impl Line {
-    #[cfg(test)]
     pub const ZERO: Line = Line([0; 32]);
 }
 
