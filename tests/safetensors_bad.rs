@@ -37,7 +37,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("header_deeply_nested", "recursion limit exceeded"),
     (
         "header_number_out_of_range",
-        "header is not valid JSON: number out of range",
+        "tensor `a`: entry is not valid JSON: number out of range",
     ),
     (
         "entry_not_an_object",

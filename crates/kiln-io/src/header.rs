@@ -118,58 +118,61 @@ pub fn parse_header_len(path: &Path, prefix: &[u8], file_len: u64) -> Result<usi
     Ok(n as usize)
 }
 
-/// A JSON object as a list of entries in file order, values left unparsed, so that duplicate
-/// keys stay visible (a derived map would silently keep the last one).
-struct Entries(Vec<(String, Box<RawValue>)>);
+/// A JSON object as a list of entries in file order, so that duplicate keys stay visible (a
+/// derived map would silently keep the last one). `V` is `Box<RawValue>` for the top level (the
+/// entries are parsed one by one afterwards) and `Value` inside an entry.
+struct Entries<V>(Vec<(String, V)>);
 
-impl<'de> serde::Deserialize<'de> for Entries {
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Entries<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
+        struct Vis<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> Visitor<'de> for Vis<V> {
+            type Value = Entries<V>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            ) -> std::result::Result<Entries<V>, A::Error> {
                 let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
+                while let Some((k, v)) = map.next_entry::<String, V>()? {
                     out.push((k, v));
                 }
                 Ok(Entries(out))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(Vis(std::marker::PhantomData))
     }
 }
 
-/// The entries of a JSON object that is known to be well-formed, or `None` if `raw` is not an
-/// object; the first duplicate key is an error.
+/// The entries of the JSON object `raw`, or `None` if `raw` is not an object; a duplicate key
+/// or a value that does not parse is an error.
 fn object_entries(raw: &RawValue) -> Option<std::result::Result<Vec<(String, Value)>, String>> {
     if !raw.get().trim_start().starts_with('{') {
         return None;
     }
-    let entries: Entries = match serde_json::from_str(raw.get()) {
+    let entries: Entries<Value> = match serde_json::from_str(raw.get()) {
         Ok(e) => e,
-        Err(e) => return Some(Err(e.to_string())),
+        Err(e) => {
+            // The position serde_json gives is inside the entry, not the header: drop it.
+            let msg = e.to_string();
+            let msg = match msg.rfind(" at line ") {
+                Some(i) => &msg[..i],
+                None => &msg,
+            };
+            return Some(Err(format!("entry is not valid JSON: {msg}")));
+        }
     };
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(entries.0.len());
-    for (k, v) in entries.0 {
-        if !seen.insert(k.clone()) {
+    for (k, _) in &entries.0 {
+        if !seen.insert(k.as_str()) {
             return Some(Err(format!("duplicate key `{k}`")));
         }
-        match serde_json::from_str::<Value>(v.get()) {
-            Ok(v) => out.push((k, v)),
-            Err(e) => return Some(Err(e.to_string())),
-        }
     }
-    Some(Ok(out))
+    Some(Ok(entries.0))
 }
 
-/// What kind of JSON value `raw` is ("a number", "an array", ...), or why it is not valid JSON.
 fn raw_kind(raw: &RawValue) -> String {
     match serde_json::from_str::<Value>(raw.get()) {
         Ok(v) => json_kind(&v).to_string(),
@@ -190,20 +193,19 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             ),
         )
     })?;
-    // Parse once as a whole for a well-placed syntax error (line and column in the header) and
-    // serde_json's nesting limit; then again as a list of entries to see duplicate names.
-    match serde_json::from_str::<Value>(text) {
-        Err(e) => return Err(bad(path, format!("header is not valid JSON: {e}"))),
-        Ok(Value::Object(_)) => {}
-        Ok(v) => {
-            return Err(bad(
-                path,
-                format!("header is {}, not a JSON object", json_kind(&v)),
-            ))
+    // One pass that keeps the entries as a list (values left raw). Only when it fails is the
+    // header parsed again as a plain JSON value, to say what is wrong in the file's terms.
+    let entries: Entries<Box<RawValue>> = match serde_json::from_str(text) {
+        Ok(e) => e,
+        Err(first) => {
+            let reason = match serde_json::from_str::<Value>(text) {
+                Err(e) => format!("header is not valid JSON: {e}"),
+                Ok(Value::Object(_)) => format!("header is not valid JSON: {first}"),
+                Ok(v) => format!("header is {}, not a JSON object", json_kind(&v)),
+            };
+            return Err(bad(path, reason));
         }
-    }
-    let entries: Entries = serde_json::from_str(text)
-        .map_err(|e| bad(path, format!("header is not valid JSON: {e}")))?;
+    };
 
     let mut seen = HashSet::new();
     let mut metadata = BTreeMap::new();
