@@ -8,7 +8,7 @@
 
 use super::bpe::{FxBuild, FxHashMap};
 
-/// Pieces up to this many bytes have inline keys.
+/// Pieces up to this many bytes have inline keys (at most 23: see [`ShortKey`]).
 pub(crate) const SHORT: usize = 23;
 /// Up to this many ids are stored inline.
 const INLINE_IDS: usize = 4;
@@ -17,25 +17,42 @@ pub(crate) const MAX_CACHED_PIECE: usize = 64;
 /// The cache stops growing at this many pieces.
 pub(crate) const CACHE_CAPACITY: usize = 1 << 16;
 
-/// A piece of at most [`SHORT`] bytes, zero-padded.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// A piece of at most [`SHORT`] bytes: its bytes little-endian in three words, zero-padded, with the length in
+/// the top byte of the last word (always free, as the piece has at most 23 bytes).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ShortKey {
-    len: u8,
-    bytes: [u8; SHORT],
+    words: [u64; 3],
+}
+
+impl std::hash::Hash for ShortKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.words[0]);
+        state.write_u64(self.words[1]);
+        state.write_u64(self.words[2]);
+    }
 }
 
 impl ShortKey {
     #[inline]
     pub(crate) fn new(piece: &[u8]) -> Option<Self> {
-        if piece.len() > SHORT {
+        let n = piece.len();
+        if n > SHORT {
             return None;
         }
-        let mut bytes = [0u8; SHORT];
-        bytes[..piece.len()].copy_from_slice(piece);
-        Some(ShortKey {
-            len: piece.len() as u8,
-            bytes,
-        })
+        let mut words = [0u64; 3];
+        let mut chunks = piece.chunks_exact(8);
+        for (w, c) in words.iter_mut().zip(&mut chunks) {
+            *w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        }
+        let tail = chunks.remainder();
+        let mut t = 0u64;
+        for (k, &b) in tail.iter().enumerate() {
+            t |= (b as u64) << (8 * k);
+        }
+        words[n / 8] |= t;
+        words[2] |= (n as u64) << 56;
+        Some(ShortKey { words })
     }
 }
 
@@ -105,5 +122,45 @@ impl PieceCache {
                 self.long.entry(piece.into()).or_insert_with(|| ids.into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_keys_are_distinct_per_piece() {
+        let pieces: [&[u8]; 9] = [
+            b"",
+            b"\0",
+            b"\0\0",
+            b"a",
+            b"a\0",
+            b"abcdefgh",
+            b"abcdefgh\0",
+            b"abcdefghijklmnopqrstuvw",
+            b"abcdefghijklmnopqrstuv",
+        ];
+        for (i, a) in pieces.iter().enumerate() {
+            for (j, b) in pieces.iter().enumerate() {
+                assert_eq!(ShortKey::new(a) == ShortKey::new(b), i == j, "{a:?} {b:?}");
+            }
+        }
+        assert!(ShortKey::new(&[b'x'; 24]).is_none());
+        let mut c = PieceCache::new();
+        c.insert(b"ab", &[1, 2]);
+        c.insert(b"ab\0", &[3]);
+        c.insert(&[b'y'; 30], &[4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            c.get(b"ab", ShortKey::new(b"ab").as_ref()),
+            Some(&[1, 2][..])
+        );
+        assert_eq!(
+            c.get(b"ab\0", ShortKey::new(b"ab\0").as_ref()),
+            Some(&[3][..])
+        );
+        assert_eq!(c.get(&[b'y'; 30], None), Some(&[4, 5, 6, 7, 8, 9][..]));
+        assert_eq!(c.get(b"a", ShortKey::new(b"a").as_ref()), None);
     }
 }

@@ -268,7 +268,14 @@ impl Gpt2Tokenizer {
                 if cacheable {
                     let key = ShortKey::new(bytes);
                     if let Some(ids) = cache.get(bytes, key.as_ref()) {
-                        out.extend_from_slice(ids);
+                        if ids.len() <= 4 {
+                            // Element by element: cheaper than a memcpy call for a few ids.
+                            for &id in ids {
+                                out.push(id);
+                            }
+                        } else {
+                            out.extend_from_slice(ids);
+                        }
                         continue;
                     }
                     if let Some(&(a, b)) = fresh.get(bytes) {
