@@ -398,6 +398,15 @@ fn gather(dst: &mut [f32], src: &[f32], start: usize, step: usize) {
         (0, _) => {}
         (1, _) => dst[0] = src[start],
         (_, 1) => dst.copy_from_slice(&src[start..start + len]),
+        (_, 2) => {
+            // Pairs, so that the compiler emits an interleaved (shuffled) vector load.
+            let s = &src[start..start + 2 * len - 1];
+            let (last, body) = dst.split_last_mut().expect("len ≥ 2");
+            for (d, pair) in body.iter_mut().zip(s.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            *last = s[2 * len - 2];
+        }
         _ => {
             let s = &src[start..=start + step * (len - 1)];
             for (i, d) in dst.iter_mut().enumerate() {
@@ -419,6 +428,12 @@ fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
         for (d, s) in d.iter_mut().zip(src) {
             *d += *s;
         }
+    } else if step == 2 {
+        let (last, body) = src.split_last().expect("len ≥ 1");
+        for (pair, s) in d.chunks_exact_mut(2).zip(body) {
+            pair[0] += *s;
+        }
+        d[2 * len - 2] += *last;
     } else {
         for (i, s) in src.iter().enumerate() {
             d[i * step] += *s;
