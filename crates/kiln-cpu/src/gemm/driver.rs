@@ -15,7 +15,7 @@
 //! thread count.
 use super::blocking::Blocking;
 use super::micro::{update, Kernel, MAX_TILE};
-use super::pack::{pack_a, pack_b_panel};
+use super::pack::{pack_a, pack_b};
 use super::{apply_epilogue, Epilogue, MatRef};
 use kiln_tensor::{AlignedBuffer, FloatElement};
 use rayon::prelude::*;
@@ -117,14 +117,30 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
             let first = pc == 0;
             let last = pc + kcur == k;
             let bp = &mut bpack.as_mut_slice::<f32>()[..panels * nr * kcur];
-            let pack = |(jp, dst): (usize, &mut [f32])| {
-                let c0 = jc + jp * nr;
-                pack_b_panel(&prod.b, pc, kcur, c0, nr.min(jc + ncur - c0), nr, dst);
+            // Each worker packs a contiguous range of panels.
+            let per = if threads > 1 {
+                panels.div_ceil(threads * 2)
+            } else {
+                panels
+            };
+            let pack = |(ci, dst): (usize, &mut [f32])| {
+                let c0 = jc + ci * per * nr;
+                pack_b(
+                    &prod.b,
+                    pc,
+                    kcur,
+                    c0,
+                    (per * nr).min(jc + ncur - c0),
+                    nr,
+                    dst,
+                );
             };
             if threads > 1 && panels > 1 {
-                bp.par_chunks_mut(nr * kcur).enumerate().for_each(pack);
+                bp.par_chunks_mut(per * nr * kcur)
+                    .enumerate()
+                    .for_each(pack);
             } else {
-                bp.chunks_mut(nr * kcur).enumerate().for_each(pack);
+                bp.chunks_mut(per * nr * kcur).enumerate().for_each(pack);
             }
             let bp: &[f32] = bp;
             let task = |t: usize| {

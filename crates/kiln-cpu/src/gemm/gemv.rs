@@ -6,8 +6,8 @@
 //! * row-major B (`[k, n]`, a Conv1D weight): each thread owns a run of columns; for every depth
 //!   step `p` (four at a time) the row run `B[p, j0..j1]` is read contiguously and
 //!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`;
-//! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product; four
-//!   columns at a time, two 8-lane accumulators each, summed by a fixed tree.
+//! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product, taken in
+//!   order (one sequential stream), four 8-lane accumulators summed by a fixed tree.
 //!
 //! Each output's arithmetic is independent of how columns are split among threads, so results
 //! are bitwise identical for any thread count.
@@ -303,6 +303,8 @@ mod x86 {
             }
 
             /// Column-major: `y[j] = Σ_p x[p]·B[p, j]`, column `j` contiguous at `b + j·cs`.
+            /// Columns are taken one after the other, so with `cs = k` (`wteᵀ`) B is read as
+            /// one sequential stream.
             ///
             /// # Safety
             /// B columns `j < w`, rows `p < k` readable; `x` has `k`, `y` has `w` elements;
@@ -317,68 +319,53 @@ mod x86 {
                 w: usize,
             ) {
                 let b = b as *const $elem;
-                let mut j = 0;
-                // SAFETY: columns j .. j+4 (or j) < w, as the contract says.
-                unsafe {
-                    while j + 4 <= w {
-                        let cols = [
-                            b.add(j * cs),
-                            b.add((j + 1) * cs),
-                            b.add((j + 2) * cs),
-                            b.add((j + 3) * cs),
-                        ];
-                        let out = $dot::<4>(k, x, cols);
-                        for q in 0..4 {
-                            *y.add(j + q) = out[q];
-                        }
-                        j += 4;
-                    }
-                    while j < w {
-                        *y.add(j) = $dot::<1>(k, x, [b.add(j * cs)])[0];
-                        j += 1;
-                    }
+                for j in 0..w {
+                    // SAFETY: column j < w, as the contract says.
+                    unsafe { *y.add(j) = $dot(k, x, b.add(j * cs)) };
                 }
             }
 
-            /// `C` dot products of `x` with contiguous columns; each column has two 8-lane
-            /// accumulators (even and odd 8-blocks of depth), a fixed reduction tree, then the
-            /// depth tail in order.
+            /// The dot product of `x` with one contiguous column: four 8-lane accumulators
+            /// (depth blocks of 32), a fixed reduction tree, then the depth tail in order.
             ///
             /// # Safety
-            /// Each column has `k` readable elements, `x` has `k`.
+            /// The column has `k` readable elements, `x` has `k`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $dot<const C: usize>(
-                k: usize,
-                x: *const f32,
-                cols: [*const $elem; C],
-            ) -> [f32; C] {
+            unsafe fn $dot(k: usize, x: *const f32, col: *const $elem) -> f32 {
                 // SAFETY: accesses are at p < k.
                 unsafe {
-                    let mut acc = [[_mm256_setzero_ps(); 2]; C];
+                    let mut acc = [_mm256_setzero_ps(); 4];
                     let mut p = 0;
-                    while p + 16 <= k {
-                        let x0 = _mm256_loadu_ps(x.add(p));
-                        let x1 = _mm256_loadu_ps(x.add(p + 8));
-                        for q in 0..C {
-                            acc[q][0] = _mm256_fmadd_ps(x0, load8!($t, cols[q].add(p)), acc[q][0]);
-                            acc[q][1] =
-                                _mm256_fmadd_ps(x1, load8!($t, cols[q].add(p + 8)), acc[q][1]);
+                    while p + 32 <= k {
+                        for (q, a) in acc.iter_mut().enumerate() {
+                            let o = p + 8 * q;
+                            *a = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(x.add(o)),
+                                load8!($t, col.add(o)),
+                                *a,
+                            );
                         }
-                        p += 16;
+                        p += 32;
                     }
-                    let mut out = [0f32; C];
-                    for q in 0..C {
-                        let s = _mm256_add_ps(acc[q][0], acc[q][1]);
-                        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-                        let mut v = _mm_cvtss_f32(h);
-                        for pp in p..k {
-                            v = (*x.add(pp)).mul_add(load1!($t, cols[q].add(pp)), v);
-                        }
-                        out[q] = v;
+                    while p + 8 <= k {
+                        acc[0] = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(x.add(p)),
+                            load8!($t, col.add(p)),
+                            acc[0],
+                        );
+                        p += 8;
                     }
-                    out
+                    let s =
+                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                    let mut v = _mm_cvtss_f32(h);
+                    while p < k {
+                        v = (*x.add(p)).mul_add(load1!($t, col.add(p)), v);
+                        p += 1;
+                    }
+                    v
                 }
             }
         };

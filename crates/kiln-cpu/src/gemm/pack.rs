@@ -137,6 +137,10 @@ pub fn pack_b_panel<TB: FloatElement>(
 }
 
 /// Packs rows `p0 .. p0+kc`, columns `j0 .. j0+nc` of B as `⌈nc/nr⌉` consecutive micro-panels.
+///
+/// For a row-major B the copy runs over 8 rows at a time and, inside, over the panels: the
+/// source is read as 8 sequential row streams and each panel receives 8 consecutive rows of
+/// `NR` (one contiguous run), instead of one `NR`-wide column strip of every row per panel.
 #[allow(clippy::too_many_arguments)]
 pub fn pack_b<TB: FloatElement>(
     b: &MatRef<'_, TB>,
@@ -147,12 +151,47 @@ pub fn pack_b<TB: FloatElement>(
     nr: usize,
     dst: &mut [f32],
 ) {
-    for (jp, panel) in dst
-        .chunks_exact_mut(nr * kc)
-        .take(nc.div_ceil(nr))
-        .enumerate()
-    {
-        let c0 = j0 + jp * nr;
-        pack_b_panel(b, p0, kc, c0, nr.min(j0 + nc - c0), nr, panel);
+    let panels = nc.div_ceil(nr);
+    if b.col_stride != 1 || nc < nr {
+        for (jp, panel) in dst.chunks_exact_mut(nr * kc).take(panels).enumerate() {
+            let c0 = j0 + jp * nr;
+            pack_b_panel(b, p0, kc, c0, nr.min(j0 + nc - c0), nr, panel);
+        }
+        return;
+    }
+    const ROWS: usize = 8;
+    let full = nc / nr; // panels without an edge
+    for pb in (0..kc).step_by(ROWS) {
+        let rows = ROWS.min(kc - pb);
+        for jp in 0..full {
+            let panel = &mut dst[jp * nr * kc..(jp + 1) * nr * kc];
+            for p in pb..pb + rows {
+                let s = (p0 + p) * b.row_stride + j0 + jp * nr;
+                let out = &mut panel[p * nr..p * nr + nr];
+                match nr {
+                    16 => convert_fixed::<TB, 16>(&b.data[s..s + 16], out),
+                    32 => convert_fixed::<TB, 32>(&b.data[s..s + 32], out),
+                    _ => convert_run(&b.data[s..s + nr], out),
+                }
+            }
+        }
+    }
+    if full < panels {
+        let c0 = j0 + full * nr;
+        let panel = &mut dst[full * nr * kc..(full + 1) * nr * kc];
+        pack_b_panel(b, p0, kc, c0, j0 + nc - c0, nr, panel);
+    }
+}
+
+/// [`convert_run`] for a run of exactly `N` elements (a fixed-size copy the compiler inlines).
+#[inline(always)]
+fn convert_fixed<TB: FloatElement, const N: usize>(src: &[TB], dst: &mut [f32]) {
+    if TB::DTYPE == DType::F32 {
+        let s: &[f32] = bytemuck::cast_slice(src);
+        let s: &[f32; N] = s.try_into().expect("N elements");
+        let d: &mut [f32; N] = dst.try_into().expect("N elements");
+        *d = *s;
+    } else {
+        convert_run(src, dst);
     }
 }
