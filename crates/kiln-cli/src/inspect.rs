@@ -46,7 +46,8 @@ pub fn render_table(st: &SafeTensors) -> String {
         .iter()
         .map(|t| {
             [
-                t.name.clone(),
+                // A name may hold any character; keep one tensor per line.
+                t.name.escape_debug().to_string(),
                 t.dtype.safetensors_name().to_string(),
                 shape_str(&t.shape),
                 t.size_in_bytes().to_string(),
