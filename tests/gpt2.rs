@@ -15,7 +15,14 @@ use kiln_tensor::{DType, Error};
 const TOL_F32: f32 = 1e-4;
 
 fn load(dir: &std::path::Path, dtype: Option<DType>) -> Gpt2 {
-    Gpt2::load(dir, &LoadOptions { dtype }).unwrap()
+    Gpt2::load(
+        dir,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn greedy(max_new: usize) -> GenerateOptions {

@@ -271,7 +271,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
             init_checkpoint(&a.model, &cfg, DType::F32, 0)?;
         }
     }
-    let gpt2 = Gpt2::load(&a.model, &LoadOptions { dtype })?;
+    let gpt2 = Gpt2::load(
+        &a.model,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampler,
@@ -334,7 +340,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
-    let gpt2 = Gpt2::load(&a.model, &LoadOptions { dtype })?;
+    let gpt2 = Gpt2::load(
+        &a.model,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )?;
     let ids = match (&a.prompt, &a.ids) {
         (Some(p), _) => {
             if p.is_empty() {

@@ -24,10 +24,22 @@ use std::time::Instant;
 pub const EOT: u32 = 50256;
 
 /// How a checkpoint folder is loaded.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Dtype of the weight matrices in memory; `None` keeps the checkpoint's (zero-copy).
     pub dtype: Option<DType>,
+    /// Touch every page of the mapped weights while loading, so that the first forward pass does
+    /// not pay the page faults (they count in the load time instead). Default true.
+    pub prefault: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            prefault: true,
+        }
+    }
 }
 
 /// What to do when the prompt plus the new tokens do not fit in `n_positions`.
@@ -195,6 +207,9 @@ impl Gpt2 {
             None => checkpoint_dtype(&file)?,
         };
         let weights = Gpt2Weights::load(&file, &config, dtype)?;
+        if opts.prefault {
+            weights.prefault();
+        }
         let model = Gpt2Model::new(config, weights)?;
         Ok(Gpt2 {
             model,

@@ -167,6 +167,35 @@ impl Gpt2Weights {
         blocks + self.lm_head().size_in_bytes()
     }
 
+    /// Every tensor kept, matrices first.
+    fn all_matrices(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            v.extend([&b.c_attn_w, &b.attn_proj_w, &b.fc_w, &b.mlp_proj_w]);
+        }
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    /// Reads one byte of every 4 KiB page of the matrices that borrow the memory map, so that the
+    /// OS maps them now (during loading) rather than during the first forward pass.
+    pub fn prefault(&self) {
+        const PAGE: usize = 4096;
+        let touched: usize = self
+            .all_matrices()
+            .into_iter()
+            .filter(|t| t.is_borrowed())
+            .filter_map(|t| t.as_bytes().ok())
+            .map(|bytes| {
+                bytes
+                    .par_chunks(PAGE * 64)
+                    .map(|c| c.iter().step_by(PAGE).map(|&b| b as usize).sum::<usize>())
+                    .sum::<usize>()
+            })
+            .sum();
+        std::hint::black_box(touched);
+    }
+
     /// True when every matrix borrows the file's bytes (zero-copy).
     pub fn is_zero_copy(&self) -> bool {
         self.wte.is_borrowed()
@@ -187,46 +216,47 @@ fn convert(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
         return t.contiguous();
     }
+    /// Converts `src` block by block, `f(src_block, dst_block, f32 scratch)`, into a new
+    /// aligned buffer (written once, no intermediate vector).
     fn run<S: FloatElement, D: FloatElement>(
         src: &[S],
         shape: Vec<usize>,
-        widen: fn(&[S], &mut [f32]),
-        narrow: fn(&[f32], &mut [D]),
+        f: fn(&[S], &mut [D], &mut [f32]),
     ) -> Result<Tensor> {
-        const BLOCK: usize = 1 << 14;
-        let mut out = vec![D::from_f32(0.0); src.len()];
-        out.par_chunks_mut(BLOCK)
+        const BLOCK: usize = 1 << 12;
+        let mut out = Tensor::zeros(shape, D::DTYPE)?;
+        out.as_mut_slice::<D>()?
+            .par_chunks_mut(BLOCK)
             .zip(src.par_chunks(BLOCK))
             .for_each(|(d, s)| {
-                let mut f = [0f32; BLOCK];
-                let f = &mut f[..s.len()];
-                widen(s, f);
-                narrow(f, d);
+                let mut tmp = [0f32; BLOCK];
+                f(s, d, &mut tmp[..s.len()]);
             });
-        Tensor::from_vec(out, shape)
-    }
-    fn id(s: &[f32], d: &mut [f32]) {
-        d.copy_from_slice(s)
+        Ok(out)
     }
     let t = t.contiguous()?;
     let shape = t.dims().to_vec();
     match (t.dtype(), dtype) {
-        (DType::F32, DType::BF16) => run(t.as_slice()?, shape, id, convert::f32_to_bf16),
-        (DType::F32, DType::F16) => run(t.as_slice()?, shape, id, convert::f32_to_f16),
-        (DType::BF16, DType::F32) => run(t.as_slice()?, shape, convert::bf16_to_f32, id),
-        (DType::BF16, DType::F16) => run::<bf16, f16>(
-            t.as_slice()?,
-            shape,
-            convert::bf16_to_f32,
-            convert::f32_to_f16,
-        ),
-        (DType::F16, DType::F32) => run(t.as_slice()?, shape, convert::f16_to_f32, id),
-        (DType::F16, DType::BF16) => run::<f16, bf16>(
-            t.as_slice()?,
-            shape,
-            convert::f16_to_f32,
-            convert::f32_to_bf16,
-        ),
+        (DType::F32, DType::BF16) => {
+            run::<f32, bf16>(t.as_slice()?, shape, |s, d, _| convert::f32_to_bf16(s, d))
+        }
+        (DType::F32, DType::F16) => {
+            run::<f32, f16>(t.as_slice()?, shape, |s, d, _| convert::f32_to_f16(s, d))
+        }
+        (DType::BF16, DType::F32) => {
+            run::<bf16, f32>(t.as_slice()?, shape, |s, d, _| convert::bf16_to_f32(s, d))
+        }
+        (DType::F16, DType::F32) => {
+            run::<f16, f32>(t.as_slice()?, shape, |s, d, _| convert::f16_to_f32(s, d))
+        }
+        (DType::BF16, DType::F16) => run::<bf16, f16>(t.as_slice()?, shape, |s, d, f| {
+            convert::bf16_to_f32(s, f);
+            convert::f32_to_f16(f, d)
+        }),
+        (DType::F16, DType::BF16) => run::<f16, bf16>(t.as_slice()?, shape, |s, d, f| {
+            convert::f16_to_f32(s, f);
+            convert::f32_to_bf16(f, d)
+        }),
         _ => t.to_dtype(dtype),
     }
 }
