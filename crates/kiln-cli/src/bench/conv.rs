@@ -51,7 +51,10 @@ pub struct ConvArgs {
 }
 
 /// One layer of the DCGAN example: (name, transposed, in, out, input size, kernel, stride, padding).
-pub const DCGAN_LAYERS: [(&str, bool, usize, usize, usize, usize, usize, usize); 10] = [
+pub type DcganLayer = (&'static str, bool, usize, usize, usize, usize, usize, usize);
+
+/// Every layer of the PyTorch DCGAN example (generator G1–G5, discriminator D1–D5).
+pub const DCGAN_LAYERS: [DcganLayer; 10] = [
     ("G1", true, 100, 512, 1, 4, 1, 0),
     ("G2", true, 512, 256, 4, 4, 2, 1),
     ("G3", true, 256, 128, 8, 4, 2, 1),
