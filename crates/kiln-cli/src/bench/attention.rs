@@ -103,8 +103,11 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
             causal: a.causal,
             ..Default::default()
         };
+        let mut calls = 0usize;
+        let cpu0 = process_cpu_s();
         let ms = with_threads(Some(threads), || {
             median_ms(3, 10, min_time, || {
+                calls += 1;
                 attention_cached(
                     HeadsRef::contiguous(&q[..], b, h, 1, d),
                     &cache,
@@ -115,6 +118,7 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
                 .expect("attention decode");
             })
         })?;
+        insert_cpu_ms(&mut extra, cpu0, calls);
         let bytes = 2.0 * (b * h * t * d * std::mem::size_of::<T>()) as f64;
         extra.insert("kv_bytes".into(), bytes.into());
         ("attention_decode", ms, None, Some(bytes / ms / 1e6))
@@ -130,8 +134,11 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
             causal: a.causal,
             ..Default::default()
         };
+        let mut calls = 0usize;
+        let cpu0 = process_cpu_s();
         let ms = with_threads(Some(threads), || {
             median_ms(1, 3, min_time, || {
+                calls += 1;
                 attention_forward(
                     HeadsRef::contiguous(&q[..], b, h, t, d),
                     HeadsRef::contiguous(&k[..], b, h, t, d),
@@ -142,6 +149,7 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
                 .expect("attention prefill");
             })
         })?;
+        insert_cpu_ms(&mut extra, cpu0, calls);
         let pairs = if a.causal {
             (t * (t + 1) / 2) as f64
         } else {
@@ -192,4 +200,29 @@ fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// CPU time (user + system, all threads) of this process in seconds, from `/proc/self/stat`
+/// (clock-tick resolution); `None` off Linux.
+fn process_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// `cpu_ms`: CPU time per call, averaged over every call (warm-up included). On a loaded
+/// machine this is steadier than wall time; with several threads it sums over them.
+fn insert_cpu_ms(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    cpu0: Option<f64>,
+    calls: usize,
+) {
+    if let (Some(c0), Some(c1)) = (cpu0, process_cpu_s()) {
+        if calls > 0 {
+            extra.insert("cpu_ms".into(), (1e3 * (c1 - c0) / calls as f64).into());
+        }
+    }
 }

@@ -33,7 +33,7 @@ pub use cache::{attention_cached, KvCache};
 pub use simd::Isa;
 
 /// Query rows per task (and per tile of the scratch buffers).
-pub const BLOCK_Q: usize = 64;
+pub const BLOCK_Q: usize = 32;
 /// Keys per step of the online softmax.
 pub const BLOCK_K: usize = 64;
 
@@ -252,7 +252,7 @@ fn check_extent(
                     "attention: {name} view has overlapping rows (stride {s} < span {span})"
                 )));
             }
-            span = (n - 1) * s + span;
+            span += (n - 1) * s;
         }
     }
     Ok(())
@@ -345,27 +345,36 @@ fn validate<T>(
 
 /// Per-task scratch: the tiles of one query block (sizes independent of the sequence length).
 struct Scratch {
-    /// Kᵀ of one key block as f32: `[head_dim, BLOCK_K]`, zero-padded.
-    kt: Vec<f32>,
-    /// One key block of V converted to f32 (unused when V is f32): `[BLOCK_K, head_dim]`.
+    /// The head dimension the buffers are sized for.
+    d: usize,
+    /// The query block scaled by `c = scale·log2 e`, transposed: `[head_dim, BLOCK_Q]`,
+    /// columns past the block's rows zero.
+    qt: Vec<f32>,
+    /// The same, row-major `[BLOCK_Q, head_dim]` (for blocks of one or two queries).
+    qs: Vec<f32>,
+    /// One key block of K and of V converted to f32 (unused when K/V are f32):
+    /// `[BLOCK_K, head_dim]` each.
+    kb: Vec<f32>,
     vb: Vec<f32>,
-    /// Scores, then probabilities: `[BLOCK_Q, BLOCK_K]`.
-    s: Vec<f32>,
+    /// Transposed scores, then probabilities: `st[j·BLOCK_Q + i]` for key `j`, query `i`.
+    st: Vec<f32>,
     /// Output accumulator: `[BLOCK_Q, head_dim]`.
     o: Vec<f32>,
-    /// Running maximum (in `log2` units) and running sum per row.
+    /// Running maximum (in `log2` units), running sum and this step's rescale factor per query.
     m: [f32; BLOCK_Q],
     l: [f32; BLOCK_Q],
-    /// Rescale factor of the current step per row.
     alpha: [f32; BLOCK_Q],
 }
 
 impl Scratch {
     fn new(d: usize) -> Self {
         Scratch {
-            kt: vec![0.0; d * BLOCK_K],
+            d,
+            qt: vec![0.0; d * BLOCK_Q],
+            qs: vec![0.0; BLOCK_Q * d],
+            kb: vec![0.0; BLOCK_K * d],
             vb: vec![0.0; BLOCK_K * d],
-            s: vec![0.0; BLOCK_Q * BLOCK_K],
+            st: vec![0.0; BLOCK_K * BLOCK_Q],
             o: vec![0.0; BLOCK_Q * d],
             m: [f32::NEG_INFINITY; BLOCK_Q],
             l: [0.0; BLOCK_Q],
@@ -388,17 +397,41 @@ impl OutPtr {
     }
 }
 
-/// The tile kernels one instruction set provides.
+/// The tile kernels one instruction set provides. Probabilities and scores live in `st` with
+/// element (key `j`, query `i`) at `st[j·sj + i·si]`: key-major (`sj = BLOCK_Q`, `si = 1`) after
+/// [`Tiles::scores`], query-major (`sj = 1`, `si = BLOCK_K`) after [`Tiles::scores_dot`].
 pub(crate) trait Tiles {
-    /// `s[i·BLOCK_K + j] = c · Σ_c q_i[c]·kt[c·BLOCK_K + j]` for `i < rows`, `j < BLOCK_K`.
-    fn scores(q_rows: &[&[f32]], kt: &[f32], d: usize, c: f32, s: &mut [f32]);
-    /// Online-softmax step for row `i` with scores `s_i[..BLOCK_K]` (masked entries −∞):
-    /// `m' = max(m, max_j s_ij)`, `alpha = 2^(m − m')`, `p_ij = 2^(s_ij − m')` (written over
-    /// `s_i`), `l' = alpha·l + Σ_j p_ij`. Returns `(m', l', alpha)`.
-    fn softmax_step(s_row: &mut [f32], m: f32, l: f32) -> (f32, f32, f32);
-    /// `o_i = alpha_i·o_i + Σ_{j<nk} p_ij·v_j` for `i < rows` (`o` `[rows, d]`, `p` rows of
-    /// stride `BLOCK_K`).
-    fn accumulate(o: &mut [f32], alpha: &[f32], p: &[f32], v_rows: &[&[f32]], d: usize);
+    /// Key-major `st[j·BLOCK_Q + i] = Σ_c qt[c·BLOCK_Q + i]·k_j[c]` for `j < k_rows.len()`,
+    /// `i < ncols` (`qt` `[d, BLOCK_Q]`; `ncols` a multiple of 8, at most `BLOCK_Q`).
+    fn scores(qt: &[f32], k_rows: &[&[f32]], d: usize, ncols: usize, st: &mut [f32]);
+    /// Query-major `st[i·BLOCK_K + j] = q_i·k_j` for a few queries from row-major `qs`
+    /// (`[rows, d]`), as dot products.
+    fn scores_dot(qs: &[f32], rows: usize, k_rows: &[&[f32]], d: usize, st: &mut [f32]);
+    /// One online-softmax step for queries `i < ncols` over keys `j < nk` (masked scores are
+    /// −∞): `m'_i = max(m_i, max_j s_ji)`, `alpha_i = 2^(m_i − m'_i)`, `p_ji = 2^(s_ji − m'_i)`
+    /// (written over `st`), `l'_i = alpha_i·l_i + Σ_j p_ji`. A query with `m'_i = −∞` (no
+    /// visible key yet) uses 0 in place of `m'_i`, which keeps its state at zero.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax(
+        st: &mut [f32],
+        sj: usize,
+        si: usize,
+        nk: usize,
+        ncols: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        alpha: &mut [f32],
+    );
+    /// `o_i = alpha_i·o_i + Σ_{j<nk} p_ji·v_j` for `i < alpha.len()` (`o` `[rows, d]`).
+    fn accumulate(
+        o: &mut [f32],
+        alpha: &[f32],
+        p: &[f32],
+        sj: usize,
+        si: usize,
+        v_rows: &[&[f32]],
+        d: usize,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -434,9 +467,8 @@ fn run_with<T: FloatElement, K: Tiles>(
     let c = scale * std::f32::consts::LOG2_E;
     let (osb, osh, oss) = (out.stride_batch, out.stride_head, out.stride_seq);
     let optr = OutPtr(out.data.as_mut_ptr());
-    (0..ntasks).into_par_iter().for_each_init(
-        || Scratch::new(d),
-        |sc, task| {
+    (0..ntasks).into_par_iter().for_each(|task| {
+        with_scratch(d, |sc| {
             let qb = task % nqb;
             let bh = task / nqb;
             let (b, h) = (bh / heads, bh % heads);
@@ -455,8 +487,27 @@ fn run_with<T: FloatElement, K: Tiles>(
                     *o = a * inv;
                 }
             }
-        },
-    );
+        })
+    });
+}
+
+thread_local! {
+    /// Each worker thread keeps its scratch tiles between tasks and calls.
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's scratch for head dimension `d` (made or regrown on demand).
+fn with_scratch<R>(d: usize, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut slot) => {
+            if slot.as_ref().is_none_or(|s| s.d != d) {
+                *slot = Some(Scratch::new(d));
+            }
+            f(slot.as_mut().expect("scratch was just made"))
+        }
+        // Re-entered on this thread (not expected): use a private scratch.
+        Err(_) => f(&mut Scratch::new(d)),
+    })
 }
 
 /// Streams all visible key blocks through one query block `[i0, i1)` of head (b, h); leaves the
@@ -477,84 +528,104 @@ fn block<T: FloatElement, K: Tiles>(
 ) {
     let d = q.head_dim;
     let rows = i1 - i0;
+    let ncols = rows.div_ceil(8) * 8;
+    let few = rows <= 2;
     let shift = tk as isize - q.seq as isize; // query i sees keys j <= i + shift
                                               // Keys this block can see at all.
     let kend = if causal {
-        ((i1 as isize - 1 + shift + 1).max(0) as usize).min(tk)
+        ((i1 as isize + shift).max(0) as usize).min(tk)
     } else {
         tk
     };
-    sc.m[..rows].fill(f32::NEG_INFINITY);
-    sc.l[..rows].fill(0.0);
+    sc.m[..ncols].fill(f32::NEG_INFINITY);
+    sc.l[..ncols].fill(0.0);
     sc.o[..rows * d].fill(0.0);
-    let mut q_rows: [&[f32]; BLOCK_Q] = [&[]; BLOCK_Q];
-    for (r, i) in (i0..i1).enumerate() {
-        q_rows[r] = q.row(b, h, i);
-    }
-    let q_rows = &q_rows[..rows];
-    let v_is_f32 = TypeId::of::<T>() == TypeId::of::<f32>();
-    let mut j0 = 0;
-    while j0 < kend {
-        let nk = (kend - j0).min(BLOCK_K);
-        // Pack Kᵀ (zero-padded to BLOCK_K columns) as f32.
-        for j in 0..BLOCK_K {
-            if j < nk {
-                let kr = k.row(b, h, j0 + j);
-                for (cc, &x) in kr.iter().enumerate() {
-                    sc.kt[cc * BLOCK_K + j] = x.to_f32();
+    // Q scaled by c: row-major for a few queries, else transposed (zero columns past `rows`).
+    if few {
+        for r in 0..rows {
+            for (dst, &x) in sc.qs[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(q.row(b, h, i0 + r))
+            {
+                *dst = x * c;
+            }
+        }
+    } else {
+        for r in 0..ncols {
+            if r < rows {
+                for (cc, &x) in q.row(b, h, i0 + r).iter().enumerate() {
+                    sc.qt[cc * BLOCK_Q + r] = x * c;
                 }
             } else {
                 for cc in 0..d {
-                    sc.kt[cc * BLOCK_K + j] = 0.0;
+                    sc.qt[cc * BLOCK_Q + r] = 0.0;
                 }
             }
         }
-        K::scores(q_rows, &sc.kt, d, c, &mut sc.s);
-        // Mask: padding columns, and (causal) keys after each query's own position.
-        for r in 0..rows {
-            let visible = if causal {
-                ((i0 + r) as isize + shift + 1 - j0 as isize).clamp(0, nk as isize) as usize
-            } else {
-                nk
-            };
-            let srow = &mut sc.s[r * BLOCK_K..(r + 1) * BLOCK_K];
-            if visible == 0 {
-                // This row sees nothing in this block: leave its state unchanged.
-                srow.fill(0.0);
-                sc.alpha[r] = 1.0;
-                continue;
-            }
-            srow[visible..].fill(f32::NEG_INFINITY);
-            let (m, l, alpha) = K::softmax_step(srow, sc.m[r], sc.l[r]);
-            srow[visible..].fill(0.0);
-            sc.m[r] = m;
-            sc.l[r] = l;
-            sc.alpha[r] = alpha;
-        }
-        // V rows of this block as f32 slices.
+    }
+    let k_is_f32 = TypeId::of::<T>() == TypeId::of::<f32>();
+    let mut j0 = 0;
+    while j0 < kend {
+        let nk = (kend - j0).min(BLOCK_K);
+        let mut k_rows: [&[f32]; BLOCK_K] = [&[]; BLOCK_K];
         let mut v_rows: [&[f32]; BLOCK_K] = [&[]; BLOCK_K];
-        if v_is_f32 {
+        if k_is_f32 {
             for j in 0..nk {
+                k_rows[j] = as_f32(k.row(b, h, j0 + j));
                 v_rows[j] = as_f32(v.row(b, h, j0 + j));
             }
         } else {
             for j in 0..nk {
-                for (dst, &x) in sc.vb[j * d..(j + 1) * d]
-                    .iter_mut()
-                    .zip(v.row(b, h, j0 + j))
-                {
+                let (kd, vd) = (
+                    &mut sc.kb[j * d..(j + 1) * d],
+                    &mut sc.vb[j * d..(j + 1) * d],
+                );
+                for (dst, &x) in kd.iter_mut().zip(k.row(b, h, j0 + j)) {
+                    *dst = x.to_f32();
+                }
+                for (dst, &x) in vd.iter_mut().zip(v.row(b, h, j0 + j)) {
                     *dst = x.to_f32();
                 }
             }
             for j in 0..nk {
+                k_rows[j] = &sc.kb[j * d..(j + 1) * d];
                 v_rows[j] = &sc.vb[j * d..(j + 1) * d];
             }
         }
+        let (k_rows, v_rows) = (&k_rows[..nk], &v_rows[..nk]);
+        let (width, sj, si) = if few {
+            K::scores_dot(&sc.qs, rows, k_rows, d, &mut sc.st);
+            (rows, 1, BLOCK_K)
+        } else {
+            K::scores(&sc.qt, k_rows, d, ncols, &mut sc.st);
+            (ncols, BLOCK_Q, 1)
+        };
+        // Causal mask: key j0+j is hidden from queries i0+i with i < j0 + j − shift − i0.
+        if causal {
+            for j in 0..nk {
+                let cut = ((j0 + j) as isize - shift - i0 as isize).clamp(0, width as isize);
+                for i in 0..cut as usize {
+                    sc.st[j * sj + i * si] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        K::softmax(
+            &mut sc.st,
+            sj,
+            si,
+            nk,
+            width,
+            &mut sc.m,
+            &mut sc.l,
+            &mut sc.alpha,
+        );
         K::accumulate(
             &mut sc.o[..rows * d],
             &sc.alpha[..rows],
-            &sc.s,
-            &v_rows[..nk],
+            &sc.st,
+            sj,
+            si,
+            v_rows,
             d,
         );
         j0 += nk;

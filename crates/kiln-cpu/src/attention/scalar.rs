@@ -1,53 +1,83 @@
 //! Reference tile kernels in plain Rust (the path every SIMD kernel is tested against).
-use super::{Tiles, BLOCK_K};
+use super::{Tiles, BLOCK_K, BLOCK_Q};
 
 pub(crate) struct Scalar;
 
 impl Tiles for Scalar {
-    fn scores(q_rows: &[&[f32]], kt: &[f32], d: usize, c: f32, s: &mut [f32]) {
-        for (i, q) in q_rows.iter().enumerate() {
-            let srow = &mut s[i * BLOCK_K..(i + 1) * BLOCK_K];
+    fn scores(qt: &[f32], k_rows: &[&[f32]], d: usize, ncols: usize, st: &mut [f32]) {
+        for (j, kj) in k_rows.iter().enumerate() {
+            let srow = &mut st[j * BLOCK_Q..j * BLOCK_Q + ncols];
             srow.fill(0.0);
-            // s_ij = Σ_c q_i[c] · kᵀ[c][j]  (j innermost: contiguous in the packed Kᵀ)
-            for (cc, &qc) in q[..d].iter().enumerate() {
-                let ktr = &kt[cc * BLOCK_K..(cc + 1) * BLOCK_K];
-                for (sv, &kv) in srow.iter_mut().zip(ktr) {
-                    *sv += qc * kv;
+            // s_ji = Σ_c k_j[c]·qᵀ[c][i]  (i innermost: contiguous in the packed Qᵀ)
+            for (cc, &kc) in kj[..d].iter().enumerate() {
+                let qr = &qt[cc * BLOCK_Q..cc * BLOCK_Q + ncols];
+                for (sv, &qv) in srow.iter_mut().zip(qr) {
+                    *sv += kc * qv;
                 }
             }
-            for sv in srow.iter_mut() {
-                *sv *= c;
+        }
+    }
+
+    fn scores_dot(qs: &[f32], rows: usize, k_rows: &[&[f32]], d: usize, st: &mut [f32]) {
+        for (j, kj) in k_rows.iter().enumerate() {
+            for i in 0..rows {
+                let qi = &qs[i * d..(i + 1) * d];
+                st[i * BLOCK_K + j] = qi.iter().zip(&kj[..d]).map(|(a, b)| a * b).sum();
             }
         }
     }
 
-    fn softmax_step(s_row: &mut [f32], m: f32, l: f32) -> (f32, f32, f32) {
-        let mb = s_row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let m_new = m.max(mb);
-        // m is −∞ only before the first visible key; then alpha multiplies zeros.
-        let alpha = if m == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (m - m_new).exp2()
-        };
-        let mut sum = 0.0f32;
-        for x in s_row.iter_mut() {
-            *x = (*x - m_new).exp2();
-            sum += *x;
+    fn softmax(
+        st: &mut [f32],
+        sj: usize,
+        si: usize,
+        nk: usize,
+        ncols: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        alpha: &mut [f32],
+    ) {
+        for i in 0..ncols {
+            let mut mb = f32::NEG_INFINITY;
+            for j in 0..nk {
+                mb = mb.max(st[j * sj + i * si]);
+            }
+            let m_new = m[i].max(mb);
+            let ms = if m_new == f32::NEG_INFINITY {
+                0.0
+            } else {
+                m_new
+            };
+            let a = (m[i] - ms).exp2();
+            let mut sum = 0.0f32;
+            for j in 0..nk {
+                let p = (st[j * sj + i * si] - ms).exp2();
+                st[j * sj + i * si] = p;
+                sum += p;
+            }
+            m[i] = m_new;
+            l[i] = a * l[i] + sum;
+            alpha[i] = a;
         }
-        (m_new, alpha * l + sum, alpha)
     }
 
-    fn accumulate(o: &mut [f32], alpha: &[f32], p: &[f32], v_rows: &[&[f32]], d: usize) {
+    fn accumulate(
+        o: &mut [f32],
+        alpha: &[f32],
+        p: &[f32],
+        sj: usize,
+        si: usize,
+        v_rows: &[&[f32]],
+        d: usize,
+    ) {
         for (i, &a) in alpha.iter().enumerate() {
             let orow = &mut o[i * d..(i + 1) * d];
-            // o_i = alpha_i·o_i + Σ_j p_ij·v_j
+            // o_i = alpha_i·o_i + Σ_j p_ji·v_j
             for x in orow.iter_mut() {
                 *x *= a;
             }
-            let prow = &p[i * BLOCK_K..];
             for (j, v) in v_rows.iter().enumerate() {
-                let pj = prow[j];
+                let pj = p[j * sj + i * si];
                 for (x, &vv) in orow.iter_mut().zip(&v[..d]) {
                     *x += pj * vv;
                 }

@@ -10,14 +10,14 @@ fn check<T>(
     pos_start: usize,
     dim: usize,
 ) -> Result<(usize, usize)> {
-    if dim == 0 || wte.len() % dim != 0 || wpe.len() % dim != 0 {
+    if dim == 0 || !wte.len().is_multiple_of(dim) || !wpe.len().is_multiple_of(dim) {
         return Err(Error::invalid(format!(
             "embedding: tables of {} and {} elements are not [rows, {dim}]",
             wte.len(),
             wpe.len()
         )));
     }
-    if seq == 0 || ids.len() % seq != 0 {
+    if seq == 0 || !ids.len().is_multiple_of(seq) {
         return Err(Error::invalid(format!(
             "embedding: {} ids are not [batch, {seq}]",
             ids.len()

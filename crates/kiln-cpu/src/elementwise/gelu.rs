@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 /// Elements per parallel task.
 pub const CHUNK: usize = 1 << 14;
-const S2PI: f32 = 0.797_884_56; // √(2/π)
+const S2PI: f32 = std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2; // √(2/π)
 const A: f32 = 0.044715;
 
 fn check(name: &str, a: usize, b: usize) -> Result<()> {
