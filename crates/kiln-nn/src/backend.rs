@@ -342,7 +342,7 @@ impl Backend for CpuBackend {
         y: &mut [f32],
     ) -> Result<()> {
         let n = gamma.len();
-        if n == 0 || x.len() % n != 0 {
+        if n == 0 || !x.len().is_multiple_of(n) {
             return Err(Error::invalid(format!(
                 "layer_norm: {} elements are not rows of {n}",
                 x.len()
@@ -430,7 +430,7 @@ impl Backend for CpuBackend {
     }
 
     fn softmax(&self, x: &mut [f32], cols: usize) -> Result<()> {
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(Error::invalid(format!(
                 "softmax: {} elements are not rows of {cols}",
                 x.len()

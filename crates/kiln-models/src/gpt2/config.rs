@@ -92,7 +92,7 @@ impl Gpt2Config {
                 return Err(Error::invalid(format!("`{name}` must be positive")));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(Error::invalid(format!(
                 "`n_embd` ({}) is not a multiple of `n_head` ({})",
                 self.n_embd, self.n_head

@@ -187,9 +187,8 @@ impl std::fmt::Debug for Gpt2 {
 }
 
 impl Gpt2 {
-    /// Loads a folder as the Hub has it: `config.json`, `model.safetensors`, and `vocab.json`
-    /// + `merges.txt` (when those two are absent and the vocabulary is GPT-2's 50257 tokens,
-    /// the GPT-2 tokenizer built into kiln is used).
+    /// Loads a folder as the Hub has it: `config.json`, `model.safetensors`, `vocab.json` and
+    /// `merges.txt` (when the last two are absent, the GPT-2 tokenizer built into kiln is used).
     pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
         let dir = dir.as_ref();
