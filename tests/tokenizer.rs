@@ -299,6 +299,25 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
+    fn any_string_round_trips(s in any::<String>()) {
+        let t = tok();
+        let ids = t.encode_with_special(&s, true);
+        prop_assert_eq!(t.decode(&ids).unwrap(), s.clone());
+        prop_assert_eq!(t.decode(&t.encode(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn any_ids_decode_without_panic(ids in proptest::collection::vec(0u32..50300, 0..40)) {
+        let t = tok();
+        let r = t.decode(&ids);
+        prop_assert_eq!(r.is_ok(), ids.iter().all(|&id| id < 50257));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
     fn round_trip_and_pieces_cover_the_text(s in "\\PC{0,40}|[ \\t\\n\\r'a-zA-Z0-9.!]{0,40}") {
         let t = tok();
         let ids = t.encode(&s);
