@@ -1,8 +1,10 @@
 //! dtype conversions: all 65,536 f16 and bf16 bit patterns round trip through f32 (NaN stays NaN,
 //! infinities and signed zeros kept), f32 → bf16 rounds to nearest even, and the bulk
-//! conversions (vectorised) agree with the scalar reference (`half`) for every tail length.
+//! conversions agree bit for bit with the scalar reference on every path this CPU can run
+//! (scalar, AVX2+F16C, AVX-512F — each forced in turn) and for every tail length.
 use half::{bf16, f16};
-use kiln_tensor::{convert, DType, FloatElement, Tensor};
+use kiln_tensor::convert::{self, Isa};
+use kiln_tensor::{DType, FloatElement, Tensor};
 
 fn all_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
@@ -12,31 +14,37 @@ fn all_bf16() -> Vec<bf16> {
 }
 
 #[test]
-fn every_f16_round_trips_through_f32() {
+fn every_f16_round_trips_through_f32_on_every_path() {
     let src = all_f16();
-    let mut wide = vec![0f32; src.len()];
-    convert::f16_to_f32(&src, &mut wide);
-    let mut back = vec![f16::ZERO; src.len()];
-    convert::f32_to_f16(&wide, &mut back);
-    for ((s, w), b) in src.iter().zip(&wide).zip(&back) {
-        // The bulk conversion equals the scalar one.
-        assert_eq!(
-            w.to_bits(),
-            s.to_f32().to_bits(),
-            "f16 {:#06x}",
-            s.to_bits()
-        );
-        if s.is_nan() {
-            assert!(w.is_nan() && b.is_nan(), "f16 NaN {:#06x}", s.to_bits());
-            assert_eq!(b.to_bits() & 0x8000, s.to_bits() & 0x8000, "NaN sign");
-        } else {
-            assert_eq!(
-                b.to_bits(),
-                s.to_bits(),
-                "f16 {:#06x} -> {w} -> {:#06x}",
-                s.to_bits(),
-                b.to_bits()
-            );
+    for isa in Isa::available() {
+        let mut wide = vec![0f32; src.len()];
+        convert::f16_to_f32_with(isa, &src, &mut wide);
+        let mut back = vec![f16::ZERO; src.len()];
+        convert::f32_to_f16_with(isa, &wide, &mut back);
+        for ((s, w), b) in src.iter().zip(&wide).zip(&back) {
+            let tag = format!("{isa:?} f16 {:#06x}", s.to_bits());
+            if s.is_nan() {
+                assert!(w.is_nan() && b.is_nan(), "{tag}");
+                assert_eq!(
+                    w.to_bits() >> 31,
+                    (s.to_bits() >> 15) as u32,
+                    "{tag}: NaN sign"
+                );
+                assert_eq!(
+                    b.to_bits() & 0x8000,
+                    s.to_bits() & 0x8000,
+                    "{tag}: NaN sign"
+                );
+            } else {
+                // The bulk conversion equals the scalar one, and f16 → f32 → f16 is the identity.
+                assert_eq!(w.to_bits(), s.to_f32().to_bits(), "{tag}");
+                assert_eq!(
+                    b.to_bits(),
+                    s.to_bits(),
+                    "{tag} -> {w} -> {:#06x}",
+                    b.to_bits()
+                );
+            }
         }
     }
     assert_eq!(f16::from_bits(0x7c00).to_f32(), f32::INFINITY);
@@ -50,35 +58,32 @@ fn every_f16_round_trips_through_f32() {
 }
 
 #[test]
-fn every_bf16_round_trips_through_f32() {
+fn every_bf16_round_trips_through_f32_on_every_path() {
     let src = all_bf16();
-    let mut wide = vec![0f32; src.len()];
-    convert::bf16_to_f32(&src, &mut wide);
-    let mut back = vec![bf16::ZERO; src.len()];
-    convert::f32_to_bf16(&wide, &mut back);
-    for ((s, w), b) in src.iter().zip(&wide).zip(&back) {
-        // bf16 → f32 is exact: the bf16 bits become the upper half of the f32.
-        assert_eq!(
-            w.to_bits(),
-            (s.to_bits() as u32) << 16,
-            "bf16 {:#06x}",
-            s.to_bits()
-        );
-        assert_eq!(w.to_bits(), FloatElement::to_f32(*s).to_bits());
-        // `half` quiets signalling NaNs on the way; the bulk path keeps the bits. Same otherwise.
-        if !s.is_nan() {
-            assert_eq!(w.to_bits(), s.to_f32().to_bits());
-        }
-        if s.is_nan() {
-            assert!(
-                b.is_nan(),
-                "bf16 NaN {:#06x} -> {:#06x}",
-                s.to_bits(),
-                b.to_bits()
-            );
-            assert_eq!(b.to_bits() & 0x8000, s.to_bits() & 0x8000, "NaN sign");
-        } else {
-            assert_eq!(b.to_bits(), s.to_bits(), "bf16 {:#06x}", s.to_bits());
+    for isa in Isa::available() {
+        let mut wide = vec![0f32; src.len()];
+        convert::bf16_to_f32_with(isa, &src, &mut wide);
+        let mut back = vec![bf16::ZERO; src.len()];
+        convert::f32_to_bf16_with(isa, &wide, &mut back);
+        for ((s, w), b) in src.iter().zip(&wide).zip(&back) {
+            let tag = format!("{isa:?} bf16 {:#06x}", s.to_bits());
+            // bf16 → f32 is exact: the bf16 bits become the upper half of the f32.
+            assert_eq!(w.to_bits(), (s.to_bits() as u32) << 16, "{tag}");
+            assert_eq!(w.to_bits(), FloatElement::to_f32(*s).to_bits(), "{tag}");
+            // `half` quiets signalling NaNs on the way; the bulk path keeps the bits.
+            if !s.is_nan() {
+                assert_eq!(w.to_bits(), s.to_f32().to_bits(), "{tag}");
+            }
+            if s.is_nan() {
+                assert!(b.is_nan(), "{tag} -> {:#06x}", b.to_bits());
+                assert_eq!(
+                    b.to_bits() & 0x8000,
+                    s.to_bits() & 0x8000,
+                    "{tag}: NaN sign"
+                );
+            } else {
+                assert_eq!(b.to_bits(), s.to_bits(), "{tag}");
+            }
         }
     }
     assert_eq!(bf16::from_bits(0x7f80).to_f32(), f32::INFINITY);
@@ -151,14 +156,39 @@ fn f32_to_bf16_matches_half_everywhere() {
         s ^= s << 17;
         xs.push(f32::from_bits(s as u32));
     }
-    let mut ours = vec![bf16::ZERO; xs.len()];
-    convert::f32_to_bf16(&xs, &mut ours);
-    for (x, o) in xs.iter().zip(&ours) {
+    let mut scalar = vec![bf16::ZERO; xs.len()];
+    convert::f32_to_bf16_with(Isa::Scalar, &xs, &mut scalar);
+    for (x, o) in xs.iter().zip(&scalar) {
         let h = bf16::from_f32(*x);
         if x.is_nan() {
             assert!(o.is_nan() && h.is_nan(), "{:#010x}", x.to_bits());
         } else {
             assert_eq!(o.to_bits(), h.to_bits(), "{:#010x}", x.to_bits());
+        }
+    }
+    // Every SIMD path gives the scalar path's bits exactly, NaNs included.
+    for isa in Isa::available() {
+        let mut ours = vec![bf16::ZERO; xs.len()];
+        convert::f32_to_bf16_with(isa, &xs, &mut ours);
+        let same = ours
+            .iter()
+            .zip(&scalar)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{isa:?} differs from the scalar path");
+    }
+    // And f32 → f16 on the same inputs, against `half`.
+    let mut h_scalar = vec![f16::ZERO; xs.len()];
+    convert::f32_to_f16_with(Isa::Scalar, &xs, &mut h_scalar);
+    for isa in Isa::available() {
+        let mut h = vec![f16::ZERO; xs.len()];
+        convert::f32_to_f16_with(isa, &xs, &mut h);
+        for ((x, a), b) in xs.iter().zip(&h).zip(&h_scalar) {
+            if x.is_nan() {
+                assert!(a.is_nan() && b.is_nan(), "{isa:?} {:#010x}", x.to_bits());
+            } else {
+                assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {:#010x}", x.to_bits());
+                assert_eq!(b.to_bits(), f16::from_f32(*x).to_bits());
+            }
         }
     }
 }
@@ -167,33 +197,37 @@ fn f32_to_bf16_matches_half_everywhere() {
 /// element-by-element conversions.
 #[test]
 fn bulk_conversions_handle_every_tail_length() {
-    for n in [0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 257, 1000] {
-        let xs: Vec<f32> = (0..n)
-            .map(|i| (i as f32 * 0.37 - 11.0).powi(3) / 3.0)
-            .collect();
-        let mut h = vec![f16::ZERO; n];
-        convert::f32_to_f16(&xs, &mut h);
-        let mut b = vec![bf16::ZERO; n];
-        convert::f32_to_bf16(&xs, &mut b);
-        let mut hw = vec![0f32; n];
-        convert::f16_to_f32(&h, &mut hw);
-        let mut bw = vec![0f32; n];
-        convert::bf16_to_f32(&b, &mut bw);
-        for i in 0..n {
-            assert_eq!(
-                h[i].to_bits(),
-                f16::from_f32(xs[i]).to_bits(),
-                "n={n} i={i}"
-            );
-            assert_eq!(
-                b[i].to_bits(),
-                bf16::from_f32(xs[i]).to_bits(),
-                "n={n} i={i}"
-            );
-            assert_eq!(hw[i].to_bits(), h[i].to_f32().to_bits());
-            assert_eq!(bw[i].to_bits(), b[i].to_f32().to_bits());
+    for isa in Isa::available() {
+        for n in [0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 257, 1000] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.37 - 11.0).powi(3) / 3.0)
+                .collect();
+            let mut h = vec![f16::ZERO; n];
+            convert::f32_to_f16_with(isa, &xs, &mut h);
+            let mut b = vec![bf16::ZERO; n];
+            convert::f32_to_bf16_with(isa, &xs, &mut b);
+            let mut hw = vec![0f32; n];
+            convert::f16_to_f32_with(isa, &h, &mut hw);
+            let mut bw = vec![0f32; n];
+            convert::bf16_to_f32_with(isa, &b, &mut bw);
+            for i in 0..n {
+                let tag = format!("{isa:?} n={n} i={i}");
+                assert_eq!(h[i].to_bits(), f16::from_f32(xs[i]).to_bits(), "{tag}");
+                assert_eq!(b[i].to_bits(), bf16::from_f32(xs[i]).to_bits(), "{tag}");
+                assert_eq!(hw[i].to_bits(), h[i].to_f32().to_bits(), "{tag}");
+                assert_eq!(bw[i].to_bits(), b[i].to_f32().to_bits(), "{tag}");
+            }
         }
     }
+}
+
+#[test]
+fn detection_picks_a_supported_path() {
+    let best = Isa::detect();
+    assert!(best.is_supported());
+    assert!(Isa::available().contains(&best));
+    assert!(Isa::available().contains(&Isa::Scalar));
+    println!("conversion paths on this CPU: {:?}", Isa::available());
 }
 
 #[test]

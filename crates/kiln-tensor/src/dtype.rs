@@ -183,36 +183,153 @@ impl FloatElement for bf16 {
 
 /// Bulk conversions between float storage types.
 ///
-/// f16 uses the F16C instructions when the CPU has them (detected at run time by `half`); bf16 ⇄
-/// f32 is a shift that the compiler vectorises.
+/// Each conversion has a scalar reference path and SIMD paths (AVX-512F; AVX2 with F16C for f16)
+/// chosen at run time: [`convert::Isa::detect`] picks the best the CPU has, and the `*_with`
+/// variants let tests force each path. All paths give bit-identical results: round to nearest,
+/// ties to even; NaN stays NaN (sign kept); infinities and signed zeros kept.
 pub mod convert {
     use super::*;
-    use half::slice::HalfFloatSliceExt;
 
-    /// `dst[i] = src[i] as f32`. Panics if the lengths differ (a caller bug, not a data error).
+    /// An instruction-set path for the bulk conversions.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Isa {
+        /// Plain Rust, one element at a time: the reference.
+        Scalar,
+        /// AVX2 (and F16C for f16), 8 lanes.
+        Avx2,
+        /// AVX-512F, 16 lanes.
+        Avx512,
+    }
+
+    impl Isa {
+        /// Whether this CPU can run the path.
+        pub fn is_supported(self) -> bool {
+            match self {
+                Isa::Scalar => true,
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => false,
+            }
+        }
+        /// The fastest supported path.
+        pub fn detect() -> Isa {
+            [Isa::Avx512, Isa::Avx2]
+                .into_iter()
+                .find(|i| i.is_supported())
+                .unwrap_or(Isa::Scalar)
+        }
+        /// Every path this CPU can run (for tests).
+        pub fn available() -> Vec<Isa> {
+            [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+                .into_iter()
+                .filter(|i| i.is_supported())
+                .collect()
+        }
+        /// `self` if supported, otherwise the scalar path.
+        fn checked(self) -> Isa {
+            if self.is_supported() {
+                self
+            } else {
+                Isa::Scalar
+            }
+        }
+    }
+
+    /// `dst[i] = src[i] as f32` (exact). Panics if the lengths differ (a caller bug, not a data
+    /// error).
     pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        f16_to_f32_with(Isa::detect(), src, dst)
+    }
+    /// [`f16_to_f32`] on a given path (the scalar path when `isa` is not supported).
+    pub fn f16_to_f32_with(isa: Isa, src: &[f16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "f16_to_f32: length mismatch");
-        src.convert_to_f32_slice(dst);
+        let done = match isa.checked() {
+            Isa::Scalar => 0,
+            // SAFETY: `checked` confirmed the CPU features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { crate::convert_simd::f16_to_f32_avx512(src, dst) },
+            // SAFETY: as above (AVX2 and F16C).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { crate::convert_simd::f16_to_f32_f16c(src, dst) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => 0,
+        };
+        for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
+            *d = s.to_f32();
+        }
     }
 
     /// `dst[i] = f16(src[i])`, round to nearest even.
     pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+        f32_to_f16_with(Isa::detect(), src, dst)
+    }
+    /// [`f32_to_f16`] on a given path (the scalar path when `isa` is not supported).
+    pub fn f32_to_f16_with(isa: Isa, src: &[f32], dst: &mut [f16]) {
         assert_eq!(src.len(), dst.len(), "f32_to_f16: length mismatch");
-        dst.convert_from_f32_slice(src);
+        let done = match isa.checked() {
+            Isa::Scalar => 0,
+            // SAFETY: `checked` confirmed the CPU features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { crate::convert_simd::f32_to_f16_avx512(src, dst) },
+            // SAFETY: as above (AVX2 and F16C).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { crate::convert_simd::f32_to_f16_f16c(src, dst) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => 0,
+        };
+        for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
+            *d = f16::from_f32(s);
+        }
     }
 
-    /// `dst[i] = src[i] as f32` (exact).
+    /// `dst[i] = src[i] as f32` (exact: the bf16 bits become the upper half of the f32).
     pub fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+        bf16_to_f32_with(Isa::detect(), src, dst)
+    }
+    /// [`bf16_to_f32`] on a given path (the scalar path when `isa` is not supported).
+    pub fn bf16_to_f32_with(isa: Isa, src: &[bf16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "bf16_to_f32: length mismatch");
-        for (d, s) in dst.iter_mut().zip(src) {
+        let done = match isa.checked() {
+            Isa::Scalar => 0,
+            // SAFETY: `checked` confirmed the CPU features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { crate::convert_simd::bf16_to_f32_avx512(src, dst) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { crate::convert_simd::bf16_to_f32_avx2(src, dst) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => 0,
+        };
+        for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
         }
     }
 
     /// `dst[i] = bf16(src[i])`, round to nearest even, NaN kept as a quiet NaN.
     pub fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+        f32_to_bf16_with(Isa::detect(), src, dst)
+    }
+    /// [`f32_to_bf16`] on a given path (the scalar path when `isa` is not supported).
+    pub fn f32_to_bf16_with(isa: Isa, src: &[f32], dst: &mut [bf16]) {
         assert_eq!(src.len(), dst.len(), "f32_to_bf16: length mismatch");
-        for (d, &s) in dst.iter_mut().zip(src) {
+        let done = match isa.checked() {
+            Isa::Scalar => 0,
+            // SAFETY: `checked` confirmed the CPU features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { crate::convert_simd::f32_to_bf16_avx512(src, dst) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { crate::convert_simd::f32_to_bf16_avx2(src, dst) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => 0,
+        };
+        for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
             *d = f32_to_bf16_one(s);
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! Kernels do not take `Tensor`s: they take plain slices plus a [`Layout`] or explicit strides.
 //! `Tensor` is how data arrives (from files, from users) and how it is described.
+#[cfg(target_arch = "x86_64")]
+mod convert_simd;
 pub mod device;
 pub mod dtype;
 pub mod error;
