@@ -345,6 +345,17 @@ fn variants_and_packers_are_bitwise_equal() {
             assert_eq!(bits(&x), bits(&z), "{cfg:?} {cs:?} packed B");
         }
     }
+    // Repacking into a used buffer (larger, stale contents) equals packing afresh.
+    let mut rng = Rng(99);
+    let big: Vec<bf16> = (0..300 * 200).map(|_| bf16::from_f32(rng.unit())).collect();
+    let small: Vec<bf16> = (0..45 * 70).map(|_| bf16::from_f32(rng.unit())).collect();
+    let mut p = AmxPackedB::pack(MatRef::row_major(&big[..], 300, 200)).unwrap();
+    p.repack(MatRef::row_major(&small[..], 45, 70)).unwrap();
+    assert_eq!(
+        p,
+        AmxPackedB::pack(MatRef::row_major(&small[..], 45, 70)).unwrap()
+    );
+    assert_eq!((p.k(), p.n()), (45, 70));
     // The two packers feed the same tile kernel bit-identical panels.
     if PackKernel::Avx2.is_available() {
         for tiles in [TileKernel::Emulated, TileKernel::Amx] {
@@ -428,9 +439,9 @@ fn amx_hardware_matches_software_model() {
 #[test]
 fn bad_input_is_an_error() {
     let cfg = AmxConfig::emulated();
-    let a = vec![0f32; 6];
-    let b = vec![bf16::ZERO; 6];
-    let mut c = vec![0f32; 4];
+    let a = [0f32; 6];
+    let b = [bf16::ZERO; 6];
+    let mut c = [0f32; 4];
     let opts = GemmOptions::default();
     // Inner dimensions disagree.
     let r = gemm_bf16_amx_with(

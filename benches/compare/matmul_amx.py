@@ -67,12 +67,16 @@ def main():
     else:
         print(f"kiln: measured AMX peak {peak['gflops']:.0f} GFLOP/s per core")
     for r in records:
-        if r["op"] == "amx_pack_b":
+        if r["op"].startswith("amx_pack_b"):
             k, n = r["shape"]
-            print(f"pack B {k}x{n} ({r['pack']}, {r['threads']} thr): {r['median_ms']:.3f} ms, {r['gbps']:.1f} GB/s")
+            what = "fresh buffer" if r["op"].endswith("fresh") else "reused buffer"
+            print(
+                f"pack B {k}x{n} ({r['pack']}, {what}, {r['threads']} thr):"
+                f" {r['median_ms']:.3f} ms, {r['gbps']:.1f} GB/s"
+            )
     rows = {}
     for r in records[1:]:
-        if r["op"] == "amx_pack_b":
+        if r["op"].startswith("amx_pack_b"):
             continue
         key = (tuple(r["shape"]), r["threads"])
         rows.setdefault(key, {})[r["op"]] = r

@@ -182,6 +182,14 @@ impl AmxPackedB {
         Ok(AmxPackedB { k, n, lines })
     }
 
+    /// Packs `b` (any shape) into this object, reusing its memory: for weights that change
+    /// between products (training), without a fresh allocation's page faults.
+    pub fn repack(&mut self, b: MatRef<'_, bf16>) -> Result<()> {
+        let lines = std::mem::take(&mut self.lines);
+        *self = Self::pack_into(b, PackKernel::best(), lines)?;
+        Ok(())
+    }
+
     /// Rows of B (the inner dimension).
     pub fn k(&self) -> usize {
         self.k

@@ -71,6 +71,34 @@ pub(crate) fn pack_a_panel<TA: AmxElement>(
     dst: &mut [Line],
     pack: PackKernel,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if pack == PackKernel::Avx2 {
+        // SAFETY: `PackKernel::Avx2` reaches the packers only after `PackKernel::check` (or
+        // `is_available`) confirmed AVX2.
+        unsafe { pack_a_panel_avx2(a, i0, dst) };
+        return;
+    }
+    let _ = pack;
+    pack_a_panel_impl::<TA, false>(a, i0, dst)
+}
+
+/// The whole A panel loop compiled with AVX2, so the conversion inlines into it.
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_a_panel_avx2<TA: AmxElement>(a: &MatRef<'_, TA>, i0: usize, dst: &mut [Line]) {
+    pack_a_panel_impl::<TA, true>(a, i0, dst)
+}
+
+/// The A panel loop; `AVX2` selects the vector conversion for whole unit-stride chunks.
+#[inline(always)]
+fn pack_a_panel_impl<TA: AmxElement, const AVX2: bool>(
+    a: &MatRef<'_, TA>,
+    i0: usize,
+    dst: &mut [Line],
+) {
     let k = a.cols;
     let ks = ksteps(k);
     debug_assert_eq!(dst.len(), ks * LINES_PER_KSTEP);
@@ -87,7 +115,7 @@ pub(crate) fn pack_a_panel<TA: AmxElement>(
             let full = k0 + 32 <= k && a.col_stride == 1;
             if TA::IS_F32 {
                 let data: &[f32] = bytemuck::cast_slice(a.data);
-                if full && pack == PackKernel::Avx2 {
+                if full && AVX2 {
                     let start = i * a.row_stride + k0;
                     convert_32(&data[start..start + 32], line);
                 } else {
@@ -127,6 +155,29 @@ pub(crate) fn pack_a_panel<TA: AmxElement>(
 /// is read as one contiguous run (`32·panels` columns) rather than 64 bytes per row per panel
 /// (which costs a TLB miss per 64 bytes on wide matrices).
 pub(crate) fn pack_b_panels(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], pack: PackKernel) {
+    #[cfg(target_arch = "x86_64")]
+    if pack == PackKernel::Avx2 {
+        // SAFETY: as in `pack_a_panel`: AVX2 was confirmed before `PackKernel::Avx2` got here.
+        unsafe { pack_b_panels_avx2(b, j0, dst) };
+        return;
+    }
+    let _ = pack;
+    pack_b_panels_impl::<false>(b, j0, dst)
+}
+
+/// The whole B packing loop compiled with AVX2, so the interleave inlines into it.
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_b_panels_avx2(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line]) {
+    pack_b_panels_impl::<true>(b, j0, dst)
+}
+
+/// The B packing loop; `AVX2` selects the vector interleave for whole unit-stride chunks.
+#[inline(always)]
+fn pack_b_panels_impl<const AVX2: bool>(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line]) {
     let (k, n) = (b.rows, b.cols);
     let ks = ksteps(k);
     let panel = ks * LINES_PER_KSTEP;
@@ -151,7 +202,7 @@ pub(crate) fn pack_b_panels(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], p
                     let jt = j0 + 32 * p + 16 * t;
                     let line = &mut dst[p * panel + s * LINES_PER_KSTEP + 16 * t + r].0;
                     let full = k0 + 1 < k && jt + 16 <= n && b.col_stride == 1;
-                    if full && pack == PackKernel::Avx2 {
+                    if full && AVX2 {
                         let r0 = k0 * b.row_stride + jt;
                         let r1 = (k0 + 1) * b.row_stride + jt;
                         interleave_16(&data[r0..r0 + 16], &data[r1..r1 + 16], line);
@@ -168,12 +219,14 @@ pub(crate) fn pack_b_panels(b: &MatRef<'_, bf16>, j0: usize, dst: &mut [Line], p
 }
 
 /// 32 f32 → 32 bf16 bits (round to nearest even, NaN kept quiet) with AVX2.
-/// Only called when [`PackKernel::Avx2`] was checked available.
+/// Only called from the AVX2-compiled packing loops.
+#[inline(always)]
 fn convert_32(src: &[f32], dst: &mut [u16; 32]) {
     assert_eq!(src.len(), 32);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 is present (PackKernel::Avx2 is only used after `is_available`), and `src`
-    // has 32 elements (asserted), `dst` 32.
+    // SAFETY: AVX2 is present (only the `AVX2 = true` loops, which run inside the
+    // `#[target_feature(enable = "avx2")]` wrappers, call this); `src` has 32 elements
+    // (asserted), `dst` 32.
     unsafe {
         convert_32_avx2(src.as_ptr(), dst.as_mut_ptr())
     }
@@ -187,6 +240,7 @@ fn convert_32(src: &[f32], dst: &mut [u16; 32]) {
 /// AVX2 present; `src` readable for 32 f32, `dst` writable for 32 u16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn convert_32_avx2(src: *const f32, dst: *mut u16) {
     use std::arch::x86_64::*;
     // bf16 bits of 8 f32s in the low halves of 8 i32 lanes:
@@ -216,7 +270,8 @@ unsafe fn convert_32_avx2(src: *const f32, dst: *mut u16) {
 }
 
 /// `dst[2n] = r0[n]`, `dst[2n+1] = r1[n]` for n < 16, with AVX2.
-/// Only called when [`PackKernel::Avx2`] was checked available.
+/// Only called from the AVX2-compiled packing loops.
+#[inline(always)]
 fn interleave_16(r0: &[u16], r1: &[u16], dst: &mut [u16; 32]) {
     assert!(r0.len() == 16 && r1.len() == 16);
     #[cfg(target_arch = "x86_64")]
@@ -236,6 +291,7 @@ fn interleave_16(r0: &[u16], r1: &[u16], dst: &mut [u16; 32]) {
 /// AVX2 present; `r0`, `r1` readable for 16 u16; `dst` writable for 32 u16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn interleave_16_avx2(r0: *const u16, r1: *const u16, dst: *mut u16) {
     use std::arch::x86_64::*;
     // SAFETY: two 32-byte loads of r0[0..16] and r1[0..16], two 32-byte stores to dst[0..32].
