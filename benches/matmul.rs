@@ -1,2 +1,153 @@
-//! Criterion benchmark (being written).
-fn main() {}
+//! Criterion benchmark of `C = A·B`: kiln side by side with the `gemm` and `matrixmultiply`
+//! crates in the same group, on square sizes and GPT-2 shapes, at 1 and 2 threads.
+//!
+//! `cargo bench --bench matmul` (all), `cargo bench --bench matmul -- 't1/'` (one thread only).
+//! Throughput is reported in elements = flops (`2·m·n·k`), so criterion's "elem/s" is FLOP/s.
+//! `matrixmultiply` runs single-threaded (its thread count is fixed per process by
+//! `MATMUL_NUM_THREADS`, which this bench sets to 1).
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use kiln_cpu::gemm::{gemm, GemmOptions, MatMut, MatRef};
+use std::time::Duration;
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+fn pool(t: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .expect("thread pool")
+}
+
+/// (m, n, k) shapes: squares, GPT-2 124M projections at a 128-token prefill, and decode (m = 1).
+const SHAPES: &[(usize, usize, usize)] = &[
+    (256, 256, 256),
+    (512, 512, 512),
+    (1024, 1024, 1024),
+    (2048, 2048, 2048),
+    (128, 2304, 768),
+    (128, 3072, 768),
+    (128, 768, 3072),
+    (1, 2304, 768),
+    (1, 768, 3072),
+];
+
+fn bench_matmul(c: &mut Criterion) {
+    // SAFETY (edition 2021: a safe call): set before matrixmultiply's first use.
+    std::env::set_var("MATMUL_NUM_THREADS", "1");
+    for threads in [1usize, 2] {
+        let p = pool(threads);
+        for &(m, n, k) in SHAPES {
+            let mut g = c.benchmark_group(format!("t{threads}/matmul_{m}x{n}x{k}"));
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            g.sample_size(10);
+            g.warm_up_time(Duration::from_millis(300));
+            g.measurement_time(Duration::from_secs(1));
+            let a = random(m * k, 1);
+            let b = random(k * n, 2);
+            let bh: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut out = vec![0f32; m * n];
+            g.bench_function(BenchmarkId::new("kiln", "f32"), |bn| {
+                p.install(|| {
+                    bn.iter(|| {
+                        gemm(
+                            MatRef::row_major(&a, m, k),
+                            MatRef::row_major(&b, k, n),
+                            MatMut::row_major(&mut out, m, n),
+                            &GemmOptions::default(),
+                        )
+                        .expect("gemm")
+                    })
+                })
+            });
+            g.bench_function(BenchmarkId::new("kiln", "bf16_weights"), |bn| {
+                p.install(|| {
+                    bn.iter(|| {
+                        gemm(
+                            MatRef::row_major(&a, m, k),
+                            MatRef::row_major(&bh, k, n),
+                            MatMut::row_major(&mut out, m, n),
+                            &GemmOptions::default(),
+                        )
+                        .expect("gemm")
+                    })
+                })
+            });
+            g.bench_function(BenchmarkId::new("gemm_crate", "f32"), |bn| {
+                let par = if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                };
+                p.install(|| {
+                    bn.iter(|| {
+                        // SAFETY: all three buffers are row-major with the sizes given; the gemm
+                        // crate computes dst = alpha·dst + beta·lhs·rhs and reads no dst here.
+                        unsafe {
+                            gemm::gemm(
+                                m,
+                                n,
+                                k,
+                                out.as_mut_ptr(),
+                                1,
+                                n as isize,
+                                false,
+                                a.as_ptr(),
+                                1,
+                                k as isize,
+                                b.as_ptr(),
+                                1,
+                                n as isize,
+                                0.0f32,
+                                1.0f32,
+                                false,
+                                false,
+                                false,
+                                par,
+                            )
+                        }
+                    })
+                })
+            });
+            if threads == 1 {
+                g.bench_function(BenchmarkId::new("matrixmultiply", "f32"), |bn| {
+                    bn.iter(|| {
+                        // SAFETY: row-major buffers of the sizes given.
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                m,
+                                k,
+                                n,
+                                1.0,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                b.as_ptr(),
+                                n as isize,
+                                1,
+                                0.0,
+                                out.as_mut_ptr(),
+                                n as isize,
+                                1,
+                            )
+                        }
+                    })
+                });
+            }
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench_matmul);
+criterion_main!(benches);

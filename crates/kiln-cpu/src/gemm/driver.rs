@@ -68,10 +68,30 @@ fn put_buffer(slot: &'static std::thread::LocalKey<RefCell<AlignedBuffer>>, buf:
     });
 }
 
+/// Where B's packed panels come from: packed per call from a strided view, or pre-packed.
+pub enum BSource<'a, TB> {
+    View(MatRef<'a, TB>),
+    /// Panels in the layout of [`super::PackedB`]: depth block `pc` (all of width `kc` but the
+    /// last) holds every panel of `NR` columns, `n` rounded up to `NR` times its depth.
+    Packed {
+        data: &'a [f32],
+        n: usize,
+    },
+}
+
+impl<TB> BSource<'_, TB> {
+    fn cols(&self) -> usize {
+        match self {
+            BSource::View(b) => b.cols,
+            BSource::Packed { n, .. } => *n,
+        }
+    }
+}
+
 /// Everything a task needs about the product, shared read-only.
 pub struct Product<'a, 'e, TB> {
     pub a: MatRef<'a, f32>,
-    pub b: MatRef<'a, TB>,
+    pub b: BSource<'a, TB>,
     pub c: CPtr,
     pub alpha: f32,
     pub beta: f32,
@@ -90,12 +110,15 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     prod: &Product<'_, '_, TB>,
     threads: usize,
 ) {
-    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols);
+    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     debug_assert!(k > 0);
     let (mr, nr) = (kern.mr, kern.nr);
     let nc = blk.nc.min(n.next_multiple_of(nr));
     let kc_max = blk.kc.min(k);
-    let mut bpack = take_buffer(&B_PACK, nc * kc_max);
+    let mut bpack = match prod.b {
+        BSource::View(_) => take_buffer(&B_PACK, nc * kc_max),
+        BSource::Packed { .. } => AlignedBuffer::zeroed(0),
+    };
     // Row blocks: a multiple of the thread count when there are several, each a multiple of MR.
     let mut mblocks = m.div_ceil(blk.mc);
     if threads > 1 {
@@ -116,33 +139,33 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
             let kcur = blk.kc.min(k - pc);
             let first = pc == 0;
             let last = pc + kcur == k;
-            let bp = &mut bpack.as_mut_slice::<f32>()[..panels * nr * kcur];
-            // Each worker packs a contiguous range of panels.
-            let per = if threads > 1 {
-                panels.div_ceil(threads * 2)
-            } else {
-                panels
+            let bp: &[f32] = match &prod.b {
+                BSource::Packed { data, n } => {
+                    let start = pc * n.next_multiple_of(nr) + jc * kcur;
+                    &data[start..start + panels * nr * kcur]
+                }
+                BSource::View(b) => {
+                    let bp = &mut bpack.as_mut_slice::<f32>()[..panels * nr * kcur];
+                    // Each worker packs a contiguous range of panels.
+                    let per = if threads > 1 {
+                        panels.div_ceil(threads * 2)
+                    } else {
+                        panels
+                    };
+                    let pack = |(ci, dst): (usize, &mut [f32])| {
+                        let c0 = jc + ci * per * nr;
+                        pack_b(b, pc, kcur, c0, (per * nr).min(jc + ncur - c0), nr, dst);
+                    };
+                    if threads > 1 && panels > 1 {
+                        bp.par_chunks_mut(per * nr * kcur)
+                            .enumerate()
+                            .for_each(pack);
+                    } else {
+                        bp.chunks_mut(per * nr * kcur).enumerate().for_each(pack);
+                    }
+                    bp
+                }
             };
-            let pack = |(ci, dst): (usize, &mut [f32])| {
-                let c0 = jc + ci * per * nr;
-                pack_b(
-                    &prod.b,
-                    pc,
-                    kcur,
-                    c0,
-                    (per * nr).min(jc + ncur - c0),
-                    nr,
-                    dst,
-                );
-            };
-            if threads > 1 && panels > 1 {
-                bp.par_chunks_mut(per * nr * kcur)
-                    .enumerate()
-                    .for_each(pack);
-            } else {
-                bp.chunks_mut(per * nr * kcur).enumerate().for_each(pack);
-            }
-            let bp: &[f32] = bp;
             let task = |t: usize| {
                 let (ib, ns) = (t / nsplit, t % nsplit);
                 let i0 = ib * mc;

@@ -8,6 +8,7 @@
 //! * [`gemm`] — one matrix product.
 //! * [`gemm_batched`] — a batch of products with a stride per batch.
 //! * [`gemm_with_isa`] — the same with a chosen microkernel (tests, benchmarks).
+//! * [`gemm_bf16_compute`] — bf16 weights, routed to AMX tiles where the CPU has them.
 //! * [`PackedB`], [`gemm_packed`] — B packed once and reused (weights used every call).
 //!
 //! Structure (BLIS, see `docs/gemm.md`): [`blocking`] derives `MC/KC/NC` from the cache sizes;
@@ -283,6 +284,158 @@ pub fn gemm<TB: FloatElement>(
     gemm_with_isa(Isa::best(), a, b, c, opts)
 }
 
+/// B packed once into the microkernel's panel layout, as f32, for weights used in every call
+/// (prefill): [`gemm_packed`] then skips packing (and widening bf16/f16) B.
+///
+/// Layout: for each depth block `pc` of `KC` rows, every panel of `NR` columns (zero-padded to
+/// `n` rounded up to `NR`), each panel `kcur × NR` row-major — exactly what the per-call path
+/// packs, so results are bitwise identical to [`gemm_with_isa`] with the same kernel.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    isa: Isa,
+    k: usize,
+    n: usize,
+    data: kiln_tensor::AlignedBuffer,
+}
+
+impl PackedB {
+    /// Packs `b` (`[k, n]`, any strides, f32/f16/bf16) for the fastest kernel of this CPU.
+    pub fn new<TB: FloatElement>(b: MatRef<'_, TB>) -> Result<PackedB> {
+        PackedB::with_isa(Isa::best(), b)
+    }
+
+    /// Packs `b` for the kernel of `isa` (an error if this CPU cannot run it).
+    pub fn with_isa<TB: FloatElement>(isa: Isa, b: MatRef<'_, TB>) -> Result<PackedB> {
+        b.check("B")?;
+        if !isa.is_available() {
+            return Err(Error::invalid(format!(
+                "gemm: the {} microkernel is not supported by this CPU",
+                isa.name()
+            )));
+        }
+        let (k, n) = (b.rows, b.cols);
+        let (_, nr) = isa.tile();
+        let kc = isa.blocking().kc;
+        let npad = n.next_multiple_of(nr);
+        let len = k
+            .checked_mul(npad)
+            .and_then(|l| l.checked_mul(4))
+            .ok_or_else(|| Error::invalid("gemm: packed B too large"))?;
+        let mut data = kiln_tensor::AlignedBuffer::zeroed(len);
+        if n > 0 {
+            use rayon::prelude::*;
+            let dst = data.as_mut_slice::<f32>();
+            // One depth block per chunk (all kc rows but the last).
+            dst.par_chunks_mut(kc * npad)
+                .enumerate()
+                .for_each(|(ib, blk)| {
+                    let pc = ib * kc;
+                    let kcur = kc.min(k - pc);
+                    pack::pack_b(&b, pc, kcur, 0, n, nr, &mut blk[..kcur * npad]);
+                });
+        }
+        Ok(PackedB { isa, k, n, data })
+    }
+
+    /// Rows of B (`k`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Columns of B (`n`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// The kernel it was packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// `C = alpha·A·B + beta·C` then the epilogue, with B pre-packed ([`PackedB`]). Shapes: A
+/// `[m, k]`, C `[m, n]`, any strides. Bitwise identical for any thread count.
+pub fn gemm_packed(
+    a: MatRef<'_, f32>,
+    b: &PackedB,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    validate_dims(&a, b.k, b.n, &c, opts)?;
+    let kern = micro::Kernel::for_isa(b.isa)
+        .ok_or_else(|| Error::invalid("gemm: packed B's kernel is not supported by this CPU"))?;
+    let (m, k, n) = (a.rows, b.k, b.n);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        scale_only(c, opts);
+        return Ok(());
+    }
+    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let prod = driver::Product::<f32> {
+        a,
+        b: driver::BSource::Packed {
+            data: b.data.as_slice::<f32>(),
+            n,
+        },
+        c: driver::CPtr {
+            ptr: c.data.as_mut_ptr(),
+            rs: c.row_stride,
+            cs: c.col_stride,
+        },
+        alpha: opts.alpha,
+        beta: opts.beta,
+        epilogue: opts.epilogue,
+    };
+    // SAFETY: as in gemm_with_isa: C validated, exclusively borrowed for the call.
+    unsafe { driver::gemm_blis(&kern, b.isa.blocking(), &prod, threads) };
+    Ok(())
+}
+
+/// `C = beta·C` then the epilogue (a product with `k = 0`).
+fn scale_only(c: MatMut<'_>, opts: &GemmOptions<'_>) {
+    for i in 0..c.rows {
+        for j in 0..c.cols {
+            let at = i * c.row_stride + j * c.col_stride;
+            let old = if opts.beta == 0.0 { 0.0 } else { c.data[at] };
+            c.data[at] = apply_epilogue(
+                micro::update(0.0, old, opts.alpha, opts.beta),
+                j,
+                &opts.epilogue,
+            );
+        }
+    }
+}
+
+/// Smallest M routed to AMX by [`gemm_bf16_compute`]: AMX tiles are 16 rows (the AMX driver
+/// packs 32-row panels); below this the f32 path — for M = 1 the GEMV path, which streams bf16 B
+/// at memory bandwidth — is as fast and more precise.
+pub const AMX_MIN_M: usize = 16;
+
+/// `C = alpha·A·B + beta·C` then the epilogue, with bf16 weights, where bf16 *compute* is
+/// acceptable: on a CPU with AMX-BF16 and `m ≥` [`AMX_MIN_M`] the product runs on AMX tiles with
+/// A rounded to bf16 ([`amx::gemm_bf16_amx`]); otherwise it is [`gemm`] (A kept in f32). Shapes
+/// and layouts as [`gemm`]. Bitwise identical for any thread count (both paths are), but the two
+/// paths differ from each other by A's rounding.
+pub fn gemm_bf16_compute(
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, half::bf16>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    if a.rows >= AMX_MIN_M && amx::amx_available() {
+        return amx::gemm_bf16_amx(a, b, c, opts);
+    }
+    gemm(a, b, c, opts)
+}
+
 /// [`gemm`] with the microkernel of `isa` (an error if this CPU cannot run it). The M = 1 path
 /// uses AVX2 code for both `Avx512` and `Avx2` (it is bandwidth-bound), plain Rust otherwise.
 pub fn gemm_with_isa<TB: FloatElement>(
@@ -304,18 +457,7 @@ pub fn gemm_with_isa<TB: FloatElement>(
         return Ok(());
     }
     if k == 0 {
-        // C = beta·C, then the epilogue.
-        for i in 0..m {
-            for j in 0..n {
-                let at = i * c.row_stride + j * c.col_stride;
-                let old = if opts.beta == 0.0 { 0.0 } else { c.data[at] };
-                c.data[at] = apply_epilogue(
-                    micro::update(0.0, old, opts.alpha, opts.beta),
-                    j,
-                    &opts.epilogue,
-                );
-            }
-        }
+        scale_only(c, opts);
         return Ok(());
     }
     if m == 1 && gemm_m1(isa, &a, &b, &mut *c.data, c.col_stride, false, opts) {
@@ -336,7 +478,7 @@ pub fn gemm_with_isa<TB: FloatElement>(
     };
     let prod = driver::Product {
         a,
-        b,
+        b: driver::BSource::View(b),
         c: driver::CPtr {
             ptr: c.data.as_mut_ptr(),
             rs: c.row_stride,
@@ -407,14 +549,25 @@ fn validate<TB>(
     c: &MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
-    if a.cols != b.rows || a.rows != c.rows || b.cols != c.cols {
+    validate_dims(a, b.rows, b.cols, c, opts)?;
+    b.check("B")
+}
+
+/// Checks shapes, A and C extents, C's self-overlap and the bias length (B has `k × n`).
+fn validate_dims(
+    a: &MatRef<'_, f32>,
+    k: usize,
+    n: usize,
+    c: &MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    if a.cols != k || a.rows != c.rows || n != c.cols {
         return Err(Error::invalid(format!(
             "gemm: A is {}x{}, B is {}x{}, C is {}x{}",
-            a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
+            a.rows, a.cols, k, n, c.rows, c.cols
         )));
     }
     a.check("A")?;
-    b.check("B")?;
     c.check("C")?;
     if !disjoint_elements(c.rows, c.cols, c.row_stride, c.col_stride) {
         return Err(Error::invalid(format!(
