@@ -291,10 +291,10 @@ impl ConvGeometry {
         self.cbg() == 1 && self.csg() == 1
     }
     /// Images per work chunk: enough patch columns to feed the GEMM (at least 512 and at least
-    /// the weight's rows) while the patch matrix stays under 4 MiB. Depends on the shapes only.
+    /// the weight's rows) while the patch matrix stays under 16 MiB. Depends on the shapes only.
     fn images_per_chunk(&self) -> usize {
         const MIN_COLS: usize = 512;
-        const COL_CAP: usize = 1 << 20;
+        const COL_CAP: usize = 1 << 22;
         let hw = self.small_hw();
         let want = MIN_COLS.max(self.csg()).div_ceil(hw);
         let cap = (COL_CAP / (self.k_group() * hw)).max(1);
@@ -441,11 +441,55 @@ fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
     }
 }
 
+/// Below this patch width, segments are too short for per-segment loops: im2col and col2im use
+/// a per-tap table of source pixels instead (the same index map, flattened).
+const TABLE_MAX_WIDTH: usize = 8;
+
+/// `table[t·Hs·Ws + p]` = image pixel read by tap `t` at patch pixel `p`, or `Hb·Wb` (a zero
+/// slot) where the tap falls in the padding. Built from [`for_each_segment`].
+fn tap_table(g: &ConvGeometry, taps: &[Tap]) -> Option<Vec<u32>> {
+    let (bhw, shw) = (g.big_hw(), g.small_hw());
+    if g.small[2] > TABLE_MAX_WIDTH || bhw >= u32::MAX as usize {
+        return None;
+    }
+    let mut table = vec![bhw as u32; taps.len() * shw];
+    for (t, tap) in taps.iter().enumerate() {
+        let row = &mut table[t * shw..(t + 1) * shw];
+        for_each_segment(g, tap, |p, i, len| {
+            for (k, e) in row[p..p + len].iter_mut().enumerate() {
+                *e = (i + k * g.stride[1]) as u32;
+            }
+        });
+    }
+    Some(table)
+}
+
 /// im2col of one image's group channels `img` `[Cb/G, Hb, Wb]` into columns
 /// `off .. off + Hs·Ws` of the patch matrix `col` `[Cb/G · kh · kw, ld]`:
 /// `col[(c, ki, kj), off + oy·Ws + ox] = img[c, oy·sh − ph + ki·dh, ox·sw − pw + kj·dw]` (0 outside).
-fn im2col(g: &ConvGeometry, taps: &[Tap], img: &[f32], col: &mut [f32], ld: usize, off: usize) {
+fn im2col(
+    g: &ConvGeometry,
+    taps: &[Tap],
+    table: Option<&[u32]>,
+    img: &[f32],
+    col: &mut [f32],
+    ld: usize,
+    off: usize,
+) {
     let (bhw, shw) = (g.big_hw(), g.small_hw());
+    if let Some(table) = table {
+        let mut ext = vec![0f32; bhw + 1]; // the plane plus one zero slot for the padding
+        for c in 0..g.cbg() {
+            ext[..bhw].copy_from_slice(&img[c * bhw..(c + 1) * bhw]);
+            for (t, idx) in table.chunks_exact(shw).enumerate() {
+                let row = &mut col[(c * taps.len() + t) * ld + off..][..shw];
+                for (d, &i) in row.iter_mut().zip(idx) {
+                    *d = ext[i as usize];
+                }
+            }
+        }
+        return;
+    }
     for c in 0..g.cbg() {
         let plane = &img[c * bhw..(c + 1) * bhw];
         for (t, tap) in taps.iter().enumerate() {
@@ -462,8 +506,32 @@ fn im2col(g: &ConvGeometry, taps: &[Tap], img: &[f32], col: &mut [f32], ld: usiz
 
 /// col2im: the adjoint of [`im2col`] — every patch-matrix entry is added back to the image pixel
 /// it was gathered from. `img` must be zeroed (or hold what the sum should start from).
-fn col2im(g: &ConvGeometry, taps: &[Tap], col: &[f32], ld: usize, off: usize, img: &mut [f32]) {
+fn col2im(
+    g: &ConvGeometry,
+    taps: &[Tap],
+    table: Option<&[u32]>,
+    col: &[f32],
+    ld: usize,
+    off: usize,
+    img: &mut [f32],
+) {
     let (bhw, shw) = (g.big_hw(), g.small_hw());
+    if let Some(table) = table {
+        let mut ext = vec![0f32; bhw + 1]; // the padding slot collects what falls outside
+        for c in 0..g.cbg() {
+            ext.fill(0.0);
+            for (t, idx) in table.chunks_exact(shw).enumerate() {
+                let row = &col[(c * taps.len() + t) * ld + off..][..shw];
+                for (v, &i) in row.iter().zip(idx) {
+                    ext[i as usize] += *v;
+                }
+            }
+            for (d, e) in img[c * bhw..(c + 1) * bhw].iter_mut().zip(&ext) {
+                *d += *e;
+            }
+        }
+        return;
+    }
     for c in 0..g.cbg() {
         let plane = &mut img[c * bhw..(c + 1) * bhw];
         for (t, tap) in taps.iter().enumerate() {
@@ -600,6 +668,7 @@ pub fn correlate(
         return gemm(a, b, MatMut::row_major(small, g.batch, cs), &opts);
     }
     let nb = g.images_per_chunk();
+    let table = tap_table(g, &taps);
     let direct = nb == 1 && g.pointwise();
     let m = nb * shw;
     let col_len = if direct { 0 } else { kg * m };
@@ -618,7 +687,7 @@ pub fn correlate(
                     } else {
                         for n in 0..nbc {
                             let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                            im2col(g, &taps, img, col, m, n * shw);
+                            im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
                         }
                         MatRef::row_major(&col[..kg * m], kg, m)
                     };
@@ -682,6 +751,7 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
         );
     }
     let nb = g.images_per_chunk();
+    let table = tap_table(g, &taps);
     let direct = nb == 1 && g.pointwise();
     let m = nb * shw;
     let col_len = if direct { 0 } else { kg * m };
@@ -714,7 +784,7 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
                         gemm(a, b, MatMut::row_major(col, kg, m), &GemmOptions::default())?;
                         for n in 0..nbc {
                             let img = &mut xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                            col2im(g, &taps, col, m, n * shw, img);
+                            col2im(g, &taps, table.as_deref(), col, m, n * shw, img);
                         }
                     }
                 }
@@ -765,6 +835,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
         return gemm(a, b, MatMut::row_major(dw, cs, kg), &GemmOptions::default());
     }
     let nb = g.images_per_chunk();
+    let table = tap_table(g, &taps);
     let chunks = g.batch.div_ceil(nb);
     let slices = chunks.min(MAX_SLICES);
     let direct = nb == 1 && g.pointwise();
@@ -792,7 +863,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
                         } else {
                             for n in 0..nbc {
                                 let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                                im2col(g, &taps, img, col, m, n * shw);
+                                im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
                             }
                             MatRef::row_major(&col[..kg * m], kg, m)
                         };
