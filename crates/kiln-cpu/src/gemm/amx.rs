@@ -298,7 +298,7 @@ struct Blocking {
 }
 
 /// KC from L1d (a 32×KC bf16 A panel ≈ 2/3 of it), NC and MC from L2 (the KC×NC B block ≈ 1/4,
-/// the MC×KC A block ≈ 1/8). Sapphire Rapids (48 KiB, 2 MiB): KC = 512, NC = 512, MC = 128.
+/// the MC×KC A block ≈ 1/8). Sapphire Rapids (48 KiB, 2 MiB): KC = 512, NC = 512, MC = 256.
 fn blocking() -> Blocking {
     let (l1, l2) = detect::cache_sizes();
     let kc_steps = (l1 * 2 / 3 / (32 * 2) / 32).clamp(2, 32);
