@@ -313,11 +313,11 @@ impl Backend for CpuBackend {
             return Err(Error::shape("linear: output", &[m, n], &[y.len()]));
         }
         w.check("linear: weight")?;
-        let epilogue = match (bias, act) {
-            (None, Activation::None) => Epilogue::None,
-            (Some(b), Activation::None) => Epilogue::Bias(b),
-            (Some(b), Activation::GeluTanh) => Epilogue::BiasGelu(b),
-            (None, Activation::GeluTanh) => Epilogue::Gelu,
+        // The bias rides in the GEMM's epilogue; the GELU runs afterwards on the vectorised
+        // kernel (the epilogue's scalar tanh costs more than a second pass over y).
+        let epilogue = match bias {
+            None => Epilogue::None,
+            Some(b) => Epilogue::Bias(b),
         };
         let opts = GemmOptions {
             epilogue,
@@ -330,7 +330,11 @@ impl Backend for CpuBackend {
             WeightData::F32(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::F16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::BF16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
+        }?;
+        if act == Activation::GeluTanh {
+            gelu_inplace(y);
         }
+        Ok(())
     }
 
     fn layer_norm(
