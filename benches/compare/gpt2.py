@@ -11,7 +11,9 @@ threads, each configuration in its own process so that peak resident memory is i
   over the prompt (prefill, which also picks the first token), then 127 single-token steps with
   the KV cache; peak RSS is the process's ru_maxrss.
 
-Decode tokens/s counts the steps after the prefill (127), for both.
+Decode tokens/s counts the steps after the prefill (127), for both. PyTorch bf16 decodes only
+--torch-bf16-new tokens (default 16): on CPUs without native bf16 arithmetic (AVX2 only) its bf16
+kernels run at well under 1 GFLOP/s, and a rate needs no more.
 
     /work/pyenv/bin/python benches/compare/gpt2.py [--model DIR] [--kiln target/release/kiln]
         [--threads 1 2] [--repeats 2] [--json out.jsonl]
@@ -128,6 +130,10 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--torch-bf16-new", type=int, default=16,
+                    help="new tokens for PyTorch bf16, which is very slow on CPUs without native bf16 "
+                         "(decode tokens/s is a rate, so fewer tokens measure it too)")
+    ap.add_argument("--torch-bf16-repeats", type=int, default=1)
     ap.add_argument("--engines", nargs="+", default=["torch-f32", "torch-bf16", "kiln-f32", "kiln-bf16"])
     ap.add_argument("--json", help="also write one JSON object per configuration to this file")
     args = ap.parse_args()
@@ -147,10 +153,11 @@ def main():
         res = {}
         for eng in args.engines:
             runs = []
-            for _ in range(args.repeats):
+            slow = eng == "torch-bf16"
+            for _ in range(args.torch_bf16_repeats if slow else args.repeats):
                 kind, dtype = eng.split("-")
                 r = (run_kiln(args.kiln, args.model, text, dtype, threads, args.new) if kind == "kiln"
-                     else run_torch(args.model, ids, dtype, threads, args.new))
+                     else run_torch(args.model, ids, dtype, threads, args.torch_bf16_new if slow else args.new))
                 runs.append(r)
             res[eng] = best(runs)
             r = res[eng]
