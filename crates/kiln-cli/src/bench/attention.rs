@@ -79,6 +79,18 @@ fn fill(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+fn fill_as<T: FloatElement>(n: usize, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            T::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
 fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
     let (b, h, t, d) = (a.batch, a.heads, a.seq, a.head_dim);
     let threads = a.threads.unwrap_or_else(|| {
@@ -123,12 +135,11 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
         extra.insert("kv_bytes".into(), bytes.into());
         ("attention_decode", ms, None, Some(bytes / ms / 1e6))
     } else {
+        // Generated straight into their storage type: no temporary copies, so that the peak
+        // resident set is the tensors plus what the kernel itself allocates.
         let q = fill(b * h * t * d, 1);
-        let kf = fill(b * h * t * d, 2);
-        let vf = fill(b * h * t * d, 3);
-        let k: Vec<T> = kf.iter().map(|&x| T::from_f32(x)).collect();
-        let v: Vec<T> = vf.iter().map(|&x| T::from_f32(x)).collect();
-        drop((kf, vf));
+        let k: Vec<T> = fill_as(b * h * t * d, 2);
+        let v: Vec<T> = fill_as(b * h * t * d, 3);
         let mut out = vec![0f32; b * h * t * d];
         let opts = AttentionOptions {
             causal: a.causal,
@@ -164,9 +175,13 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
     if let Some(rss) = peak_rss_mib() {
         extra.insert("peak_rss_mib".into(), rss.into());
     }
+    // Ceilings measured now, with the same thread count (`kiln bench peak`).
+    let pk = kiln_cpu::peak::quick(threads);
+    extra.insert("peak_gflops".into(), pk.fma_gflops(threads).into());
+    extra.insert("peak_gbps".into(), pk.gbps(threads).into());
     let peak_fraction = match (gflops, gbps) {
-        (Some(g), _) => g / (fma_peak_gflops_per_thread() * threads as f64),
-        (_, Some(bw)) => bw / memory_bandwidth_gbps(),
+        (Some(g), _) => g / pk.fma_gflops(threads),
+        (_, Some(bw)) => bw / pk.gbps(threads),
         _ => 0.0,
     };
     Ok(BenchRecord {
@@ -180,18 +195,6 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
         peak_fraction,
         extra,
     })
-}
-
-/// FP32 FMA peak of one thread, in GFLOP/s.
-/// ASSUMED CONSTANT until the measured probe (`kiln_cpu::peak`) is wired in: 2 FMA pipes ×
-/// 8 lanes × 2 flops × 3.5 GHz.
-fn fma_peak_gflops_per_thread() -> f64 {
-    112.0
-}
-
-/// Memory bandwidth in GB/s. ASSUMED CONSTANT until `kiln_cpu::peak` is wired in.
-fn memory_bandwidth_gbps() -> f64 {
-    27.0
 }
 
 /// The process's peak resident set (VmHWM), in MiB (Linux only).
