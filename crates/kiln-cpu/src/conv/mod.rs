@@ -844,50 +844,60 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
     let tmp_len = if nb == 1 { 0 } else { csg * m };
     let wlen = dw.len();
     // Slice s owns chunks [s·chunks/slices, (s+1)·chunks/slices).
-    let partials: Vec<Result<Vec<f32>>> = (0..slices)
-        .into_par_iter()
-        .map(|s| {
-            let mut part = vec![0f32; wlen];
-            let (c0, c1) = (s * chunks / slices, (s + 1) * chunks / slices);
-            for (ci, chunk) in (c0..c1).enumerate() {
-                let n0 = chunk * nb;
-                let nbc = nb.min(g.batch - n0);
-                let m = nbc * shw;
-                let xs = &big[n0 * cb * bhw..][..nbc * cb * bhw];
-                let ys = &small[n0 * cs * shw..][..nbc * cs * shw];
-                with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
-                    let (col, tmp) = scratch.split_at_mut(col_len);
-                    for grp in 0..g.groups {
-                        let bt = if direct {
-                            MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
-                        } else {
-                            for n in 0..nbc {
-                                let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                                im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
-                            }
-                            MatRef::row_major(&col[..kg * m], kg, m)
-                        };
-                        let a = if nbc == 1 {
-                            MatRef::row_major(&ys[grp * csg * shw..][..csg * shw], csg, shw)
-                        } else {
-                            gather_group(ys, nbc, cs, csg, grp, shw, tmp);
-                            MatRef::row_major(&tmp[..csg * m], csg, m)
-                        };
-                        let c = MatMut::row_major(&mut part[grp * csg * kg..][..csg * kg], csg, kg);
-                        let opts = GemmOptions {
-                            beta: if ci == 0 { 0.0 } else { 1.0 },
-                            ..Default::default()
-                        };
-                        gemm(a, bt.t(), c, &opts)?;
-                    }
-                    Ok(())
-                })?;
-            }
-            Ok(part)
-        })
-        .collect();
-    dw.fill(0.0);
-    for p in partials {
+    // Slice s accumulates chunks [s·chunks/slices, (s+1)·chunks/slices) into `part`.
+    let run_slice = |s: usize, part: &mut [f32]| -> Result<()> {
+        let (c0, c1) = (s * chunks / slices, (s + 1) * chunks / slices);
+        for (ci, chunk) in (c0..c1).enumerate() {
+            let n0 = chunk * nb;
+            let nbc = nb.min(g.batch - n0);
+            let m = nbc * shw;
+            let xs = &big[n0 * cb * bhw..][..nbc * cb * bhw];
+            let ys = &small[n0 * cs * shw..][..nbc * cs * shw];
+            with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
+                let (col, tmp) = scratch.split_at_mut(col_len);
+                for grp in 0..g.groups {
+                    let bt = if direct {
+                        MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
+                    } else {
+                        for n in 0..nbc {
+                            let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
+                            im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
+                        }
+                        MatRef::row_major(&col[..kg * m], kg, m)
+                    };
+                    let a = if nbc == 1 {
+                        MatRef::row_major(&ys[grp * csg * shw..][..csg * shw], csg, shw)
+                    } else {
+                        gather_group(ys, nbc, cs, csg, grp, shw, tmp);
+                        MatRef::row_major(&tmp[..csg * m], csg, m)
+                    };
+                    let c = MatMut::row_major(&mut part[grp * csg * kg..][..csg * kg], csg, kg);
+                    let opts = GemmOptions {
+                        beta: if ci == 0 { 0.0 } else { 1.0 },
+                        ..Default::default()
+                    };
+                    gemm(a, bt.t(), c, &opts)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    };
+    // Slice 0 writes into dw itself, the others into partials added afterwards in slice order.
+    let (first, rest) = rayon::join(
+        || run_slice(0, dw),
+        || {
+            (1..slices)
+                .into_par_iter()
+                .map(|s| {
+                    let mut part = vec![0f32; wlen];
+                    run_slice(s, &mut part).map(|_| part)
+                })
+                .collect::<Vec<Result<Vec<f32>>>>()
+        },
+    );
+    first?;
+    for p in rest {
         let p = p?;
         dw.par_chunks_mut(4096)
             .zip(p.par_chunks(4096))
