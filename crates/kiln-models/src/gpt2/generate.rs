@@ -172,8 +172,6 @@ pub struct Gpt2 {
     /// Folder it was loaded from.
     pub dir: PathBuf,
     pub load_ms: f64,
-    /// The open checkpoint; zero-copy weights borrow its memory map.
-    pub file: SafeTensors,
 }
 
 impl std::fmt::Debug for Gpt2 {
@@ -206,6 +204,9 @@ impl Gpt2 {
             None => checkpoint_dtype(&file)?,
         };
         let weights = Gpt2Weights::load(&file, &config, dtype)?;
+        // Zero-copy tensors keep the map alive through their storage; converted ones do not need
+        // it, and closing it here returns its pages when nothing borrows them.
+        drop(file);
         if opts.prefault {
             weights.prefault();
         }
@@ -215,7 +216,6 @@ impl Gpt2 {
             tokenizer,
             dir: dir.to_path_buf(),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
-            file,
         })
     }
 
