@@ -9,10 +9,6 @@ use kiln_cpu::conv::{
 use kiln_tensor::Result;
 use std::time::Duration;
 
-/// FP32 FMA peak of one core of the reference machine (AVX-512, 2 FMA units, ~3.9 GHz), used
-/// for `peak_fraction` until the measured probe is wired in.
-const PEAK_GFLOPS_PER_CORE: f64 = 232.0;
-
 #[derive(Args, Debug, Clone)]
 pub struct ConvArgs {
     /// Images per batch.
@@ -180,14 +176,11 @@ fn one(a: &ConvArgs, transposed: bool, layer: Option<&str>) -> Result<BenchRecor
     if let Some(l) = layer {
         extra.insert("layer".into(), l.into());
     }
-    extra.insert(
-        "peak_gflops".into(),
-        (PEAK_GFLOPS_PER_CORE * threads as f64).into(),
-    );
-    extra.insert(
-        "peak_source".into(),
-        "constant (232 GFLOP/s per core)".into(),
-    );
+    // The measured FP32 FMA ceiling for this thread count (`kiln bench peak`).
+    let pk = kiln_cpu::peak::quick(threads);
+    let peak = pk.fma_gflops(threads);
+    extra.insert("peak_gflops".into(), peak.into());
+    extra.insert("peak_isa".into(), pk.isa.into());
     Ok(BenchRecord {
         op: op.into(),
         shape: serde_json::json!({
@@ -200,7 +193,7 @@ fn one(a: &ConvArgs, transposed: bool, layer: Option<&str>) -> Result<BenchRecor
         median_ms: ms,
         gflops: Some(gflops),
         gbps: None,
-        peak_fraction: gflops / (PEAK_GFLOPS_PER_CORE * threads as f64),
+        peak_fraction: gflops / peak,
         extra,
     })
 }
