@@ -249,6 +249,7 @@ fn bad_files_are_errors() {
     assert!(err(br#"{"a": -1}"#, GPT2_MERGES_TXT).contains("vocab.json"));
     assert!(err(br#"{"a": 99999999999}"#, GPT2_MERGES_TXT).contains("too large"));
     assert!(err(br#"{"a": 0, "b": 0}"#, GPT2_MERGES_TXT).contains("share id 0"));
+    assert!(err(br#"{"a": 0, "a": 1}"#, GPT2_MERGES_TXT).contains("twice"));
     assert!(err(br#"{"a": 0}"#, GPT2_MERGES_TXT).contains("no token for byte"));
     // merges.txt problems
     assert!(err(GPT2_VOCAB_JSON, b"#version: 0.2\nab\n").contains("line 2"));

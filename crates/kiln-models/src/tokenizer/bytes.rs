@@ -57,10 +57,9 @@ pub fn char_to_byte(c: char) -> Option<u8> {
     }
 }
 
-/// The bytes a vocabulary string stands for. Characters outside the table (which GPT-2's files do not contain)
-/// stand for their own UTF-8 bytes.
-pub fn vocab_string_to_bytes(s: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
+/// Appends the bytes a vocabulary string stands for to `out`. Characters outside the table (which GPT-2's
+/// files do not contain) stand for their own UTF-8 bytes.
+pub fn push_vocab_string_bytes(s: &str, out: &mut Vec<u8>) {
     for c in s.chars() {
         match char_to_byte(c) {
             Some(b) => out.push(b),
@@ -70,6 +69,12 @@ pub fn vocab_string_to_bytes(s: &str) -> Vec<u8> {
             }
         }
     }
+}
+
+/// The bytes a vocabulary string stands for (see [`push_vocab_string_bytes`]).
+pub fn vocab_string_to_bytes(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    push_vocab_string_bytes(s, &mut out);
     out
 }
 

@@ -62,20 +62,48 @@ impl std::fmt::Debug for Gpt2Tokenizer {
     }
 }
 
+/// The entries of `vocab.json` in file order, read straight into a vector (no intermediate map).
+struct VocabEntries(Vec<(String, u64)>);
+
+impl<'de> serde::Deserialize<'de> for VocabEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = VocabEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of token → id")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<VocabEntries, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).max(1024));
+                while let Some(entry) = map.next_entry::<String, u64>()? {
+                    out.push(entry);
+                }
+                Ok(VocabEntries(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// The parsed `vocab.json`: token string → id.
 fn parse_vocab(bytes: &[u8]) -> std::result::Result<FxHashMap<String, u32>, String> {
-    let map: FxHashMap<String, u64> = serde_json::from_slice(bytes)
+    let VocabEntries(entries) = serde_json::from_slice(bytes)
         .map_err(|e| format!("not a JSON object of token → id: {e}"))?;
-    if map.is_empty() {
+    if entries.is_empty() {
         return Err("the vocabulary is empty".into());
     }
-    let mut out = FxHashMap::with_capacity_and_hasher(map.len(), FxBuild::default());
-    for (k, v) in map {
+    let mut out = FxHashMap::with_capacity_and_hasher(entries.len(), FxBuild::default());
+    for (k, v) in entries {
         let id = u32::try_from(v)
             .ok()
             .filter(|&id| id < u32::MAX / 2)
             .ok_or_else(|| format!("token {k:?} has id {v}, too large"))?;
-        out.insert(k, id);
+        if let Some(first) = out.insert(k, id) {
+            return Err(format!("a token is listed twice (ids {first} and {id})"));
+        }
     }
     Ok(out)
 }
@@ -152,7 +180,7 @@ impl Gpt2Tokenizer {
         token_offsets.push(0u32);
         for tok in &by_id {
             if let Some(tok) = tok {
-                token_data.extend_from_slice(&bytes::vocab_string_to_bytes(tok));
+                bytes::push_vocab_string_bytes(tok, &mut token_data);
             }
             present.push(tok.is_some());
             let end = u32::try_from(token_data.len())
