@@ -6,7 +6,9 @@ other in the same run, at 1 and 2 threads.
     /work/pyenv/bin/python benches/compare/matmul.py --quick    # skip 4096^3
     /work/pyenv/bin/python benches/compare/matmul.py --threads 1 --shapes square
 
-kiln runs through `kiln bench matmul --json` (built with `cargo build --release`). numpy runs in
+kiln runs through `kiln bench matmul --json` (built with `cargo build --release`). Shapes are
+interleaved: kiln, numpy and PyTorch run back to back on one shape before the next, so the three
+see the same machine load (each peer is a fresh process per shape). numpy runs in
 its own process with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed from the environment (so
 OpenBLAS picks its kernel by itself; threadpoolctl, when installed, reports which one) and its
 thread count set through threadpoolctl or OPENBLAS_NUM_THREADS. PyTorch uses
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--shapes", default="all", choices=["all", "square", "gpt2"])
     ap.add_argument("--quick", action="store_true", help="skip 4096^3")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each shape, keep the best")
     ap.add_argument("--json", action="store_true", help="also print every row as JSON")
     args = ap.parse_args()
     if not os.path.exists(args.kiln):
@@ -135,10 +138,18 @@ def main():
     sl = shapes(args.shapes, args.quick)
     rows = []
     for t in [int(x) for x in args.threads.split(",")]:
-        kiln = [run_kiln(args.kiln, s, t, args.reps) for s in sl]
-        numpy = run_peer("numpy", t, sl, args.reps)
-        torch = run_peer("torch", t, sl, args.reps)
-        for s, kr, nr, tr in zip(sl, kiln, numpy, torch):
+        # Interleaved shape by shape (kiln, numpy, PyTorch back to back), so that all three see
+        # the same machine load; with --rounds > 1 the best round of each is kept.
+        for s in sl:
+            best = {}
+            for _ in range(args.rounds):
+                kr = run_kiln(args.kiln, s, t, args.reps)
+                nr = run_peer("numpy", t, [s], args.reps)[0]
+                tr = run_peer("torch", t, [s], args.reps)[0]
+                for name, res in (("kiln", kr), ("numpy", nr), ("torch", tr)):
+                    if res and (name not in best or res["median_ms"] < best[name]["median_ms"]):
+                        best[name] = res
+            kr, nr, tr = best.get("kiln"), best.get("numpy"), best.get("torch")
             eb = 2 if s[3] == "bf16" else 4
             r = {
                 "shape": list(s[:3]), "dtype": s[3], "layout": s[4], "threads": t,
@@ -150,6 +161,7 @@ def main():
                 "numpy_info": nr["info"] if nr else None,
             }
             rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
     print(f"{'shape m,n,k':<18} {'B':<5} {'lay':<4} {'thr':>3} {'unit':<8} {'kiln':>8} {'%peak':>6} "
           f"{'numpy':>8} {'torch':>8} {'k/np':>6} {'k/torch':>7}")
     for r in rows:
