@@ -148,6 +148,19 @@ def main():
     # Bytes of weights one decode step streams (block matrices + the tied output projection).
     params_streamed = L * 12 * c * c + V * c
 
+    # The machine's memory bandwidth in this run (triad, best pass), per thread count: the
+    # decode roofline is bandwidth / bytes per token.
+    triad = {}
+    out = subprocess.run([args.kiln, "bench", "peak", "--json", "--reps", "5"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("op") == "triad":
+            triad[rec["threads"]] = rec["gbps"]
+    print(f"triad bandwidth GB/s by threads: {triad}", file=sys.stderr)
+
     rows = []
     for threads in args.threads:
         res = {}
@@ -163,6 +176,8 @@ def main():
             r = res[eng]
             bytes_tok = params_streamed * (4 if eng.endswith("f32") else 2)
             r["gb_per_s"] = bytes_tok * r["decode_tokens_per_s"] / 1e9
+            bw = max(triad.values()) if triad else None
+            r["roofline_fraction"] = r["gb_per_s"] / bw if bw else None
             print(f"threads={threads} {eng:<10} decode {r['decode_tokens_per_s']:7.1f} tok/s "
                   f"({r['gb_per_s']:5.1f} GB/s)  prefill {r['prefill_ms']:7.1f} ms  load {r['load_ms']:6.0f} ms  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
@@ -178,11 +193,12 @@ def main():
                     row[f"prefill_x_{peer}"] = p["prefill_ms"] / r["prefill_ms"]
             rows.append(row)
 
-    print("\n| engine | threads | decode tok/s | GB/s | prefill 128 ms | load ms | peak RSS MB | decode × torch f32 | decode × torch bf16 | prefill × torch f32 | prefill × torch bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| engine | threads | decode tok/s | GB/s | of triad | prefill 128 ms | load ms | peak RSS MB | decode × torch f32 | decode × torch bf16 | prefill × torch f32 | prefill × torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda row, k: f"{row[k]:.2f}" if k in row else ""
     for row in rows:
         print(f"| {row['engine']} | {row['threads']} | {row['decode_tokens_per_s']:.1f} | {row['gb_per_s']:.1f} | "
+              f"{(row['roofline_fraction'] or 0) * 100:.0f}% | "
               f"{row['prefill_ms']:.1f} | {row['load_ms']:.0f} | {row['peak_rss_mb']:.0f} | {f(row, 'decode_x_torch-f32')} | "
               f"{f(row, 'decode_x_torch-bf16')} | {f(row, 'prefill_x_torch-f32')} | {f(row, 'prefill_x_torch-bf16')} |")
     if args.json:
