@@ -6,7 +6,7 @@ cache, at 1 and 2 threads, interleaving the two so that both see the same machin
 Reports wall-clock medians and CPU time per call (steadier on a shared machine), and the
 kiln/torch speed ratios (> 1 means kiln is faster).
 
-    /work/pyenv/bin/python benches/compare/attention.py [--kiln target/release/kiln] [--quick]
+    python3 benches/compare/attention.py [--kiln target/release/kiln] [--quick]
 """
 import argparse
 import json

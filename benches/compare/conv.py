@@ -7,7 +7,7 @@ back so both see the same machine load. Forward+backward computes the input and 
 gradients in both (no bias, as in DCGAN). Prints a markdown table; `speedup` = torch / kiln
 (≥ 1 means kiln is at least as fast).
 
-Usage: cargo build --release && /work/pyenv/bin/python benches/compare/conv.py [--threads 1,2]
+Usage: cargo build --release && python3 benches/compare/conv.py [--threads 1,2]
        [--batch 64] [--min-time 1.0] [--layers G1,D2] [--kiln target/release/kiln]
 """
 import argparse

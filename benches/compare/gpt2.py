@@ -15,7 +15,7 @@ Decode tokens/s counts the steps after the prefill (127), for both. PyTorch bf16
 --torch-bf16-new tokens (default 16): on CPUs without native bf16 arithmetic (AVX2 only) its bf16
 kernels run at well under 1 GFLOP/s, and a rate needs no more.
 
-    /work/pyenv/bin/python benches/compare/gpt2.py [--model DIR] [--kiln target/release/kiln]
+    python3 benches/compare/gpt2.py [--model DIR] [--kiln target/release/kiln]
         [--threads 1 2] [--repeats 2] [--json out.jsonl]
 
 Build kiln first: `cargo build --release`.

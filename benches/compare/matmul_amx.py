@@ -6,9 +6,9 @@ torch.matmul on bf16 tensors of the same shapes at the same thread counts, and p
 kiln's fraction of the measured AMX peak (one core's tdpbf16ps throughput × threads) and the
 ratio kiln / torch.
 
-    /work/pyenv/bin/python benches/compare/matmul_amx.py            # all shapes
-    /work/pyenv/bin/python benches/compare/matmul_amx.py --quick    # fewer repetitions
-    /work/pyenv/bin/python benches/compare/matmul_amx.py --emulated # no AMX here: software
+    python3 benches/compare/matmul_amx.py            # all shapes
+    python3 benches/compare/matmul_amx.py --quick    # fewer repetitions
+    python3 benches/compare/matmul_amx.py --emulated # no AMX here: software
                                                                     # tile model, small shapes
 
 Notes: torch returns a bf16 C, kiln an f32 C (kiln writes twice the output bytes). kiln's

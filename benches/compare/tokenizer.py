@@ -8,7 +8,7 @@ and the ratio kiln / tokenizers, with a cold cache (a fresh tokenizer per run), 
 paragraph (the text split at blank lines, one `encode` call each: the library slows down on very long single
 inputs, so this is the fairer figure for prompts). Medians over the runs, and the fastest run ("best").
 
-    /work/pyenv/bin/python benches/compare/tokenizer.py [CORPUS] [--iters N] [--kiln-json FILE]
+    python3 benches/compare/tokenizer.py [CORPUS] [--iters N] [--kiln-json FILE]
 
 CORPUS defaults to tests/fixtures/tokenizer/bench_corpus.txt. Both sides are single-threaded (one `encode` call
 on the whole text). Numbers taken while other work runs on the machine are noisy: the ratio, measured back to
