@@ -2,9 +2,9 @@
 """kiln matmul side by side with numpy (OpenBLAS) and PyTorch, on the same shapes, one after the
 other in the same run, at 1 and 2 threads.
 
-    /work/pyenv/bin/python benches/compare/matmul.py            # all shapes
-    /work/pyenv/bin/python benches/compare/matmul.py --quick    # skip 4096^3
-    /work/pyenv/bin/python benches/compare/matmul.py --threads 1 --shapes square
+    python3 benches/compare/matmul.py            # all shapes
+    python3 benches/compare/matmul.py --quick    # skip 4096^3
+    python3 benches/compare/matmul.py --threads 1 --shapes square
 
 kiln runs through `kiln bench matmul --json` (built with `cargo build --release`). Shapes are
 interleaved: kiln, numpy and PyTorch run back to back on one shape before the next, so the three
