@@ -341,7 +341,7 @@ fn decode_matches_prefill<T: FloatElement>() {
     let mut t0 = 0;
     let mut steps = vec![(0, prompt)];
     steps.extend((prompt..total).map(|t| (t, t + 1)));
-    steps.push((total - 0, total)); // empty step: nothing appended
+    steps.push((total, total)); // empty step: nothing appended
     for &(a, bnd) in &steps {
         if a == bnd {
             continue;
@@ -490,7 +490,7 @@ fn bitwise_equal_for_one_and_two_threads() {
 
 #[test]
 fn bad_arguments_are_errors() {
-    let x = vec![0f32; 2 * 8];
+    let x = [0f32; 2 * 8];
     let mut o = vec![0f32; 2 * 8];
     let q = HeadsRef::contiguous(&x[..], 1, 1, 2, 8);
     // View larger than its buffer.
