@@ -72,17 +72,15 @@ fn fma_chains(iters: u64) -> (f64, f32) {
     #[cfg(target_arch = "x86_64")]
     {
         match fma_isa() {
-            // SAFETY: the CPU has AVX-512F (checked by fma_isa).
             "avx512" => {
-                return (iters as f64 * x86::FLOPS_512, unsafe {
-                    x86::chains_avx512(iters)
-                })
+                // SAFETY: the CPU has AVX-512F (checked by fma_isa).
+                let keep = unsafe { x86::chains_avx512(iters) };
+                return (iters as f64 * x86::FLOPS_512, keep);
             }
-            // SAFETY: the CPU has AVX2 and FMA (checked by fma_isa).
             "avx2" => {
-                return (iters as f64 * x86::FLOPS_256, unsafe {
-                    x86::chains_avx2(iters)
-                })
+                // SAFETY: the CPU has AVX2 and FMA (checked by fma_isa).
+                let keep = unsafe { x86::chains_avx2(iters) };
+                return (iters as f64 * x86::FLOPS_256, keep);
             }
             _ => {}
         }

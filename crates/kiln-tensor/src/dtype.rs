@@ -251,11 +251,13 @@ pub mod convert {
         assert_eq!(src.len(), dst.len(), "f16_to_f32: length mismatch");
         let done = match isa.checked() {
             Isa::Scalar => 0,
-            // SAFETY: `checked` confirmed the CPU features at run time.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX-512F at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx512 => unsafe { crate::convert_simd::f16_to_f32_avx512(src, dst) },
-            // SAFETY: as above (AVX2 and F16C).
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX2 and F16C at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx2 => unsafe { crate::convert_simd::f16_to_f32_f16c(src, dst) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => 0,
@@ -274,11 +276,13 @@ pub mod convert {
         assert_eq!(src.len(), dst.len(), "f32_to_f16: length mismatch");
         let done = match isa.checked() {
             Isa::Scalar => 0,
-            // SAFETY: `checked` confirmed the CPU features at run time.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX-512F at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx512 => unsafe { crate::convert_simd::f32_to_f16_avx512(src, dst) },
-            // SAFETY: as above (AVX2 and F16C).
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX2 and F16C at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx2 => unsafe { crate::convert_simd::f32_to_f16_f16c(src, dst) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => 0,
@@ -297,11 +301,13 @@ pub mod convert {
         assert_eq!(src.len(), dst.len(), "bf16_to_f32: length mismatch");
         let done = match isa.checked() {
             Isa::Scalar => 0,
-            // SAFETY: `checked` confirmed the CPU features at run time.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX-512F at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx512 => unsafe { crate::convert_simd::bf16_to_f32_avx512(src, dst) },
-            // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX2 at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx2 => unsafe { crate::convert_simd::bf16_to_f32_avx2(src, dst) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => 0,
@@ -320,11 +326,13 @@ pub mod convert {
         assert_eq!(src.len(), dst.len(), "f32_to_bf16: length mismatch");
         let done = match isa.checked() {
             Isa::Scalar => 0,
-            // SAFETY: `checked` confirmed the CPU features at run time.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX-512F at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx512 => unsafe { crate::convert_simd::f32_to_bf16_avx512(src, dst) },
-            // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `checked` confirmed AVX2 at run time; the kernel reads and writes
+            // only within `src` and `dst`, whose lengths are equal (asserted above).
             Isa::Avx2 => unsafe { crate::convert_simd::f32_to_bf16_avx2(src, dst) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => 0,
