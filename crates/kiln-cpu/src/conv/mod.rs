@@ -568,8 +568,24 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
-fn weights_f32<W: FloatElement>(w: &[W]) -> Vec<f32> {
-    w.iter().map(|v| v.to_f32()).collect()
+/// The weights as f32: borrowed when they already are, otherwise converted once with the bulk
+/// (SIMD) conversions of kiln-tensor.
+fn weights_f32<W: FloatElement>(w: &[W]) -> std::borrow::Cow<'_, [f32]> {
+    use kiln_tensor::{convert, DType};
+    match W::DTYPE {
+        DType::F32 => std::borrow::Cow::Borrowed(bytemuck::cast_slice(w)),
+        DType::BF16 => {
+            let mut out = vec![0f32; w.len()];
+            convert::bf16_to_f32(bytemuck::cast_slice(w), &mut out);
+            std::borrow::Cow::Owned(out)
+        }
+        DType::F16 => {
+            let mut out = vec![0f32; w.len()];
+            convert::f16_to_f32(bytemuck::cast_slice(w), &mut out);
+            std::borrow::Cow::Owned(out)
+        }
+        _ => std::borrow::Cow::Owned(w.iter().map(|v| v.to_f32()).collect()),
+    }
 }
 
 /// Copies group `grp`'s channels of `nb` consecutive images `src` `[nb, C, hw]` into the matrix
