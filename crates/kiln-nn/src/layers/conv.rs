@@ -131,6 +131,16 @@ conv_layer!(
     conv_transpose2d_backward
 );
 
+/// Both channel counts must split evenly into `groups > 0` groups.
+fn check_groups(layer: &str, in_channels: usize, out_channels: usize, groups: usize) -> Result<()> {
+    if groups == 0 || !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
+        return Err(Error::invalid(format!(
+            "{layer}: channels {in_channels}→{out_channels} do not divide into {groups} groups"
+        )));
+    }
+    Ok(())
+}
+
 impl Conv2d {
     /// Zero-initialised parameters (the caller loads or initialises them).
     pub fn new(
@@ -140,15 +150,7 @@ impl Conv2d {
         params: Conv2dParams,
         bias: bool,
     ) -> Result<Self> {
-        if params.groups == 0
-            || !in_channels.is_multiple_of(params.groups)
-            || !out_channels.is_multiple_of(params.groups)
-        {
-            return Err(Error::invalid(format!(
-                "Conv2d: channels {in_channels}→{out_channels} do not divide into {} groups",
-                params.groups
-            )));
-        }
+        check_groups("Conv2d", in_channels, out_channels, params.groups)?;
         let ws = [
             out_channels,
             in_channels / params.groups,
@@ -170,15 +172,7 @@ impl ConvTranspose2d {
         params: Conv2dParams,
         bias: bool,
     ) -> Result<Self> {
-        if params.groups == 0
-            || !in_channels.is_multiple_of(params.groups)
-            || !out_channels.is_multiple_of(params.groups)
-        {
-            return Err(Error::invalid(format!(
-                "ConvTranspose2d: channels {in_channels}→{out_channels} do not divide into {} groups",
-                params.groups
-            )));
-        }
+        check_groups("ConvTranspose2d", in_channels, out_channels, params.groups)?;
         let ws = [
             in_channels,
             out_channels / params.groups,
