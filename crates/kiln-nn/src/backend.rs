@@ -313,11 +313,13 @@ impl Backend for CpuBackend {
             return Err(Error::shape("linear: output", &[m, n], &[y.len()]));
         }
         w.check("linear: weight")?;
-        // The bias rides in the GEMM's epilogue; the GELU runs afterwards on the vectorised
-        // kernel (the epilogue's scalar tanh costs more than a second pass over y).
-        let epilogue = match bias {
-            None => Epilogue::None,
-            Some(b) => Epilogue::Bias(b),
+        // Bias and GELU ride in the GEMM's epilogue: one pass over y.
+        let gelu = act == Activation::GeluTanh;
+        let epilogue = match (bias, gelu) {
+            (None, false) => Epilogue::None,
+            (None, true) => Epilogue::Gelu,
+            (Some(b), false) => Epilogue::Bias(b),
+            (Some(b), true) => Epilogue::BiasGelu(b),
         };
         let opts = GemmOptions {
             epilogue,
@@ -331,9 +333,6 @@ impl Backend for CpuBackend {
             WeightData::F16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::BF16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
         }?;
-        if act == Activation::GeluTanh {
-            gelu_inplace(y);
-        }
         Ok(())
     }
 

@@ -38,15 +38,19 @@ pub fn gelu_forward_isa(isa: Isa, x: &[f32], out: &mut [f32]) -> Result<()> {
 
 /// `x[i] = gelu(x[i])`.
 pub fn gelu_inplace(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).for_each(gelu_row_inplace);
+}
+
+/// `x[i] = gelu(x[i])` on the calling thread, vectorised (what a fused GEMM epilogue applies
+/// to one row of a tile).
+pub fn gelu_row_inplace(x: &mut [f32]) {
     let isa = Isa::detect();
-    x.par_chunks_mut(CHUNK).for_each(|c| {
-        let mut tmp = [0f32; 256];
-        for part in c.chunks_mut(256) {
-            let n = part.len();
-            forward_chunk(isa, part, &mut tmp[..n]);
-            part.copy_from_slice(&tmp[..n]);
-        }
-    });
+    let mut tmp = [0f32; 256];
+    for part in x.chunks_mut(256) {
+        let n = part.len();
+        forward_chunk(isa, part, &mut tmp[..n]);
+        part.copy_from_slice(&tmp[..n]);
+    }
 }
 
 /// `dx[i] += gelu'(x[i])·dout[i]` (accumulates; zero `dx` first for a plain gradient).

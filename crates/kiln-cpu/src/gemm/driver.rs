@@ -263,7 +263,24 @@ unsafe fn macro_kernel<TB>(
                     }
                 }
             }
-            if has_epilogue {
+            if has_epilogue
+                && c.cs == 1
+                && matches!(prod.epilogue, Epilogue::Gelu | Epilogue::BiasGelu(_))
+            {
+                // Rows of the tile are contiguous: bias, then the vectorised GELU, per row.
+                for ii in 0..nrows {
+                    // SAFETY: row ii of this task's tile holds `ncols` contiguous elements
+                    // (cs == 1) inside C's buffer, and no other task touches this tile.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(corigin.add(ii * c.rs), ncols) };
+                    if let Epilogue::BiasGelu(bias) = prod.epilogue {
+                        for (x, &b) in row.iter_mut().zip(&bias[j..j + ncols]) {
+                            *x += b;
+                        }
+                    }
+                    crate::elementwise::gelu::gelu_row_inplace(row);
+                }
+            } else if has_epilogue {
                 for ii in 0..nrows {
                     for jj in 0..ncols {
                         // SAFETY: as above.
