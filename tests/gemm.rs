@@ -579,6 +579,7 @@ fn packed_b_matches_per_call_packing() {
             (130, 77, 600, true),
             (64, 300, 257, false),
             (1, 50, 9, true),
+            (300, 40, 300, false),
         ] {
             let a: Vec<f32> = random(m * k, &mut rng);
             let b: Vec<bf16> = random(k * n, &mut rng);

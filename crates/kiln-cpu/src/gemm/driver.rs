@@ -15,7 +15,7 @@
 //! thread count.
 use super::blocking::Blocking;
 use super::micro::{update, Kernel, MAX_TILE};
-use super::pack::{pack_a, pack_b};
+use super::pack::{pack_a, pack_b, pack_b_panel, prefetch_b_source};
 use super::{apply_epilogue, Epilogue, MatRef};
 use kiln_tensor::{AlignedBuffer, FloatElement};
 use rayon::prelude::*;
@@ -45,6 +45,8 @@ thread_local! {
     static A_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
     /// The calling thread's packed B block, reused across calls.
     static B_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
+    /// Per-thread single B micro-panel of the small-M path.
+    static B_PANEL: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
 }
 
 /// Takes a buffer of at least `len` f32 out of `slot` (growing it), for the caller to put back.
@@ -113,6 +115,13 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     debug_assert!(k > 0);
     let (mr, nr) = (kern.mr, kern.nr);
+    if let BSource::View(b) = &prod.b {
+        if m <= blk.mc {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { gemm_small_m(kern, blk, prod, b, threads) };
+            return;
+        }
+    }
     let nc = blk.nc.min(n.next_multiple_of(nr));
     let kc_max = blk.kc.min(k);
     let mut bpack = match prod.b {
@@ -191,7 +200,18 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 // SAFETY: this task alone owns rows i0 .. i0+mcur, panels p0 .. p1 of C's
                 // columns jc .. jc+ncur (tasks are distinct (ib, ns) pairs); the caller vouches
                 // for the rest.
-                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
+                unsafe {
+                    macro_kernel(kern, ap, bp, prod, &block, |jp, ip, calls| {
+                        // The next B micro-panel is fetched into L2 a slice per microkernel
+                        // call, so that its first call does not wait on L3 (a panel is used
+                        // only ⌈MC/MR⌉ times when M is small).
+                        if jp + 1 < block.p1 {
+                            let next = &bp[(jp + 1) * nr * kcur..(jp + 2) * nr * kcur];
+                            let per = next.len().div_ceil(calls * LINE_F32) * LINE_F32;
+                            prefetch_l2_range(next, ip * per, per);
+                        }
+                    })
+                };
                 put_buffer(&A_PACK, apack);
             };
             let tasks = mblocks * nsplit;
@@ -203,6 +223,90 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
         }
     }
     put_buffer(&B_PACK, bpack);
+}
+
+/// The loop nest when all of M is one row block (`m ≤ MC`: decode batches, GPT-2's prefill at
+/// M = 128, a conv layer's output channels):
+///
+/// ```text
+/// for pc in 0..k step KC
+///   pack_a(A[.., pc..]) → Ap                    // once, on the calling thread, shared
+///   parallel for task (a range of NR panels of C's columns)
+///     for jr in the task's panels
+///       pack_b_panel(B[pc.., jr..]) → Bp        // one KC × NR panel, stays in L1
+///       for ir: microkernel(Ap[ir], Bp, C[ir, jr]), prefetching B's source for jr + 1
+/// ```
+///
+/// Each B micro-panel is used only `⌈m/MR⌉` times here, so writing a whole packed `KC × NC`
+/// block (larger than L2) and reading it back would cost as much as the arithmetic; instead B's
+/// source is read once, straight into an L1-resident panel, and its next panel's lines are
+/// requested a slice per microkernel call so the read overlaps the arithmetic. Packed values,
+/// `KC` and the kernel calls are the same as in [`gemm_blis`]'s general path, so results are
+/// bitwise identical to it (and to [`super::PackedB`]) for any thread count.
+///
+/// # Safety
+/// As [`gemm_blis`].
+unsafe fn gemm_small_m<TB: FloatElement>(
+    kern: &Kernel,
+    blk: Blocking,
+    prod: &Product<'_, '_, TB>,
+    b: &MatRef<'_, TB>,
+    threads: usize,
+) {
+    let (m, k, n) = (prod.a.rows, prod.a.cols, b.cols);
+    let (mr, nr) = (kern.mr, kern.nr);
+    let panels = n.div_ceil(nr);
+    // Two tasks per thread (whole panels), so an uneven split costs less.
+    let tasks = if threads > 1 {
+        (2 * threads).min(panels)
+    } else {
+        1
+    };
+    let mut apack = take_buffer(&A_PACK, m.div_ceil(mr) * mr * blk.kc.min(k));
+    for pc in (0..k).step_by(blk.kc) {
+        let kcur = blk.kc.min(k - pc);
+        let (first, last) = (pc == 0, pc + kcur == k);
+        let ap = &mut apack.as_mut_slice::<f32>()[..m.div_ceil(mr) * mr * kcur];
+        pack_a(&prod.a, 0, m, pc, kcur, mr, ap);
+        let ap: &[f32] = ap;
+        let task = |t: usize| {
+            let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
+            let mut bbuf = take_buffer(&B_PANEL, nr * kcur);
+            let bpanel = &mut bbuf.as_mut_slice::<f32>()[..nr * kcur];
+            for jp in p0..p1 {
+                let j0 = jp * nr;
+                pack_b_panel(b, pc, kcur, j0, nr.min(n - j0), nr, bpanel);
+                let block = Block {
+                    i0: 0,
+                    mcur: m,
+                    j0,
+                    ncur: nr.min(n - j0),
+                    p0: 0,
+                    p1: 1,
+                    kc: kcur,
+                    beta: if first { prod.beta } else { 1.0 },
+                    last,
+                };
+                let next = (jp + 1 < p1).then(|| (j0 + nr, nr.min(n - j0 - nr)));
+                // SAFETY: this task alone owns C's columns of panels p0 .. p1 (tasks are
+                // disjoint panel ranges); the caller vouches for the rest.
+                unsafe {
+                    macro_kernel(kern, ap, bpanel, prod, &block, |_, ip, calls| {
+                        if let Some((nj, ncols)) = next {
+                            prefetch_b_source(b, pc, kcur, nj, ncols, ip, calls);
+                        }
+                    })
+                };
+            }
+            put_buffer(&B_PANEL, bbuf);
+        };
+        if tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            task(0);
+        }
+    }
+    put_buffer(&A_PACK, apack);
 }
 
 /// One task's share of a (jc, pc) iteration.
@@ -231,16 +335,19 @@ unsafe fn macro_kernel<TB>(
     bp: &[f32],
     prod: &Product<'_, '_, TB>,
     blk: &Block,
+    mut before_call: impl FnMut(usize, usize, usize),
 ) {
     let (mr, nr, kc) = (kern.mr, kern.nr, blk.kc);
     let c = prod.c;
     let mut tile = [0f32; MAX_TILE];
     let has_epilogue = blk.last && !matches!(prod.epilogue, Epilogue::None);
+    let calls = ap.len() / (mr * kc);
     for jp in blk.p0..blk.p1 {
         let jt = jp * nr; // column offset inside the block
         let ncols = nr.min(blk.ncur - jt);
         let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
         for (ip, apanel) in ap.chunks_exact(mr * kc).enumerate() {
+            before_call(jp, ip, calls);
             let it = ip * mr;
             let nrows = mr.min(blk.mcur - it);
             let (i, j) = (blk.i0 + it, blk.j0 + jt);
@@ -292,5 +399,24 @@ unsafe fn macro_kernel<TB>(
                 }
             }
         }
+    }
+}
+
+/// f32 elements per 64-byte cache line.
+const LINE_F32: usize = 16;
+
+/// Hints the cache lines of `data[start .. start + len]` (clamped to `data`) into L2.
+#[inline]
+fn prefetch_l2_range(data: &[f32], start: usize, len: usize) {
+    let end = (start + len).min(data.len());
+    let mut i = start;
+    while i < end {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint and never faults; `i < data.len()` anyway.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>(data.as_ptr().add(i) as *const i8);
+        }
+        i += LINE_F32;
     }
 }

@@ -62,6 +62,34 @@ pub fn pack_a(
             }
             continue;
         }
+        if a.col_stride == 1 && rows == mr {
+            // Row-major A: MR row streams read side by side, the panel written in order. The
+            // next panel's rows are short streams (kc elements) the hardware prefetcher barely
+            // sees before they end, so they are requested now.
+            for i in mr..2 * mr {
+                if r0 + i < i0 + mc {
+                    let base = (r0 + i) * a.row_stride + p0;
+                    prefetch_range(&a.data[base..base + kc]);
+                }
+            }
+            let row = |i: usize| {
+                let base = (r0 + i) * a.row_stride + p0;
+                &a.data[base..base + kc]
+            };
+            match mr {
+                6 => interleave_rows::<6>(std::array::from_fn(row), panel),
+                12 => interleave_rows::<12>(std::array::from_fn(row), panel),
+                4 => interleave_rows::<4>(std::array::from_fn(row), panel),
+                _ => {
+                    for i in 0..mr {
+                        for (p, &v) in row(i).iter().enumerate() {
+                            panel[p * mr + i] = v;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for i in 0..rows {
             let base = (r0 + i) * a.row_stride + p0 * a.col_stride;
             if a.col_stride == 1 {
@@ -79,6 +107,19 @@ pub fn pack_a(
             for p in 0..kc {
                 panel[p * mr + i] = 0.0;
             }
+        }
+    }
+}
+
+/// `panel[p·MR + i] = rows[i][p]`: MR equally long rows interleaved depth step by depth step.
+#[inline(always)]
+fn interleave_rows<const MR: usize>(rows: [&[f32]; MR], panel: &mut [f32]) {
+    let kc = rows[0].len();
+    assert!(rows.iter().all(|r| r.len() == kc) && panel.len() >= kc * MR);
+    for (p, out) in panel.chunks_exact_mut(MR).take(kc).enumerate() {
+        let out: &mut [f32; MR] = out.try_into().expect("MR elements");
+        for i in 0..MR {
+            out[i] = rows[i][p];
         }
     }
 }
@@ -167,6 +208,11 @@ pub fn pack_b<TB: FloatElement>(
             let panel = &mut dst[jp * nr * kc..(jp + 1) * nr * kc];
             for p in pb..pb + rows {
                 let s = (p0 + p) * b.row_stride + j0 + jp * nr;
+                // The same run ROWS depth rows further on, for the next pass of this loop.
+                if p + ROWS < kc {
+                    let ahead = s + ROWS * b.row_stride;
+                    prefetch_range(&b.data[ahead..ahead + 1]);
+                }
                 let out = &mut panel[p * nr..p * nr + nr];
                 match nr {
                     16 => convert_fixed::<TB, 16>(&b.data[s..s + 16], out),
@@ -193,5 +239,74 @@ fn convert_fixed<TB: FloatElement, const N: usize>(src: &[TB], dst: &mut [f32]) 
         *d = *s;
     } else {
         convert_run(src, dst);
+    }
+}
+
+/// Hints every cache line of `data` into L1.
+#[inline]
+pub(crate) fn prefetch_range<T>(data: &[T]) {
+    let bytes = std::mem::size_of_val(data);
+    let base = data.as_ptr() as *const u8;
+    let mut off = 0;
+    while off < bytes {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint and never faults; `off` is inside `data` anyway.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(base.add(off) as *const i8);
+        }
+        off += 64;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = base;
+}
+
+/// Hints into L2 part `part` of `parts` of the source lines that [`pack_b_panel`] reads for
+/// rows `p0 .. p0+kc`, columns `j0 .. j0+cols` of B (row-major: one run per depth row;
+/// column-major: one run of depth per column; other layouts: nothing).
+pub fn prefetch_b_source<TB: FloatElement>(
+    b: &MatRef<'_, TB>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    part: usize,
+    parts: usize,
+) {
+    if cols == 0 || parts == 0 {
+        return;
+    }
+    let esize = std::mem::size_of::<TB>();
+    let hint = |idx: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if idx < b.data.len() {
+            // SAFETY: a prefetch is only a hint and never faults; idx is inside B anyway.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(b.data.as_ptr().add(idx) as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = idx;
+    };
+    if b.col_stride == 1 {
+        // One run of `cols` elements per depth row: its first and last line.
+        let per = kc.div_ceil(parts);
+        for p in (part * per).min(kc)..((part + 1) * per).min(kc) {
+            let s = (p0 + p) * b.row_stride + j0;
+            hint(s);
+            if (s * esize) / 64 != ((s + cols - 1) * esize) / 64 {
+                hint(s + cols - 1);
+            }
+        }
+    } else if b.row_stride == 1 {
+        // One contiguous run of depth per column.
+        let lines = (kc * esize).div_ceil(64);
+        let total = cols * lines;
+        let per = total.div_ceil(parts);
+        for u in (part * per).min(total)..((part + 1) * per).min(total) {
+            let (j, l) = (u / lines, u % lines);
+            hint(p0 + (j0 + j) * b.col_stride + l * 64 / esize);
+        }
     }
 }
