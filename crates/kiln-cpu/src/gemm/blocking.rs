@@ -75,6 +75,9 @@ pub struct Blocking {
     pub mc: usize,
     pub kc: usize,
     pub nc: usize,
+    /// NR panels per packed B slab on the small-M path (`m ≤ mc`): a `KC × slab·NR` slab takes
+    /// about a quarter of L2, next to the packed `m × KC` A block.
+    pub slab: usize,
 }
 
 impl Blocking {
@@ -84,7 +87,8 @@ impl Blocking {
         let kc = (cs.l1d / 2 / (nr * f)).clamp(64, 512) / 8 * 8;
         let mc = ((cs.l2 / 2 / (kc * f)).clamp(mr, 1024) / mr) * mr;
         let nc = ((cs.l3 / 4 / (kc * f)).clamp(nr, 8192) / nr) * nr;
-        Blocking { mc, kc, nc }
+        let slab = (cs.l2 / 4 / (kc * nr * f)).max(1);
+        Blocking { mc, kc, nc, slab }
     }
 }
 

@@ -15,7 +15,7 @@
 //! thread count.
 use super::blocking::Blocking;
 use super::micro::{update, Kernel, MAX_TILE};
-use super::pack::{pack_a, pack_b, pack_b_panel, prefetch_b_source};
+use super::pack::{pack_a, pack_b};
 use super::{apply_epilogue, Epilogue, MatRef};
 use kiln_tensor::{AlignedBuffer, FloatElement};
 use rayon::prelude::*;
@@ -225,24 +225,24 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     put_buffer(&B_PACK, bpack);
 }
 
-/// The loop nest when all of M is one row block (`m ≤ MC`: decode batches, GPT-2's prefill at
-/// M = 128, a conv layer's output channels):
+/// The loop nest when all of M is one row block (`m ≤ MC`: GPT-2's prefill at M = 128, a conv
+/// layer's output channels, small batches):
 ///
 /// ```text
 /// for pc in 0..k step KC
-///   pack_a(A[.., pc..]) → Ap                    // once, on the calling thread, shared
+///   pack_a(A[.., pc..]) → Ap                     // once, on the calling thread, shared
 ///   parallel for task (a range of NR panels of C's columns)
-///     for jr in the task's panels
-///       pack_b_panel(B[pc.., jr..]) → Bp        // one KC × NR panel, stays in L1
-///       for ir: microkernel(Ap[ir], Bp, C[ir, jr]), prefetching B's source for jr + 1
+///     for each slab of the task's panels          // KC × SLAB·NR, about L2/4
+///       pack_b(B[pc.., slab]) → Bs                // per thread, stays in L2
+///       macro_kernel(Ap, Bs, C[.., slab])
 /// ```
 ///
-/// Each B micro-panel is used only `⌈m/MR⌉` times here, so writing a whole packed `KC × NC`
-/// block (larger than L2) and reading it back would cost as much as the arithmetic; instead B's
-/// source is read once, straight into an L1-resident panel, and its next panel's lines are
-/// requested a slice per microkernel call so the read overlaps the arithmetic. Packed values,
-/// `KC` and the kernel calls are the same as in [`gemm_blis`]'s general path, so results are
-/// bitwise identical to it (and to [`super::PackedB`]) for any thread count.
+/// Each B panel is used only `⌈m/MR⌉` times here, so packing a whole `KC × NC` block (larger
+/// than L2, shared by the threads) and reading it back from L3 costs a large part of the
+/// arithmetic. Each task instead packs a slab that stays in its own L2 right before using it;
+/// B's source is still read exactly once. Packed values, `KC` and the kernel calls are those of
+/// the general path, so results are bitwise identical to it (and to [`super::PackedB`]) for any
+/// thread count.
 ///
 /// # Safety
 /// As [`gemm_blis`].
@@ -262,6 +262,7 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     } else {
         1
     };
+    let slab = blk.slab;
     let mut apack = take_buffer(&A_PACK, m.div_ceil(mr) * mr * blk.kc.min(k));
     for pc in (0..k).step_by(blk.kc) {
         let kcur = blk.kc.min(k - pc);
@@ -271,32 +272,26 @@ unsafe fn gemm_small_m<TB: FloatElement>(
         let ap: &[f32] = ap;
         let task = |t: usize| {
             let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
-            let mut bbuf = take_buffer(&B_PANEL, nr * kcur);
-            let bpanel = &mut bbuf.as_mut_slice::<f32>()[..nr * kcur];
-            for jp in p0..p1 {
-                let j0 = jp * nr;
-                pack_b_panel(b, pc, kcur, j0, nr.min(n - j0), nr, bpanel);
+            let mut bbuf = take_buffer(&B_PANEL, slab * nr * kcur);
+            for s0 in (p0..p1).step_by(slab) {
+                let s1 = (s0 + slab).min(p1);
+                let (j0, j1) = (s0 * nr, (s1 * nr).min(n));
+                let bp = &mut bbuf.as_mut_slice::<f32>()[..(s1 - s0) * nr * kcur];
+                pack_b(b, pc, kcur, j0, j1 - j0, nr, bp);
                 let block = Block {
                     i0: 0,
                     mcur: m,
                     j0,
-                    ncur: nr.min(n - j0),
+                    ncur: j1 - j0,
                     p0: 0,
-                    p1: 1,
+                    p1: s1 - s0,
                     kc: kcur,
                     beta: if first { prod.beta } else { 1.0 },
                     last,
                 };
-                let next = (jp + 1 < p1).then(|| (j0 + nr, nr.min(n - j0 - nr)));
                 // SAFETY: this task alone owns C's columns of panels p0 .. p1 (tasks are
                 // disjoint panel ranges); the caller vouches for the rest.
-                unsafe {
-                    macro_kernel(kern, ap, bpanel, prod, &block, |_, ip, calls| {
-                        if let Some((nj, ncols)) = next {
-                            prefetch_b_source(b, pc, kcur, nj, ncols, ip, calls);
-                        }
-                    })
-                };
+                unsafe { macro_kernel(kern, ap, bp, prod, &block, |_, _, _| {}) };
             }
             put_buffer(&B_PANEL, bbuf);
         };
