@@ -525,7 +525,19 @@ fn gemm_m1<TA: FloatElement, TB: FloatElement>(
     if !gemv::gemv(isa, &x, b, y) {
         return false;
     }
-    if in_place {
+    if in_place && !transposed && matches!(opts.epilogue, Epilogue::Gelu | Epilogue::BiasGelu(_)) {
+        // A contiguous row, as a tile row of the blocked path: bias, then the vectorised GELU.
+        let row = &mut c[..n];
+        match opts.epilogue {
+            Epilogue::BiasGelu(bias) => {
+                for (v, &bj) in row.iter_mut().zip(bias) {
+                    *v = opts.alpha * *v + bj;
+                }
+            }
+            _ => row.iter_mut().for_each(|v| *v *= opts.alpha),
+        }
+        crate::elementwise::gelu::gelu_row_inplace(row);
+    } else if in_place {
         for (j, v) in c[..n].iter_mut().enumerate() {
             *v = apply_epilogue(opts.alpha * *v, col(j), &opts.epilogue);
         }
