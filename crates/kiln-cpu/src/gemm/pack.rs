@@ -146,9 +146,38 @@ pub fn pack_b_panel<TB: FloatElement>(
             out[cols..].fill(0.0);
         }
     } else if b.row_stride == 1 {
-        // Column-major B (`wteᵀ` for the logits): each column is a contiguous run of depth.
+        // Column-major B (`wteᵀ` for the logits, `colᵀ` of a conv weight gradient): each
+        // column is a contiguous run of depth. Eight columns × eight depth steps at a time are
+        // transposed in registers where the CPU can; the rest goes element by element.
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if cols >= 8 && x86::available() {
+            done = cols / 8 * 8;
+            for j in (0..done).step_by(8) {
+                let base = |i: usize| p0 + (j0 + j + i) * b.col_stride;
+                // The view was validated: column j0+j+7 holds depth p0 .. p0+kc.
+                assert!(base(7) + kc <= b.data.len());
+                let mut p = 0;
+                while p + 8 <= kc {
+                    let srcs: [*const TB; 8] =
+                        std::array::from_fn(|i| b.data[base(i) + p..].as_ptr());
+                    let out = dst[p * nr + j..][..7 * nr + 8].as_mut_ptr();
+                    // SAFETY: each source has 8 readable elements (asserted above), `out` has
+                    // rows 0..8 of 8 elements at stride nr (the slice above); AVX2 and F16C are
+                    // present (`x86::available`).
+                    unsafe { x86::transpose8x8(srcs, out, nr) };
+                    p += 8;
+                }
+                for i in 0..8 {
+                    for q in p..kc {
+                        dst[q * nr + j + i] = b.data[base(i) + q].to_f32();
+                    }
+                }
+            }
+        }
         let mut col = [0f32; 64];
-        for j in 0..cols {
+        for j in done..cols {
             let s = p0 + (j0 + j) * b.col_stride;
             let mut p = 0;
             while p < kc {
@@ -259,4 +288,84 @@ pub(crate) fn prefetch_range<T>(data: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = base;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use kiln_tensor::{DType, FloatElement};
+    use std::arch::x86_64::*;
+
+    /// Whether [`transpose8x8`] can run (AVX2 and F16C, detected at run time).
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+    }
+
+    /// Eight consecutive elements as f32 (exact widening for bf16 and f16).
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8<TB: FloatElement>(p: *const TB) -> __m256 {
+        // SAFETY: the caller's contract: 8 readable elements at p.
+        unsafe {
+            match TB::DTYPE {
+                DType::F32 => _mm256_loadu_ps(p as *const f32),
+                DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                    16,
+                )),
+                DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _ => _mm256_setr_ps(
+                    (*p).to_f32(),
+                    (*p.add(1)).to_f32(),
+                    (*p.add(2)).to_f32(),
+                    (*p.add(3)).to_f32(),
+                    (*p.add(4)).to_f32(),
+                    (*p.add(5)).to_f32(),
+                    (*p.add(6)).to_f32(),
+                    (*p.add(7)).to_f32(),
+                ),
+            }
+        }
+    }
+
+    /// `dst[q·nr + i] = src[i][q]` for `i, q < 8`: eight depth runs of eight columns become
+    /// eight packed rows (unpack pairs, then quads, then swap 128-bit halves).
+    ///
+    /// # Safety
+    /// Each `src[i]` has 8 readable elements; `dst` is writable at `q·nr + i` for `q, i < 8`;
+    /// the CPU has AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn transpose8x8<TB: FloatElement>(src: [*const TB; 8], dst: *mut f32, nr: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let r = src.map(|p| load8(p));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+            let rows = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (q, v) in rows.into_iter().enumerate() {
+                _mm256_storeu_ps(dst.add(q * nr), v);
+            }
+        }
+    }
 }
