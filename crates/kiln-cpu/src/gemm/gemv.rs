@@ -247,15 +247,19 @@ mod x86 {
                         let r: [*const $elem; 8] = std::array::from_fn(|q| b.add((p + q) * rs));
                         let mut j = 0;
                         while j + 16 <= w {
-                            // The same columns of the next eight rows. Each row of
-                            // a group is a short stream (a row run) that ends before the
-                            // hardware prefetcher is far ahead; asking for the next group
-                            // one group early keeps DRAM busy. Measured on a decode-sized
-                            // sequence of weights: bf16 +15–35 %, f32 ±5 %.
-                            for &row in &r {
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    row.wrapping_add(j + 8 * rs) as *const i8
-                                );
+                            // 16-bit weights: the same columns of the next eight
+                            // rows. Each row of a group is a short stream (a row run)
+                            // that ends before the hardware prefetcher is far ahead;
+                            // asking for the next group one group early keeps DRAM
+                            // busy. Measured on a decode-sized sequence of weights: bf16
+                            // +15–35 %; for f32 it gained nothing from DRAM and cost
+                            // load slots when B is cache-resident, so f32 goes without.
+                            if std::mem::size_of::<$elem>() == 2 {
+                                for &row in &r {
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        row.wrapping_add(j + 8 * rs) as *const i8
+                                    );
+                                }
                             }
                             let mut a0 = _mm256_loadu_ps(y.add(j));
                             let mut a1 = _mm256_loadu_ps(y.add(j + 8));
