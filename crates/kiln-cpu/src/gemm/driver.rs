@@ -15,8 +15,8 @@
 //! thread count.
 use super::blocking::Blocking;
 use super::micro::{update, Kernel, MAX_TILE};
-use super::pack::{pack_a, pack_b};
-use super::{apply_epilogue, Epilogue, MatRef};
+use super::pack::{pack_a, pack_b, prefetch_lines, Hint};
+use super::{apply_epilogue, apply_epilogue_row, Epilogue, MatRef};
 use kiln_tensor::{AlignedBuffer, FloatElement};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -45,7 +45,7 @@ thread_local! {
     static A_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
     /// The calling thread's packed B block, reused across calls.
     static B_PACK: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
-    /// Per-thread single B micro-panel of the small-M path.
+    /// Per-thread packed B slab of the small-M path.
     static B_PANEL: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::zeroed(0));
 }
 
@@ -200,18 +200,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 // SAFETY: this task alone owns rows i0 .. i0+mcur, panels p0 .. p1 of C's
                 // columns jc .. jc+ncur (tasks are distinct (ib, ns) pairs); the caller vouches
                 // for the rest.
-                unsafe {
-                    macro_kernel(kern, ap, bp, prod, &block, |jp, ip, calls| {
-                        // The next B micro-panel is fetched into L2 a slice per microkernel
-                        // call, so that its first call does not wait on L3 (a panel is used
-                        // only ⌈MC/MR⌉ times when M is small).
-                        if jp + 1 < block.p1 {
-                            let next = &bp[(jp + 1) * nr * kcur..(jp + 2) * nr * kcur];
-                            let per = next.len().div_ceil(calls * LINE_F32) * LINE_F32;
-                            prefetch_l2_range(next, ip * per, per);
-                        }
-                    })
-                };
+                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
                 put_buffer(&A_PACK, apack);
             };
             let tasks = mblocks * nsplit;
@@ -291,7 +280,7 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                 };
                 // SAFETY: this task alone owns C's columns of panels p0 .. p1 (tasks are
                 // disjoint panel ranges); the caller vouches for the rest.
-                unsafe { macro_kernel(kern, ap, bp, prod, &block, |_, _, _| {}) };
+                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
             }
             put_buffer(&B_PANEL, bbuf);
         };
@@ -330,7 +319,6 @@ unsafe fn macro_kernel<TB>(
     bp: &[f32],
     prod: &Product<'_, '_, TB>,
     blk: &Block,
-    mut before_call: impl FnMut(usize, usize, usize),
 ) {
     let (mr, nr, kc) = (kern.mr, kern.nr, blk.kc);
     let c = prod.c;
@@ -341,8 +329,15 @@ unsafe fn macro_kernel<TB>(
         let jt = jp * nr; // column offset inside the block
         let ncols = nr.min(blk.ncur - jt);
         let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
+        // The next B micro-panel is hinted into L2 a slice per microkernel call, so that its
+        // first call does not wait on L3 (a panel is used only ⌈MC/MR⌉ times).
+        let next = (jp + 1 < blk.p1).then(|| &bp[(jp + 1) * nr * kc..(jp + 2) * nr * kc]);
+        let per_call = (nr * kc).div_ceil(calls * LINE_F32) * LINE_F32;
         for (ip, apanel) in ap.chunks_exact(mr * kc).enumerate() {
-            before_call(jp, ip, calls);
+            if let Some(next) = next {
+                let start = (ip * per_call).min(next.len());
+                prefetch_lines(&next[start..(start + per_call).min(next.len())], Hint::L2);
+            }
             let it = ip * mr;
             let nrows = mr.min(blk.mcur - it);
             let (i, j) = (blk.i0 + it, blk.j0 + jt);
@@ -365,22 +360,13 @@ unsafe fn macro_kernel<TB>(
                     }
                 }
             }
-            if has_epilogue
-                && c.cs == 1
-                && matches!(prod.epilogue, Epilogue::Gelu | Epilogue::BiasGelu(_))
-            {
-                // Rows of the tile are contiguous: bias, then the vectorised GELU, per row.
+            if has_epilogue && c.cs == 1 {
                 for ii in 0..nrows {
+                    let start = corigin.wrapping_add(ii * c.rs);
                     // SAFETY: row ii of this task's tile holds `ncols` contiguous elements
                     // (cs == 1) inside C's buffer, and no other task touches this tile.
-                    let row =
-                        unsafe { std::slice::from_raw_parts_mut(corigin.add(ii * c.rs), ncols) };
-                    if let Epilogue::BiasGelu(bias) = prod.epilogue {
-                        for (x, &b) in row.iter_mut().zip(&bias[j..j + ncols]) {
-                            *x += b;
-                        }
-                    }
-                    crate::elementwise::gelu::gelu_row_inplace(row);
+                    let row = unsafe { std::slice::from_raw_parts_mut(start, ncols) };
+                    apply_epilogue_row(row, j, &prod.epilogue);
                 }
             } else if has_epilogue {
                 for ii in 0..nrows {
@@ -399,19 +385,3 @@ unsafe fn macro_kernel<TB>(
 
 /// f32 elements per 64-byte cache line.
 const LINE_F32: usize = 16;
-
-/// Hints the cache lines of `data[start .. start + len]` (clamped to `data`) into L2.
-#[inline]
-fn prefetch_l2_range(data: &[f32], start: usize, len: usize) {
-    let end = (start + len).min(data.len());
-    let mut i = start;
-    while i < end {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is only a hint and never faults; `i < data.len()` anyway.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-            _mm_prefetch::<_MM_HINT_T1>(data.as_ptr().add(i) as *const i8);
-        }
-        i += LINE_F32;
-    }
-}

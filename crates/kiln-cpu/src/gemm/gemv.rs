@@ -236,37 +236,44 @@ mod x86 {
                 y: *mut f32,
                 w: usize,
             ) {
-                let b = b as *const $elem;
-                // SAFETY (whole body): every access is at p < k, j < w (the contract above).
-                unsafe {
-                    for j in 0..w {
-                        *y.add(j) = 0.0;
-                    }
-                    let mut p = 0;
-                    // Eight rows at a time: y is loaded and stored once per eight FMAs.
-                    while p + 8 <= k {
-                        let xs: [f32; 8] = std::array::from_fn(|q| *x.add(p + q));
+                /// `y[j] += Σ_{q<R} x[q]·B[q, j]` for the R rows at `b`, `b + rs`, …, each
+                /// `y[j]` receiving its FMAs in order of q. y is loaded and stored once per R
+                /// FMAs.
+                ///
+                /// # Safety
+                /// As the enclosing function, for R rows from `x` and `b`.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn group<const R: usize>(
+                    x: *const f32,
+                    b: *const $elem,
+                    rs: usize,
+                    y: *mut f32,
+                    w: usize,
+                ) {
+                    // SAFETY (whole body): rows q < R, columns j < w (the contract above).
+                    unsafe {
+                        let xs: [f32; R] = std::array::from_fn(|q| *x.add(q));
                         let xv = xs.map(|v| _mm256_set1_ps(v));
-                        let r: [*const $elem; 8] = std::array::from_fn(|q| b.add((p + q) * rs));
+                        let r: [*const $elem; R] = std::array::from_fn(|q| b.add(q * rs));
                         let mut j = 0;
                         while j + 16 <= w {
-                            // 16-bit weights: the same columns of the next eight
-                            // rows. Each row of a group is a short stream (a row run)
-                            // that ends before the hardware prefetcher is far ahead;
-                            // asking for the next group one group early keeps DRAM
-                            // busy. Measured on a decode-sized sequence of weights: bf16
-                            // +15–35 %; for f32 it gained nothing from DRAM and cost
-                            // load slots when B is cache-resident, so f32 goes without.
-                            if std::mem::size_of::<$elem>() == 2 {
+                            // 16-bit weights, groups of eight: the same columns of the next
+                            // eight rows. Each row of a group is a short stream (a row run)
+                            // that ends before the hardware prefetcher is far ahead; asking
+                            // for the next group one group early keeps DRAM busy. Measured on
+                            // a decode-sized sequence of weights: bf16 +15–35 %; for f32 it
+                            // gained nothing from DRAM and cost load slots when B is
+                            // cache-resident, so f32 goes without.
+                            if R == 8 && std::mem::size_of::<$elem>() == 2 {
                                 for &row in &r {
                                     _mm_prefetch::<_MM_HINT_T0>(
-                                        row.wrapping_add(j + 8 * rs) as *const i8
+                                        row.wrapping_add(j + R * rs) as *const i8
                                     );
                                 }
                             }
                             let mut a0 = _mm256_loadu_ps(y.add(j));
                             let mut a1 = _mm256_loadu_ps(y.add(j + 8));
-                            for q in 0..8 {
+                            for q in 0..R {
                                 a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
                                 a1 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j + 8)), a1);
                             }
@@ -276,7 +283,7 @@ mod x86 {
                         }
                         while j + 8 <= w {
                             let mut a0 = _mm256_loadu_ps(y.add(j));
-                            for q in 0..8 {
+                            for q in 0..R {
                                 a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
                             }
                             _mm256_storeu_ps(y.add(j), a0);
@@ -284,71 +291,33 @@ mod x86 {
                         }
                         while j < w {
                             let mut acc = *y.add(j);
-                            for q in 0..8 {
+                            for q in 0..R {
                                 acc = xs[q].mul_add(load1!($t, r[q].add(j)), acc);
                             }
                             *y.add(j) = acc;
                             j += 1;
                         }
+                    }
+                }
+
+                let b = b as *const $elem;
+                // SAFETY (whole body): every group reads rows p .. p+R < k, columns j < w
+                // (the contract above).
+                unsafe {
+                    for j in 0..w {
+                        *y.add(j) = 0.0;
+                    }
+                    let mut p = 0;
+                    while p + 8 <= k {
+                        group::<8>(x.add(p), b.add(p * rs), rs, y, w);
                         p += 8;
                     }
                     while p + 4 <= k {
-                        let xs = [*x.add(p), *x.add(p + 1), *x.add(p + 2), *x.add(p + 3)];
-                        let xv = xs.map(|v| _mm256_set1_ps(v));
-                        let r = [
-                            b.add(p * rs),
-                            b.add((p + 1) * rs),
-                            b.add((p + 2) * rs),
-                            b.add((p + 3) * rs),
-                        ];
-                        let mut j = 0;
-                        while j + 16 <= w {
-                            let mut a0 = _mm256_loadu_ps(y.add(j));
-                            let mut a1 = _mm256_loadu_ps(y.add(j + 8));
-                            for q in 0..4 {
-                                a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
-                                a1 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j + 8)), a1);
-                            }
-                            _mm256_storeu_ps(y.add(j), a0);
-                            _mm256_storeu_ps(y.add(j + 8), a1);
-                            j += 16;
-                        }
-                        while j + 8 <= w {
-                            let mut a0 = _mm256_loadu_ps(y.add(j));
-                            for q in 0..4 {
-                                a0 = _mm256_fmadd_ps(xv[q], load8!($t, r[q].add(j)), a0);
-                            }
-                            _mm256_storeu_ps(y.add(j), a0);
-                            j += 8;
-                        }
-                        while j < w {
-                            let mut acc = *y.add(j);
-                            for q in 0..4 {
-                                acc = xs[q].mul_add(load1!($t, r[q].add(j)), acc);
-                            }
-                            *y.add(j) = acc;
-                            j += 1;
-                        }
+                        group::<4>(x.add(p), b.add(p * rs), rs, y, w);
                         p += 4;
                     }
                     while p < k {
-                        let xp = *x.add(p);
-                        let xv = _mm256_set1_ps(xp);
-                        let r = b.add(p * rs);
-                        let mut j = 0;
-                        while j + 8 <= w {
-                            let a0 = _mm256_fmadd_ps(
-                                xv,
-                                load8!($t, r.add(j)),
-                                _mm256_loadu_ps(y.add(j)),
-                            );
-                            _mm256_storeu_ps(y.add(j), a0);
-                            j += 8;
-                        }
-                        while j < w {
-                            *y.add(j) = xp.mul_add(load1!($t, r.add(j)), *y.add(j));
-                            j += 1;
-                        }
+                        group::<1>(x.add(p), b.add(p * rs), rs, y, w);
                         p += 1;
                     }
                 }
@@ -424,7 +393,6 @@ mod x86 {
     }
 
     gemv_kernels!(rows_f32, cols_f32, dot_f32, f32, f32);
-
     gemv_kernels!(rows_bf16, cols_bf16, dot_bf16, bf16, u16);
     gemv_kernels!(rows_f16, cols_f16, dot_f16, f16, u16);
 }

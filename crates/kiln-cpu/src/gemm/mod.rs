@@ -525,18 +525,13 @@ fn gemm_m1<TA: FloatElement, TB: FloatElement>(
     if !gemv::gemv(isa, &x, b, y) {
         return false;
     }
-    if in_place && !transposed && matches!(opts.epilogue, Epilogue::Gelu | Epilogue::BiasGelu(_)) {
-        // A contiguous row, as a tile row of the blocked path: bias, then the vectorised GELU.
+    if in_place && !transposed {
+        // A contiguous row, as a tile row of the blocked path.
         let row = &mut c[..n];
-        match opts.epilogue {
-            Epilogue::BiasGelu(bias) => {
-                for (v, &bj) in row.iter_mut().zip(bias) {
-                    *v = opts.alpha * *v + bj;
-                }
-            }
-            _ => row.iter_mut().for_each(|v| *v *= opts.alpha),
+        if opts.alpha != 1.0 {
+            row.iter_mut().for_each(|v| *v *= opts.alpha);
         }
-        crate::elementwise::gelu::gelu_row_inplace(row);
+        apply_epilogue_row(row, 0, &opts.epilogue);
     } else if in_place {
         for (j, v) in c[..n].iter_mut().enumerate() {
             *v = apply_epilogue(opts.alpha * *v, col(j), &opts.epilogue);
@@ -644,6 +639,20 @@ pub fn apply_epilogue(x: f32, j: usize, epilogue: &Epilogue<'_>) -> f32 {
         Epilogue::Bias(b) => x + b[j],
         Epilogue::BiasGelu(b) => gelu_tanh(x + b[j]),
         Epilogue::Gelu => gelu_tanh(x),
+    }
+}
+
+/// [`apply_epilogue`] on a contiguous run of C's row, columns `j0 .. j0 + row.len()`: the bias,
+/// then the vectorised GELU over the run.
+pub fn apply_epilogue_row(row: &mut [f32], j0: usize, epilogue: &Epilogue<'_>) {
+    let n = row.len();
+    if let Epilogue::Bias(b) | Epilogue::BiasGelu(b) = *epilogue {
+        for (x, &bj) in row.iter_mut().zip(&b[j0..j0 + n]) {
+            *x += bj;
+        }
+    }
+    if matches!(epilogue, Epilogue::Gelu | Epilogue::BiasGelu(_)) {
+        crate::elementwise::gelu::gelu_row_inplace(row);
     }
 }
 

@@ -62,14 +62,14 @@ pub fn pack_a(
             }
             continue;
         }
-        if a.col_stride == 1 && rows == mr {
+        if a.col_stride == 1 && rows == mr && matches!(mr, 4 | 6 | 12) {
             // Row-major A: MR row streams read side by side, the panel written in order. The
             // next panel's rows are short streams (kc elements) the hardware prefetcher barely
             // sees before they end, so they are requested now.
             for i in mr..2 * mr {
                 if r0 + i < i0 + mc {
                     let base = (r0 + i) * a.row_stride + p0;
-                    prefetch_range(&a.data[base..base + kc]);
+                    prefetch_lines(&a.data[base..base + kc], Hint::L1);
                 }
             }
             let row = |i: usize| {
@@ -79,14 +79,7 @@ pub fn pack_a(
             match mr {
                 6 => interleave_rows::<6>(std::array::from_fn(row), panel),
                 12 => interleave_rows::<12>(std::array::from_fn(row), panel),
-                4 => interleave_rows::<4>(std::array::from_fn(row), panel),
-                _ => {
-                    for i in 0..mr {
-                        for (p, &v) in row(i).iter().enumerate() {
-                            panel[p * mr + i] = v;
-                        }
-                    }
-                }
+                _ => interleave_rows::<4>(std::array::from_fn(row), panel),
             }
             continue;
         }
@@ -240,7 +233,7 @@ pub fn pack_b<TB: FloatElement>(
                 // The same run ROWS depth rows further on, for the next pass of this loop.
                 if p + ROWS < kc {
                     let ahead = s + ROWS * b.row_stride;
-                    prefetch_range(&b.data[ahead..ahead + 1]);
+                    prefetch_lines(&b.data[ahead..ahead + 1], Hint::L1);
                 }
                 let out = &mut panel[p * nr..p * nr + nr];
                 match nr {
@@ -271,23 +264,31 @@ fn convert_fixed<TB: FloatElement, const N: usize>(src: &[TB], dst: &mut [f32]) 
     }
 }
 
-/// Hints every cache line of `data` into L1.
+/// The cache level a prefetch asks for.
+#[derive(Clone, Copy)]
+pub(crate) enum Hint {
+    L1,
+    L2,
+}
+
+/// Hints every cache line of `data` into the cache `hint` names.
 #[inline]
-pub(crate) fn prefetch_range<T>(data: &[T]) {
+pub(crate) fn prefetch_lines<T>(data: &[T], hint: Hint) {
     let bytes = std::mem::size_of_val(data);
-    let base = data.as_ptr() as *const u8;
-    let mut off = 0;
-    while off < bytes {
+    let base = data.as_ptr() as *const i8;
+    for off in (0..bytes).step_by(64) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint and never faults; `off` is inside `data` anyway.
         unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(base.add(off) as *const i8);
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+            match hint {
+                Hint::L1 => _mm_prefetch::<_MM_HINT_T0>(base.add(off)),
+                Hint::L2 => _mm_prefetch::<_MM_HINT_T1>(base.add(off)),
+            }
         }
-        off += 64;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (base, off, hint);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = base;
 }
 
 #[cfg(target_arch = "x86_64")]
