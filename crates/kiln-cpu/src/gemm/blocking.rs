@@ -1,11 +1,16 @@
 //! Cache blocking: the sizes `MC`, `KC`, `NC` of the BLIS loops, derived from this machine's
 //! cache sizes and the microkernel's `MR × NR`.
 //!
-//! * `KC`: one packed B micro-panel (`KC × NR` f32) fills about half of L1d, leaving room for
-//!   the A micro-panel (`KC × MR`) streaming through and the C tile.
-//! * `MC`: one packed A block (`MC × KC` f32) fills about half of L2.
+//! * `KC`: each `MR × NR` tile of C is loaded and stored once per depth block, so `KC` sets
+//!   how much arithmetic amortises that traffic. It is the larger of two sizes: one packed B
+//!   micro-panel (`KC × NR` f32) in half of L1d, or in an eighth of L2 (the microkernel then
+//!   streams it from L2, which keeps up). Measured on a Zen 5 core (48 KiB L1d, 1 MiB L2) with the
+//!   AVX-512 kernel: KC = 192 (the L1 rule) reached 72–80 % of peak at 1024–4096, KC = 1024 84–89 %
+//!   (see docs/gemm.md); with the AVX2 kernel both gave the same rate.
+//! * `MC`: one packed A block (`MC × KC` f32) about fills L2 (rounded up to a multiple of MR).
 //! * `NC`: one packed B block (`KC × NC` f32) fills about a quarter of the last-level cache (it is
 //!   shared by every thread, and by other processes).
+//! * `slab` (small-M path): a `KC × slab·NR` B slab about fills L2.
 use std::sync::OnceLock;
 
 /// Data-cache sizes in bytes.
@@ -76,7 +81,7 @@ pub struct Blocking {
     pub kc: usize,
     pub nc: usize,
     /// NR panels per packed B slab on the small-M path (`m ≤ mc`): a `KC × slab·NR` slab takes
-    /// about a quarter of L2, next to the packed `m × KC` A block.
+    /// about the size of L2 (measured: smaller slabs alternate packing and arithmetic too often).
     pub slab: usize,
 }
 
@@ -84,10 +89,12 @@ impl Blocking {
     /// The blocking for an `mr × nr` microkernel on caches `cs` (see the module comment).
     pub fn for_kernel(mr: usize, nr: usize, cs: CacheSizes) -> Blocking {
         let f = std::mem::size_of::<f32>();
-        let kc = (cs.l1d / 2 / (nr * f)).clamp(64, 512) / 8 * 8;
-        let mc = ((cs.l2 / 2 / (kc * f)).clamp(mr, 1024) / mr) * mr;
+        let l1_rule = cs.l1d / 2 / (nr * f);
+        let l2_rule = cs.l2 / 8 / (nr * f);
+        let kc = l1_rule.max(l2_rule).clamp(64, 1024) / 8 * 8;
+        let mc = (cs.l2 / (kc * f)).clamp(mr, 1024).next_multiple_of(mr);
         let nc = ((cs.l3 / 4 / (kc * f)).clamp(nr, 8192) / nr) * nr;
-        let slab = (cs.l2 / 4 / (kc * nr * f)).max(1);
+        let slab = (cs.l2 / (kc * nr * f)).max(1);
         Blocking { mc, kc, nc, slab }
     }
 }

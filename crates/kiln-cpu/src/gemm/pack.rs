@@ -233,7 +233,7 @@ pub fn pack_b<TB: FloatElement>(
                 // The same run ROWS depth rows further on, for the next pass of this loop.
                 if p + ROWS < kc {
                     let ahead = s + ROWS * b.row_stride;
-                    prefetch_lines(&b.data[ahead..ahead + 1], Hint::L1);
+                    prefetch_lines(&b.data[ahead..ahead + nr], Hint::L1);
                 }
                 let out = &mut panel[p * nr..p * nr + nr];
                 match nr {
