@@ -14,7 +14,8 @@
 use half::{bf16, f16};
 use kiln_cpu::gemm::{
     gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute, gemm_packed,
-    gemm_with_isa, Epilogue, GemmOptions, Isa, MatMut, MatRef, PackedB,
+    gemm_panels_with_isa, gemm_with_isa, Epilogue, GemmOptions, Isa, MatMut, MatRef, PackedB,
+    ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -565,6 +566,64 @@ fn bad_input_is_an_error() {
         &o
     )
     .is_err());
+}
+
+/// A B that packs its own panels (the implicit-GEMM entry point) gives bitwise the same C as
+/// the per-call path, on both loop nests (m ≤ MC and m > MC), for every kernel and thread count.
+#[test]
+fn panel_source_matches_per_call_packing() {
+    let (p1, p2) = (pool(1), pool(2));
+    let mut rng = Rng(6);
+    for isa in isas() {
+        for &(m, n, k, col) in &[
+            (7, 13, 5, false),
+            (130, 77, 600, true),
+            (1500, 70, 300, false),
+            (2, 1000, 33, false),
+        ] {
+            let a: Vec<f32> = random(m * k, &mut rng);
+            let b: Vec<f16> = random(k * n, &mut rng);
+            let bias: Vec<f32> = random(n, &mut rng);
+            let bv = if col {
+                MatRef::row_major(&b, n, k).t()
+            } else {
+                MatRef::row_major(&b, k, n)
+            };
+            let opts = GemmOptions {
+                epilogue: Epilogue::Bias(&bias),
+                beta: 0.5,
+                ..Default::default()
+            };
+            let c0: Vec<f32> = random(m * n, &mut rng);
+            let mut want = c0.clone();
+            p1.install(|| {
+                gemm_with_isa(
+                    isa,
+                    MatRef::row_major(&a, m, k),
+                    bv,
+                    MatMut::row_major(&mut want, m, n),
+                    &opts,
+                )
+            })
+            .unwrap();
+            for p in [&p1, &p2] {
+                let mut got = c0.clone();
+                p.install(|| {
+                    gemm_panels_with_isa(
+                        isa,
+                        MatRef::row_major(&a, m, k),
+                        &ViewPanels(bv),
+                        MatMut::row_major(&mut got, m, n),
+                        &opts,
+                    )
+                })
+                .unwrap();
+                for (x, y) in got.iter().zip(&want) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{isa:?} {m}x{n}x{k}");
+                }
+            }
+        }
+    }
 }
 
 /// A pre-packed B gives bitwise the same C as packing per call, for every kernel, dtype, layout

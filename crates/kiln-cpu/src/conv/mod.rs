@@ -26,7 +26,10 @@
 //! direct loops over the same taps). Work is split over fixed chunks of images, independent of
 //! the thread count; the weight gradient is reduced over fixed slices of the batch in slice
 //! order, so results are bitwise identical for any number of threads.
-use crate::gemm::{gemm, Epilogue, GemmOptions, MatMut, MatRef};
+mod implicit;
+
+use crate::gemm::{gemm, gemm_panels, Epilogue, GemmOptions, MatMut, MatRef};
+use implicit::{Padded, PatchTables, Patches};
 use kiln_tensor::{Error, FloatElement, Result};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -298,6 +301,20 @@ impl ConvGeometry {
         let hw = self.small_hw();
         let want = MIN_COLS.max(self.csg()).div_ceil(hw);
         let cap = (COL_CAP / (self.k_group() * hw)).max(1);
+        want.min(cap).clamp(1, self.batch.max(1))
+    }
+}
+
+impl ConvGeometry {
+    /// Images per work chunk of the implicit-GEMM forward ([`correlate`]): no patch matrix is
+    /// stored, so a chunk is as large as the output buffer cap allows (at least
+    /// `IMPLICIT_MIN_COLS` columns); a larger GEMM packs its weight operand fewer times.
+    fn images_per_chunk_implicit(&self) -> usize {
+        const IMPLICIT_MIN_COLS: usize = 4096;
+        const OUT_CAP: usize = 1 << 22;
+        let hw = self.small_hw();
+        let want = IMPLICIT_MIN_COLS.max(self.csg()).div_ceil(hw);
+        let cap = (OUT_CAP / (self.csg() * hw)).max(1);
         want.min(cap).clamp(1, self.batch.max(1))
     }
 }
@@ -683,38 +700,42 @@ pub fn correlate(
         };
         return gemm(a, b, MatMut::row_major(small, g.batch, cs), &opts);
     }
-    let nb = g.images_per_chunk();
-    let table = tap_table(g, &taps);
-    let direct = nb == 1 && g.pointwise();
-    let m = nb * shw;
-    let col_len = if direct { 0 } else { kg * m };
-    let tmp_len = if nb == 1 { 0 } else { csg * m };
+    // Implicit GEMM: the patch matrix is gathered panel by panel from the (padded) images.
+    let nb = g.images_per_chunk_implicit();
+    let pad = Padded::new(g);
+    let copy = !pad.is_identity(g);
+    let xp_len = if copy { pad.len(g, nb) } else { 0 };
+    let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
+    let plane = pad.hp * pad.wp;
     small
         .par_chunks_mut(nb * cs * shw)
         .zip(big.par_chunks(nb * cb * bhw))
         .try_for_each(|(ys, xs)| {
             let nbc = ys.len() / (cs * shw);
             let m = nbc * shw;
-            with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
-                let (col, tmp) = scratch.split_at_mut(col_len);
+            let tables = PatchTables::new(g, &pad, nbc);
+            with_scratch(xp_len + tmp_len, |scratch| -> Result<()> {
+                let (xp, tmp) = scratch.split_at_mut(xp_len);
+                let xp: &[f32] = if copy {
+                    let xp = &mut xp[..pad.len(g, nbc)];
+                    pad.fill(g, xs, xp);
+                    xp
+                } else {
+                    xs
+                };
                 for grp in 0..g.groups {
-                    let b = if direct {
-                        MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
-                    } else {
-                        for n in 0..nbc {
-                            let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                            im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
-                        }
-                        MatRef::row_major(&col[..kg * m], kg, m)
+                    let b = Patches {
+                        xp: &xp[grp * cbg * plane..],
+                        tables: &tables,
                     };
                     let a = MatRef::row_major(&w[grp * csg * kg..][..csg * kg], csg, kg);
                     if nbc == 1 {
                         let c =
                             MatMut::row_major(&mut ys[grp * csg * shw..][..csg * shw], csg, shw);
-                        gemm(a, b, c, &GemmOptions::default())?;
+                        gemm_panels(a, &b, c, &GemmOptions::default())?;
                     } else {
                         let t = &mut tmp[..csg * m];
-                        gemm(a, b, MatMut::row_major(t, csg, m), &GemmOptions::default())?;
+                        gemm_panels(a, &b, MatMut::row_major(t, csg, m), &GemmOptions::default())?;
                         spread_group(t, nbc, cs, csg, grp, shw, ys);
                     }
                 }

@@ -70,9 +70,12 @@ fn put_buffer(slot: &'static std::thread::LocalKey<RefCell<AlignedBuffer>>, buf:
     });
 }
 
-/// Where B's packed panels come from: packed per call from a strided view, or pre-packed.
+/// Where B's packed panels come from: packed per call from a strided view, pre-packed, or
+/// gathered by a [`PanelSource`] (implicit GEMM).
 pub enum BSource<'a, TB> {
     View(MatRef<'a, TB>),
+    /// Panels packed per call by the source itself.
+    Panels(&'a dyn PanelSource),
     /// Panels in the layout of [`super::PackedB`]: depth block `pc` (all of width `kc` but the
     /// last) holds every panel of `NR` columns, `n` rounded up to `NR` times its depth.
     Packed {
@@ -85,7 +88,48 @@ impl<TB> BSource<'_, TB> {
     fn cols(&self) -> usize {
         match self {
             BSource::View(b) => b.cols,
+            BSource::Panels(src) => src.cols(),
             BSource::Packed { n, .. } => *n,
+        }
+    }
+}
+
+/// A `k × n` B operand that is never stored as a matrix: it writes its own packed panels. This
+/// is how a convolution feeds image patches straight into the GEMM (implicit GEMM) instead of
+/// materialising the patch matrix first.
+pub trait PanelSource: Sync {
+    /// Rows (`k`).
+    fn rows(&self) -> usize;
+    /// Columns (`n`).
+    fn cols(&self) -> usize;
+    /// Writes rows `p0 .. p0+kc`, columns `j0 .. j0+nc` as `⌈nc/nr⌉` consecutive micro-panels
+    /// of `kc × nr` in the layout of [`super::pack::pack_b`] (`panel[p·nr + j] = B[p0+p, c0+j]`),
+    /// zero-filling columns past `n`. `dst` holds `⌈nc/nr⌉·nr·kc` elements.
+    fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]);
+}
+
+/// A [`PanelSource`] over a strided view: exactly [`pack_b`] (tests compare the two paths).
+pub struct ViewPanels<'a, TB>(pub MatRef<'a, TB>);
+
+impl<TB: FloatElement> PanelSource for ViewPanels<'_, TB> {
+    fn rows(&self) -> usize {
+        self.0.rows
+    }
+    fn cols(&self) -> usize {
+        self.0.cols
+    }
+    fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        pack_b(&self.0, p0, kc, j0, nc, nr, dst)
+    }
+}
+
+impl<TB: FloatElement> BSource<'_, TB> {
+    /// Packs rows `p0 .. p0+kc`, columns `j0 .. j0+nc` into panels (a view or a panel source).
+    fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        match self {
+            BSource::View(b) => pack_b(b, p0, kc, j0, nc, nr, dst),
+            BSource::Panels(src) => src.pack(p0, kc, j0, nc, nr, dst),
+            BSource::Packed { .. } => unreachable!("pre-packed panels are never packed again"),
         }
     }
 }
@@ -115,18 +159,18 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     debug_assert!(k > 0);
     let (mr, nr) = (kern.mr, kern.nr);
-    if let BSource::View(b) = &prod.b {
-        if m <= blk.mc {
-            // SAFETY: the caller's contract, passed on.
-            unsafe { gemm_small_m(kern, blk, prod, b, threads) };
-            return;
-        }
+    let packs_b = !matches!(prod.b, BSource::Packed { .. });
+    if packs_b && m <= blk.mc {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { gemm_small_m(kern, blk, prod, threads) };
+        return;
     }
     let nc = blk.nc.min(n.next_multiple_of(nr));
     let kc_max = blk.kc.min(k);
-    let mut bpack = match prod.b {
-        BSource::View(_) => take_buffer(&B_PACK, nc * kc_max),
-        BSource::Packed { .. } => AlignedBuffer::zeroed(0),
+    let mut bpack = if packs_b {
+        take_buffer(&B_PACK, nc * kc_max)
+    } else {
+        AlignedBuffer::zeroed(0)
     };
     // Row blocks: a multiple of the thread count when there are several, each a multiple of MR.
     let mut mblocks = m.div_ceil(blk.mc);
@@ -153,7 +197,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                     let start = pc * n.next_multiple_of(nr) + jc * kcur;
                     &data[start..start + panels * nr * kcur]
                 }
-                BSource::View(b) => {
+                source => {
                     let bp = &mut bpack.as_mut_slice::<f32>()[..panels * nr * kcur];
                     // Each worker packs a contiguous range of panels.
                     let per = if threads > 1 {
@@ -163,7 +207,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                     };
                     let pack = |(ci, dst): (usize, &mut [f32])| {
                         let c0 = jc + ci * per * nr;
-                        pack_b(b, pc, kcur, c0, (per * nr).min(jc + ncur - c0), nr, dst);
+                        source.pack(pc, kcur, c0, (per * nr).min(jc + ncur - c0), nr, dst);
                     };
                     if threads > 1 && panels > 1 {
                         bp.par_chunks_mut(per * nr * kcur)
@@ -239,10 +283,9 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     kern: &Kernel,
     blk: Blocking,
     prod: &Product<'_, '_, TB>,
-    b: &MatRef<'_, TB>,
     threads: usize,
 ) {
-    let (m, k, n) = (prod.a.rows, prod.a.cols, b.cols);
+    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     let (mr, nr) = (kern.mr, kern.nr);
     let panels = n.div_ceil(nr);
     // Two tasks per thread (whole panels), so an uneven split costs less.
@@ -266,7 +309,7 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                 let s1 = (s0 + slab).min(p1);
                 let (j0, j1) = (s0 * nr, (s1 * nr).min(n));
                 let bp = &mut bbuf.as_mut_slice::<f32>()[..(s1 - s0) * nr * kcur];
-                pack_b(b, pc, kcur, j0, j1 - j0, nr, bp);
+                prod.b.pack(pc, kcur, j0, j1 - j0, nr, bp);
                 let block = Block {
                     i0: 0,
                     mcur: m,

@@ -10,6 +10,8 @@
 //! * [`gemm_with_isa`] — the same with a chosen microkernel (tests, benchmarks).
 //! * [`gemm_bf16_compute`] — bf16 weights, routed to AMX tiles where the CPU has them.
 //! * [`PackedB`], [`gemm_packed`] — B packed once and reused (weights used every call).
+//! * [`PanelSource`], [`gemm_panels`] — a B that packs its own panels (implicit GEMM: conv
+//!   patches gathered straight into the panel layout).
 //!
 //! Structure (BLIS, see `docs/gemm.md`): [`blocking`] derives `MC/KC/NC` from the cache sizes;
 //! [`pack`] packs A and B panels (widening f16/bf16); [`micro`], [`avx2`], [`avx512`] are the
@@ -28,6 +30,8 @@ pub mod driver;
 pub mod gemv;
 pub mod micro;
 pub mod pack;
+
+pub use driver::{PanelSource, ViewPanels};
 
 /// An instruction set a microkernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -396,6 +400,64 @@ pub fn gemm_packed(
     };
     // SAFETY: as in gemm_with_isa: C validated, exclusively borrowed for the call.
     unsafe { driver::gemm_blis(&kern, b.isa.blocking(), &prod, threads) };
+    Ok(())
+}
+
+/// `C = alpha·A·B + beta·C` then the epilogue, with B written panel by panel by `b` (see
+/// [`PanelSource`]). Shapes: A `[m, k]`, B `[k, n]` (`b.rows()`, `b.cols()`), C `[m, n]`, any
+/// strides. The loop nest, blocking and kernel calls are those of [`gemm`], so for a source
+/// that packs what `pack_b` would, results are bitwise identical to it, for any thread count.
+pub fn gemm_panels(
+    a: MatRef<'_, f32>,
+    b: &dyn PanelSource,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    gemm_panels_with_isa(Isa::best(), a, b, c, opts)
+}
+
+/// [`gemm_panels`] with the microkernel of `isa` (an error if this CPU cannot run it).
+pub fn gemm_panels_with_isa(
+    isa: Isa,
+    a: MatRef<'_, f32>,
+    b: &dyn PanelSource,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    validate_dims(&a, b.rows(), b.cols(), &c, opts)?;
+    let Some(kern) = micro::Kernel::for_isa(isa) else {
+        return Err(Error::invalid(format!(
+            "gemm: the {} microkernel is not supported by this CPU",
+            isa.name()
+        )));
+    };
+    let (m, k, n) = (a.rows, b.rows(), b.cols());
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        scale_only(c, opts);
+        return Ok(());
+    }
+    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let prod = driver::Product::<f32> {
+        a,
+        b: driver::BSource::Panels(b),
+        c: driver::CPtr {
+            ptr: c.data.as_mut_ptr(),
+            rs: c.row_stride,
+            cs: c.col_stride,
+        },
+        alpha: opts.alpha,
+        beta: opts.beta,
+        epilogue: opts.epilogue,
+    };
+    // SAFETY: as in gemm_with_isa: C validated, exclusively borrowed for the call.
+    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
     Ok(())
 }
 
