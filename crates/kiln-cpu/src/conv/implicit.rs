@@ -162,3 +162,41 @@ impl PanelSource for Patches<'_> {
         }
     }
 }
+
+/// The transposed patch matrix `im2col(big)ᵀ` `[nb·Hs·Ws, Cb/G·kh·kw]` of one group, as a GEMM B
+/// operand: the weight gradient `dW_g = small_g · im2col(big_g)ᵀ` takes it with the pixels as the
+/// depth. `panel[p·nr + j] = xp[col_offset[p0 + p] + row_offset[c0 + j]]`.
+pub(super) struct PatchesT<'a> {
+    /// The padded images from the group's first channel on.
+    pub xp: &'a [f32],
+    pub tables: &'a PatchTables,
+}
+
+impl PanelSource for PatchesT<'_> {
+    fn rows(&self) -> usize {
+        self.tables.col_offset.len()
+    }
+
+    fn cols(&self) -> usize {
+        self.tables.row_offset.len()
+    }
+
+    fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        let pixels = &self.tables.col_offset[p0..p0 + kc];
+        for (jp, panel) in dst
+            .chunks_exact_mut(nr * kc)
+            .take(nc.div_ceil(nr))
+            .enumerate()
+        {
+            let c0 = j0 + jp * nr;
+            let taps = &self.tables.row_offset[c0..c0 + nr.min(j0 + nc - c0)];
+            for (out, &pixel) in panel.chunks_exact_mut(nr).zip(pixels) {
+                let src = &self.xp[pixel..];
+                for (o, &t) in out.iter_mut().zip(taps) {
+                    *o = src[t];
+                }
+                out[taps.len()..].fill(0.0);
+            }
+        }
+    }
+}

@@ -11,7 +11,10 @@
 //! One index map links them: patch pixel `(oy, ox)` and kernel tap `(ki, kj)` read image pixel
 //! `(oy·sh − ph + ki·dh, ox·sw − pw + kj·dw)`. `im2col` gathers along that map into the patch
 //! matrix `col[(c, ki, kj), (n, oy, ox)]` and `col2im` scatter-adds back along it; `col2im` is
-//! the adjoint (transpose) of `im2col`. With them, three routines cover all six directions:
+//! the adjoint (transpose) of `im2col`. `im2col` is never stored: [`correlate`] and
+//! [`weight_grad`] gather its GEMM panels straight from the images (implicit GEMM, in
+//! `implicit.rs`); [`scatter`] stores the GEMM's `col` block and scatter-adds it with `col2im`.
+//! With them, three routines cover all six directions:
 //!
 //! | routine | math (per group g) | conv2d | conv_transpose2d |
 //! |---|---|---|---|
@@ -21,15 +24,15 @@
 //!
 //! The transposed conv never forms a zero-inserted input: its forward pass is exactly the input
 //! gradient of the matching conv. Dedicated paths: dense (the kernel covers the whole image and
-//! the patch side is 1×1: one plain product over the batch), pointwise (1×1, stride 1, no padding: the
-//! image itself is the patch matrix) and depthwise (one image and one patch channel per group:
+//! the patch side is 1×1: one plain product over the batch), pointwise (1×1, stride 1, no
+//! padding: the image itself is the patch matrix, for the input gradient) and depthwise (one image and one patch channel per group:
 //! direct loops over the same taps). Work is split over fixed chunks of images, independent of
 //! the thread count; the weight gradient is reduced over fixed slices of the batch in slice
 //! order, so results are bitwise identical for any number of threads.
 mod implicit;
 
 use crate::gemm::{gemm, gemm_panels, Epilogue, GemmOptions, MatMut, MatRef};
-use implicit::{Padded, PatchTables, Patches};
+use implicit::{Padded, PatchTables, Patches, PatchesT};
 use kiln_tensor::{Error, FloatElement, Result};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -403,10 +406,6 @@ fn for_each_segment(g: &ConvGeometry, t: &Tap, mut f: impl FnMut(usize, usize, u
     }
 }
 
-fn tap_is_full(g: &ConvGeometry, t: &Tap) -> bool {
-    t.oy == (0, g.small[1]) && t.ox == (0, g.small[2])
-}
-
 /// `dst[i] = src[start + i·step]`.
 #[inline(always)]
 fn gather(dst: &mut [f32], src: &[f32], start: usize, step: usize) {
@@ -458,8 +457,8 @@ fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
     }
 }
 
-/// Below this patch width, segments are too short for per-segment loops: im2col and col2im use
-/// a per-tap table of source pixels instead (the same index map, flattened).
+/// Below this patch width, segments are too short for per-segment loops: col2im uses a per-tap
+/// table of source pixels instead (the same index map, flattened).
 const TABLE_MAX_WIDTH: usize = 8;
 
 /// `table[t·Hs·Ws + p]` = image pixel read by tap `t` at patch pixel `p`, or `Hb·Wb` (a zero
@@ -481,47 +480,7 @@ fn tap_table(g: &ConvGeometry, taps: &[Tap]) -> Option<Vec<u32>> {
     Some(table)
 }
 
-/// im2col of one image's group channels `img` `[Cb/G, Hb, Wb]` into columns
-/// `off .. off + Hs·Ws` of the patch matrix `col` `[Cb/G · kh · kw, ld]`:
-/// `col[(c, ki, kj), off + oy·Ws + ox] = img[c, oy·sh − ph + ki·dh, ox·sw − pw + kj·dw]` (0 outside).
-fn im2col(
-    g: &ConvGeometry,
-    taps: &[Tap],
-    table: Option<&[u32]>,
-    img: &[f32],
-    col: &mut [f32],
-    ld: usize,
-    off: usize,
-) {
-    let (bhw, shw) = (g.big_hw(), g.small_hw());
-    if let Some(table) = table {
-        let mut ext = vec![0f32; bhw + 1]; // the plane plus one zero slot for the padding
-        for c in 0..g.cbg() {
-            ext[..bhw].copy_from_slice(&img[c * bhw..(c + 1) * bhw]);
-            for (t, idx) in table.chunks_exact(shw).enumerate() {
-                let row = &mut col[(c * taps.len() + t) * ld + off..][..shw];
-                for (d, &i) in row.iter_mut().zip(idx) {
-                    *d = ext[i as usize];
-                }
-            }
-        }
-        return;
-    }
-    for c in 0..g.cbg() {
-        let plane = &img[c * bhw..(c + 1) * bhw];
-        for (t, tap) in taps.iter().enumerate() {
-            let row = &mut col[(c * taps.len() + t) * ld + off..][..shw];
-            if !tap_is_full(g, tap) {
-                row.fill(0.0);
-            }
-            for_each_segment(g, tap, |p, i, len| {
-                gather(&mut row[p..p + len], plane, i, g.stride[1])
-            });
-        }
-    }
-}
-
-/// col2im: the adjoint of [`im2col`] — every patch-matrix entry is added back to the image pixel
+/// col2im: the adjoint of im2col — every patch-matrix entry is added back to the image pixel
 /// it was gathered from. `img` must be zeroed (or hold what the sum should start from).
 fn col2im(
     g: &ConvGeometry,
@@ -871,16 +830,17 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
         let b = MatRef::row_major(big, g.batch, kg);
         return gemm(a, b, MatMut::row_major(dw, cs, kg), &GemmOptions::default());
     }
-    let nb = g.images_per_chunk();
-    let table = tap_table(g, &taps);
+    // Implicit GEMM: the transposed patch matrix is gathered panel by panel from the (padded)
+    // images, with the chunk's pixels as the depth.
+    let nb = g.images_per_chunk_implicit();
     let chunks = g.batch.div_ceil(nb);
     let slices = chunks.min(MAX_SLICES);
-    let direct = nb == 1 && g.pointwise();
-    let m = nb * shw;
-    let col_len = if direct { 0 } else { kg * m };
-    let tmp_len = if nb == 1 { 0 } else { csg * m };
+    let pad = Padded::new(g);
+    let copy = !pad.is_identity(g);
+    let xp_len = if copy { pad.len(g, nb) } else { 0 };
+    let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
+    let plane = pad.hp * pad.wp;
     let wlen = dw.len();
-    // Slice s owns chunks [s·chunks/slices, (s+1)·chunks/slices).
     // Slice s accumulates chunks [s·chunks/slices, (s+1)·chunks/slices) into `part`.
     let run_slice = |s: usize, part: &mut [f32]| -> Result<()> {
         let (c0, c1) = (s * chunks / slices, (s + 1) * chunks / slices);
@@ -890,17 +850,20 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
             let m = nbc * shw;
             let xs = &big[n0 * cb * bhw..][..nbc * cb * bhw];
             let ys = &small[n0 * cs * shw..][..nbc * cs * shw];
-            with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
-                let (col, tmp) = scratch.split_at_mut(col_len);
+            let tables = PatchTables::new(g, &pad, nbc);
+            with_scratch(xp_len + tmp_len, |scratch| -> Result<()> {
+                let (xp, tmp) = scratch.split_at_mut(xp_len);
+                let xp: &[f32] = if copy {
+                    let xp = &mut xp[..pad.len(g, nbc)];
+                    pad.fill(g, xs, xp);
+                    xp
+                } else {
+                    xs
+                };
                 for grp in 0..g.groups {
-                    let bt = if direct {
-                        MatRef::row_major(&xs[grp * cbg * bhw..][..cbg * bhw], cbg, bhw)
-                    } else {
-                        for n in 0..nbc {
-                            let img = &xs[(n * cb + grp * cbg) * bhw..][..cbg * bhw];
-                            im2col(g, &taps, table.as_deref(), img, col, m, n * shw);
-                        }
-                        MatRef::row_major(&col[..kg * m], kg, m)
+                    let bt = PatchesT {
+                        xp: &xp[grp * cbg * plane..],
+                        tables: &tables,
                     };
                     let a = if nbc == 1 {
                         MatRef::row_major(&ys[grp * csg * shw..][..csg * shw], csg, shw)
@@ -913,7 +876,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
                         beta: if ci == 0 { 0.0 } else { 1.0 },
                         ..Default::default()
                     };
-                    gemm(a, bt.t(), c, &opts)?;
+                    gemm_panels(a, &bt, c, &opts)?;
                 }
                 Ok(())
             })?;
