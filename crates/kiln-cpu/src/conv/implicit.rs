@@ -123,41 +123,189 @@ impl PanelSource for Patches<'_> {
     /// cut once into runs of equal step `sw` (a run ends with a patch row or an image); each
     /// depth row is then one strided gather per run.
     fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
-        const MAX_NR: usize = 64;
-        assert!(nr <= MAX_NR, "panel width {nr} above {MAX_NR}");
+        #[cfg(target_arch = "x86_64")]
+        let simd = x86::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        self.pack_with(p0, kc, j0, nc, nr, dst, simd)
+    }
+}
+
+impl Patches<'_> {
+    /// [`PanelSource::pack`], with the AVX-512 row loop when `simd` (the CPU must have it) or
+    /// the scalar gathers otherwise (the reference it is tested against).
+    #[allow(clippy::too_many_arguments)]
+    fn pack_with(
+        &self,
+        p0: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        nr: usize,
+        dst: &mut [f32],
+        simd: bool,
+    ) {
+        let step = self.tables.step;
         let rows = &self.tables.row_offset[p0..p0 + kc];
-        for (jp, panel) in dst
-            .chunks_exact_mut(nr * kc)
-            .take(nc.div_ceil(nr))
-            .enumerate()
-        {
-            let c0 = j0 + jp * nr;
-            let cols = &self.tables.col_offset[c0..c0 + nr.min(j0 + nc - c0)];
-            // Runs (first column, length, column offset).
-            let mut runs = [(0usize, 0usize, 0usize); MAX_NR];
-            let mut count = 0;
-            for (j, &off) in cols.iter().enumerate() {
-                if count > 0 {
-                    let (_, len, first) = runs[count - 1];
-                    if first + len * self.tables.step == off {
-                        runs[count - 1].1 += 1;
-                        continue;
+        let panels = nc.div_ceil(nr);
+        assert!(dst.len() >= panels * nr * kc);
+        // Cut every panel's columns into runs of equal step (a run ends with a patch row, an
+        // image or a panel), once for the whole call.
+        let mut runs: Vec<Run> = Vec::with_capacity(2 * panels);
+        for (j, &off) in self.tables.col_offset[j0..j0 + nc].iter().enumerate() {
+            let (panel, col) = (j / nr, j % nr);
+            if let Some(r) = runs.last_mut() {
+                if r.panel == panel && r.off + r.len * step == off {
+                    r.len += 1;
+                    continue;
+                }
+            }
+            runs.push(Run {
+                at: panel * nr * kc + col,
+                len: 1,
+                off,
+                panel,
+            });
+        }
+        // The edge panel's columns past n are zeros.
+        let edge =
+            (!nc.is_multiple_of(nr)).then(|| ((panels - 1) * nr * kc + nc % nr, nr - nc % nr));
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // The tables are increasing, so the last depth row and the largest run end bound
+            // every index read.
+            let last_row = rows.last().copied().unwrap_or(0);
+            let last_col = runs
+                .iter()
+                .map(|r| r.off + step * (r.len - 1))
+                .max()
+                .unwrap_or(0);
+            assert!(last_row + last_col < self.xp.len());
+            // SAFETY: AVX-512F is present (the caller's `simd`); every index read is at most
+            // last_row + last_col (asserted in bounds); every write is inside the panels of
+            // `dst` (its length asserted above, runs built from columns < nc).
+            unsafe { x86::pack_depth_rows(dst, nr, rows, &runs, edge, self.xp, step) };
+            return;
+        }
+        for (p, &row) in rows.iter().enumerate() {
+            for r in &runs {
+                let at = r.at + p * nr;
+                gather(&mut dst[at..at + r.len], self.xp, row + r.off, step);
+            }
+            if let Some((at, len)) = edge {
+                dst[at + p * nr..][..len].fill(0.0);
+            }
+        }
+    }
+}
+
+/// A run of one panel's columns whose image offsets step by `sw`: depth row `p` of it is
+/// `dst[at + p·nr ..][..len] = xp[row_offset[p] + off + sw·i]`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// Offset of the run's first column in the packed block (depth row 0).
+    at: usize,
+    len: usize,
+    /// Column offset of its first column.
+    off: usize,
+    panel: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Whether [`pack_rows`] can run (AVX-512F, detected at run time).
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// The low `n` lanes (`n ≤ 16`).
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// [`super::Patches::pack`]'s loops with 16-lane loads: a unit-step run is a (masked)
+    /// copy; a step-2 run reads 32 consecutive floats and keeps the even lanes with one
+    /// `vpermt2ps` (16 outputs for three instructions). Other steps go element by element.
+    /// Depth rows are the outer loop, so the image is read in order (channel by channel), each
+    /// plane once per tap while it sits in L1.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; for every row `r` of `rows` and run, the indices
+    /// `r + off + step·i` (`i < len`) are inside `xp`; `dst` holds every `at + p·nr + len` and
+    /// the edge's `at + p·nr + len` (`p < rows.len()`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_depth_rows(
+        dst: &mut [f32],
+        nr: usize,
+        rows: &[usize],
+        runs: &[super::Run],
+        edge: Option<(usize, usize)>,
+        xp: &[f32],
+        step: usize,
+    ) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let base = dst.as_mut_ptr();
+        for (p, &row) in rows.iter().enumerate() {
+            for r in runs {
+                let start = row + r.off;
+                let src = xp.as_ptr().wrapping_add(start);
+                let len = r.len;
+                // SAFETY (whole block): reads are inside the run's source span or, for whole
+                // vectors, inside xp (checked); writes are dst[at + p·nr .. + len] (the
+                // contract).
+                unsafe {
+                    let out = base.add(r.at + p * nr);
+                    let mut i = 0;
+                    match step {
+                        1 => {
+                            while i < len {
+                                let m = lanes(len - i);
+                                let v = _mm512_maskz_loadu_ps(m, src.wrapping_add(i));
+                                _mm512_mask_storeu_ps(out.add(i), m, v);
+                                i += 16;
+                            }
+                        }
+                        2 => {
+                            while i < len {
+                                let n = (len - i).min(16);
+                                let need = 2 * n - 1; // source floats of these n outputs
+                                let (lo, hi) = if start + 2 * i + 32 <= xp.len() {
+                                    // Whole vectors: the common case (a masked load costs
+                                    // more, even with every lane enabled).
+                                    (
+                                        _mm512_loadu_ps(src.wrapping_add(2 * i)),
+                                        _mm512_loadu_ps(src.wrapping_add(2 * i + 16)),
+                                    )
+                                } else {
+                                    (
+                                        _mm512_maskz_loadu_ps(lanes(need), src.wrapping_add(2 * i)),
+                                        _mm512_maskz_loadu_ps(
+                                            lanes(need.saturating_sub(16)),
+                                            src.wrapping_add(2 * i + 16),
+                                        ),
+                                    )
+                                };
+                                let v = _mm512_permutex2var_ps(lo, even, hi);
+                                _mm512_mask_storeu_ps(out.add(i), lanes(n), v);
+                                i += 16;
+                            }
+                        }
+                        _ => {
+                            for i in 0..len {
+                                *out.add(i) = *src.add(i * step);
+                            }
+                        }
                     }
                 }
-                runs[count] = (j, 1, off);
-                count += 1;
             }
-            let runs = &runs[..count];
-            for (out, &row) in panel.chunks_exact_mut(nr).zip(rows) {
-                for &(start, len, off) in runs {
-                    gather(
-                        &mut out[start..start + len],
-                        self.xp,
-                        row + off,
-                        self.tables.step,
-                    );
-                }
-                out[cols.len()..].fill(0.0);
+            if let Some((at, len)) = edge {
+                // SAFETY: the edge columns of depth row p are inside dst (the contract).
+                unsafe { std::ptr::write_bytes(base.add(at + p * nr), 0, len) };
             }
         }
     }
@@ -196,6 +344,56 @@ impl PanelSource for PatchesT<'_> {
                     *o = src[t];
                 }
                 out[taps.len()..].fill(0.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::{Conv2dParams, ConvGeometry};
+
+    /// The AVX-512 gather packs exactly what the scalar gathers pack, for unit, 2 and 3 steps,
+    /// padded and unpadded, runs that end inside a panel, and edge panels.
+    #[test]
+    fn simd_pack_matches_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if !x86::available() {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        return;
+        for &(c, h, w, k, s, p, nb) in &[
+            (3, 9, 13, 3, 1, 1, 2),
+            (4, 16, 16, 4, 2, 1, 3),
+            (2, 17, 33, 5, 2, 2, 1),
+            (2, 11, 10, 3, 3, 0, 2),
+            (1, 7, 7, 1, 1, 0, 1),
+        ] {
+            let g = ConvGeometry::conv2d([nb, c, h, w], [5, c, k, k], &Conv2dParams::new(s, p))
+                .unwrap();
+            let pad = Padded::new(&g);
+            let x: Vec<f32> = (0..nb * c * h * w).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let mut xp = vec![f32::NAN; pad.len(&g, nb)];
+            pad.fill(&g, &x, &mut xp);
+            let tables = PatchTables::new(&g, &pad, nb);
+            let src = Patches {
+                xp: &xp,
+                tables: &tables,
+            };
+            let (kk, n) = (src.rows(), src.cols());
+            for nr in [16, 32] {
+                for (p0, kc) in [(0, kk), (kk / 2, kk - kk / 2)] {
+                    for (j0, nc) in [(0, n), (3, n - 3)] {
+                        let len = nc.div_ceil(nr) * nr * kc;
+                        let (mut a, mut b) = (vec![7.0; len], vec![9.0; len]);
+                        src.pack_with(p0, kc, j0, nc, nr, &mut a, false);
+                        src.pack_with(p0, kc, j0, nc, nr, &mut b, true);
+                        assert_eq!(a, b, "{g:?} nr {nr} p0 {p0} j0 {j0}");
+                    }
+                }
             }
         }
     }
