@@ -396,6 +396,8 @@ fn one_and_two_threads_bitwise_equal() {
             ..Case::plain(1, 4099, 768)
         },
         Case::plain(1, 4099, 768),
+        // Longer than the 16-bit GEMV's column block: blocks and a partial block per thread.
+        Case::plain(1, 20011, 64),
         Case {
             lc: Lay::Col(0),
             ..Case::plain(2000, 1, 300)
