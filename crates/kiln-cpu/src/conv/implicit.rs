@@ -48,7 +48,13 @@ impl Padded {
         let [_, hb, wb] = g.big;
         let [ph, pw] = g.padding;
         let (hp, wp) = (self.hp, self.wp);
-        for (plane, img) in dst.chunks_exact_mut(hp * wp).zip(src.chunks_exact(hb * wb)) {
+        // In parallel over planes: on its own this copy was 7 % of a 2-thread D4 forward.
+        use rayon::prelude::*;
+        let planes = dst
+            .par_chunks_exact_mut(hp * wp)
+            .zip(src.par_chunks_exact(hb * wb))
+            .with_min_len(16);
+        planes.for_each(|(plane, img)| {
             plane[..ph * wp].fill(0.0);
             plane[(ph + hb) * wp..].fill(0.0);
             for (y, row) in img.chunks_exact(wb).enumerate() {
@@ -57,7 +63,7 @@ impl Padded {
                 out[pw..pw + wb].copy_from_slice(row);
                 out[pw + wb..].fill(0.0);
             }
-        }
+        });
     }
 }
 

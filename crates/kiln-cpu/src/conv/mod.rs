@@ -576,12 +576,15 @@ fn gather_group(
     dst: &mut [f32],
 ) {
     let ld = nb * hw;
-    for n in 0..nb {
-        for k in 0..cg {
-            let s = &src[(n * c + grp * cg + k) * hw..][..hw];
-            dst[k * ld + n * hw..][..hw].copy_from_slice(s);
-        }
-    }
+    // In parallel over the rows of `dst` (one channel of every image each).
+    dst[..cg * ld]
+        .par_chunks_mut(ld)
+        .enumerate()
+        .for_each(|(k, row)| {
+            for n in 0..nb {
+                row[n * hw..][..hw].copy_from_slice(&src[(n * c + grp * cg + k) * hw..][..hw]);
+            }
+        });
 }
 
 /// The inverse of [`gather_group`]: `dst[n, grp·cg + k, :] = src[k, n·hw ..]`.
@@ -595,11 +598,15 @@ fn spread_group(
     dst: &mut [f32],
 ) {
     let ld = nb * hw;
-    for n in 0..nb {
-        for k in 0..cg {
-            dst[(n * c + grp * cg + k) * hw..][..hw].copy_from_slice(&src[k * ld + n * hw..][..hw]);
-        }
-    }
+    // In parallel over images (each writes its own output image).
+    dst[..nb * c * hw]
+        .par_chunks_mut(c * hw)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for k in 0..cg {
+                img[(grp * cg + k) * hw..][..hw].copy_from_slice(&src[k * ld + n * hw..][..hw]);
+            }
+        });
 }
 
 /// `out[n, c, :] += bias[c]` for `out` `[n, channels, hw]`.
