@@ -300,7 +300,19 @@ unsafe fn gemm_small_m<TB: FloatElement>(
         let kcur = blk.kc.min(k - pc);
         let (first, last) = (pc == 0, pc + kcur == k);
         let ap = &mut apack.as_mut_slice::<f32>()[..m.div_ceil(mr) * mr * kcur];
-        pack_a(&prod.a, 0, m, pc, kcur, mr, ap);
+        if tasks > 1 && m >= 8 * mr {
+            // Packed in parallel, a range of MR panels per worker (serial, packing a conv
+            // weight was a few % of a 2-thread product). The packed values are the same.
+            let per = m.div_ceil(mr).div_ceil(2 * threads) * mr;
+            ap.par_chunks_mut(per * kcur)
+                .enumerate()
+                .for_each(|(ci, dst)| {
+                    let i0 = ci * per;
+                    pack_a(&prod.a, i0, per.min(m - i0), pc, kcur, mr, dst);
+                });
+        } else {
+            pack_a(&prod.a, 0, m, pc, kcur, mr, ap);
+        }
         let ap: &[f32] = ap;
         let task = |t: usize| {
             let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
