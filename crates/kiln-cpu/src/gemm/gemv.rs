@@ -368,7 +368,25 @@ mod x86 {
                 w: usize,
             ) {
                 let b = b as *const $elem;
+                // 16-bit weights: the column about 8 KiB ahead is requested while this one is
+                // summed (the dot product of a 1.5 KiB bf16 column is too short for the hardware
+                // prefetcher to run far enough ahead). Measured, 1 × 50257 × 768 bf16 `wteᵀ`, one
+                // thread: 3.1–3.3 ms without, 2.1–2.7 ms with. f32 gained nothing (4.5–5.1 ms
+                // either way), so it goes without.
+                let bytes = k * std::mem::size_of::<$elem>();
+                let ahead = if std::mem::size_of::<$elem>() == 2 {
+                    (8192usize).div_ceil(bytes.max(1)).max(1)
+                } else {
+                    0
+                };
                 for j in 0..w {
+                    if ahead > 0 && j + ahead < w {
+                        let next = b.wrapping_add((j + ahead) * cs) as *const i8;
+                        for o in (0..bytes).step_by(64) {
+                            // A hint only (never faults); column j + ahead < w is inside B.
+                            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(o));
+                        }
+                    }
                     // SAFETY: column j < w, as the contract says.
                     unsafe { *y.add(j) = $dot(k, x, b.add(j * cs)) };
                 }
