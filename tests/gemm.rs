@@ -732,3 +732,68 @@ fn bf16_compute_entry_point() {
         }
     }
 }
+
+/// 2 to 4 rows stream B like the M = 1 path: every row of the product is bitwise the M = 1
+/// product of that row, for both B layouts, 16-bit weights, the epilogue, beta, and any thread
+/// count (a batched decode step gives each sequence exactly its own result).
+#[test]
+fn few_rows_equal_single_rows() {
+    let (p1, p2) = (pool(1), pool(2));
+    let mut rng = Rng(21);
+    for isa in isas() {
+        for &(m, n, k, col) in &[
+            (2, 300, 70, false),
+            (3, 9000, 64, true),
+            (4, 20011, 33, false),
+        ] {
+            let a: Vec<f32> = random(m * k, &mut rng);
+            let b: Vec<bf16> = random(k * n, &mut rng);
+            let bias: Vec<f32> = random(n, &mut rng);
+            let c0: Vec<f32> = random(m * n, &mut rng);
+            let bv = if col {
+                MatRef::row_major(&b, n, k).t()
+            } else {
+                MatRef::row_major(&b, k, n)
+            };
+            for beta in [0.0, 0.5] {
+                let opts = GemmOptions {
+                    beta,
+                    epilogue: Epilogue::BiasGelu(&bias),
+                    ..Default::default()
+                };
+                let mut want = c0.clone();
+                for i in 0..m {
+                    p1.install(|| {
+                        gemm_with_isa(
+                            isa,
+                            MatRef::row_major(&a[i * k..(i + 1) * k], 1, k),
+                            bv,
+                            MatMut::row_major(&mut want[i * n..(i + 1) * n], 1, n),
+                            &opts,
+                        )
+                    })
+                    .unwrap();
+                }
+                for p in [&p1, &p2] {
+                    let mut got = c0.clone();
+                    p.install(|| {
+                        gemm_with_isa(
+                            isa,
+                            MatRef::row_major(&a, m, k),
+                            bv,
+                            MatMut::row_major(&mut got, m, n),
+                            &opts,
+                        )
+                    })
+                    .unwrap();
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{isa:?} {m}x{n}x{k} col {col} beta {beta}"
+                    );
+                }
+            }
+        }
+    }
+}
