@@ -364,3 +364,104 @@ fn broken_checkpoints_give_clear_errors() {
         .to_string();
     assert!(msg.contains("/nonexistent/gpt2"), "{msg}");
 }
+
+/// Batched decode: one `forward_batch` step gives the logits of each sequence's own step, and
+/// batched generation gives each prompt exactly the tokens it gets alone (greedy and sampled).
+#[test]
+fn batched_decode_matches_single_sequences() {
+    let exp = Expected::load();
+    for dtype in [DType::F32, DType::BF16] {
+        let gpt2 = load(&fixture_dir(), Some(dtype));
+        let m = &gpt2.model;
+        let v = m.config.vocab_size;
+        let prompts = [exp.ids("p0.ids"), exp.ids("p2.ids"), vec![464, 3290]];
+        // One step for all three against three single steps.
+        let mut single = Vec::new();
+        let mut states = Vec::new();
+        let mut step = Vec::new();
+        for p in &prompts {
+            let mut s = m.new_state(p.len()).unwrap();
+            m.forward(&p[..p.len() - 1], &mut s, Logits::Last, &mut step)
+                .unwrap();
+            let mut alone = s.clone();
+            m.forward(&p[p.len() - 1..], &mut alone, Logits::Last, &mut step)
+                .unwrap();
+            single.extend_from_slice(&step);
+            states.push(s);
+        }
+        let last: Vec<u32> = prompts.iter().map(|p| *p.last().unwrap()).collect();
+        let mut refs: Vec<&mut _> = states.iter_mut().collect();
+        let mut batched = Vec::new();
+        m.forward_batch(&last, &mut refs, &mut batched).unwrap();
+        assert_eq!(batched.len(), 3 * v);
+        let e = rel_err(&batched, &single);
+        assert!(e <= TOL_F32, "{dtype}: batched step differs by {e:.2e}");
+        // A full cache, a length mismatch, an empty batch and a bad id are errors.
+        let mut refs: Vec<&mut _> = states.iter_mut().collect();
+        assert!(m.forward_batch(&last, &mut refs, &mut batched).is_err());
+        let mut fresh = m.new_state(4).unwrap();
+        let mut one = vec![&mut fresh];
+        assert!(m.forward_batch(&[1, 2], &mut one, &mut batched).is_err());
+        assert!(m.forward_batch(&[], &mut [], &mut batched).is_err());
+        assert!(m
+            .forward_batch(&[v as u32], &mut one, &mut batched)
+            .is_err());
+        assert_eq!(fresh.len(), 0);
+
+        // Generation: greedy and sampled, each prompt as if alone.
+        let texts = [
+            "What is the capital of France?",
+            "Hello",
+            "Once upon a time there",
+        ];
+        for opts in [
+            greedy(12),
+            GenerateOptions {
+                max_new_tokens: 10,
+                sampler: kiln_models::gpt2::SamplerConfig {
+                    temperature: 0.9,
+                    top_k: 40,
+                    seed: 3,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        ] {
+            let mut streamed = vec![String::new(); texts.len()];
+            let outs = gpt2
+                .generate_batch(&texts, &opts, |b, _, text| {
+                    streamed[b].push_str(text);
+                    true
+                })
+                .unwrap();
+            for (b, (t, out)) in texts.iter().zip(&outs).enumerate() {
+                let alone = gpt2.generate(t, &opts, |_, _| true).unwrap();
+                assert_eq!(out.ids, alone.ids, "{dtype} prompt {b}");
+                assert_eq!(out.text, alone.text);
+                assert_eq!(out.text, streamed[b]);
+                assert_eq!(out.stop, alone.stop);
+            }
+        }
+        // The fixture's greedy continuation of p0 (transformers) comes out of a batch too.
+        if dtype == DType::F32 {
+            let outs = gpt2
+                .generate_batch(
+                    &["What is the capital of France?", "Hi"],
+                    &greedy(20),
+                    |_, _, _| true,
+                )
+                .unwrap();
+            assert_eq!(outs[0].ids, exp.ids("p0.greedy"));
+        }
+        // One sequence stopping (the callback) leaves the others running.
+        let outs = gpt2
+            .generate_batch(&texts, &greedy(8), |b, _, _| b != 1)
+            .unwrap();
+        assert_eq!(outs[1].ids.len(), 1);
+        assert_eq!(outs[1].stop, StopReason::Callback);
+        assert_eq!(outs[0].ids.len(), 8);
+        assert!(gpt2
+            .generate_batch(&["a", ""], &greedy(4), |_, _, _| true)
+            .is_err());
+    }
+}

@@ -270,6 +270,45 @@ impl Gpt2 {
     }
 }
 
+impl Gpt2 {
+    /// Tokenizes and generates for several prompts at once (batched decode, see
+    /// [`generate_batch_ids`]); `on_token(seq, id, text)` is called for every new token of
+    /// sequence `seq` with the text it completes, and returns `false` to stop that sequence.
+    /// The results are in the order of `prompts`.
+    pub fn generate_batch(
+        &self,
+        prompts: &[&str],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(usize, u32, &str) -> bool,
+    ) -> Result<Vec<Generation>> {
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::invalid(format!("prompt {i} is empty")));
+        }
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| self.encode(p, opts.allow_special))
+            .collect();
+        let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        let mut streams = vec![TextStream::default(); prompts.len()];
+        let mut texts = vec![String::new(); prompts.len()];
+        let mut gens = generate_batch_ids(&self.model, &refs, opts, |b, id| {
+            let bytes = self.tokenizer.decode_bytes(&[id])?;
+            let piece = streams[b].push(&bytes);
+            texts[b].push_str(&piece);
+            Ok(on_token(b, id, &piece))
+        })?;
+        for (b, g) in gens.iter_mut().enumerate() {
+            let rest = streams[b].finish();
+            if !rest.is_empty() {
+                on_token(b, u32::MAX, &rest);
+                texts[b].push_str(&rest);
+            }
+            g.text = std::mem::take(&mut texts[b]);
+        }
+        Ok(gens)
+    }
+}
+
 /// The dtype of the checkpoint's matrices (that of `wte.weight`).
 pub fn checkpoint_dtype(file: &SafeTensors) -> Result<DType> {
     let name = if file.contains("wte.weight") {
@@ -309,35 +348,7 @@ pub fn generate_ids(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
-    let n_pos = model.config.n_positions;
-    if prompt_ids.is_empty() {
-        return Err(Error::invalid("the prompt is empty"));
-    }
-    let mut prompt = prompt_ids;
-    // The last new token is never fed back, so prompt + max_new - 1 positions are needed.
-    let need = prompt.len() + opts.max_new_tokens.saturating_sub(1);
-    if need > n_pos {
-        match opts.context {
-            ContextPolicy::Error => {
-                return Err(Error::Capacity(format!(
-                    "the prompt ({} tokens) plus {} new tokens exceed the model's context of {n_pos} positions \
-                     (use fewer new tokens, a shorter prompt, or truncation)",
-                    prompt.len(),
-                    opts.max_new_tokens
-                )))
-            }
-            ContextPolicy::TruncateLeft => {
-                let keep = n_pos.saturating_sub(opts.max_new_tokens.saturating_sub(1));
-                if keep == 0 {
-                    return Err(Error::Capacity(format!(
-                        "{} new tokens do not fit in the model's context of {n_pos} positions",
-                        opts.max_new_tokens
-                    )));
-                }
-                prompt = &prompt[prompt.len() - keep..];
-            }
-        }
-    }
+    let prompt = fit_prompt(model, prompt_ids, opts)?;
     let mut sampler = Sampler::new(opts.sampler.clone())?;
     let mut gen = Generation {
         prompt_ids: prompt.to_vec(),
@@ -382,4 +393,142 @@ pub fn generate_ids(
     }
     gen.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
     Ok(gen)
+}
+
+/// The prompt as the model will see it: an error when it is empty, or when prompt + new tokens
+/// do not fit in `n_positions` under [`ContextPolicy::Error`]; the last tokens that fit under
+/// [`ContextPolicy::TruncateLeft`].
+fn fit_prompt<'a>(
+    model: &Gpt2Model,
+    prompt_ids: &'a [u32],
+    opts: &GenerateOptions,
+) -> Result<&'a [u32]> {
+    let n_pos = model.config.n_positions;
+    if prompt_ids.is_empty() {
+        return Err(Error::invalid("the prompt is empty"));
+    }
+    let mut prompt = prompt_ids;
+    // The last new token is never fed back, so prompt + max_new - 1 positions are needed.
+    let need = prompt.len() + opts.max_new_tokens.saturating_sub(1);
+    if need > n_pos {
+        match opts.context {
+            ContextPolicy::Error => {
+                return Err(Error::Capacity(format!(
+                    "the prompt ({} tokens) plus {} new tokens exceed the model's context of {n_pos} positions \
+                     (use fewer new tokens, a shorter prompt, or truncation)",
+                    prompt.len(),
+                    opts.max_new_tokens
+                )))
+            }
+            ContextPolicy::TruncateLeft => {
+                let keep = n_pos.saturating_sub(opts.max_new_tokens.saturating_sub(1));
+                if keep == 0 {
+                    return Err(Error::Capacity(format!(
+                        "{} new tokens do not fit in the model's context of {n_pos} positions",
+                        opts.max_new_tokens
+                    )));
+                }
+                prompt = &prompt[prompt.len() - keep..];
+            }
+        }
+    }
+    Ok(prompt)
+}
+
+/// Generation for several prompts at once (batched decode): each prompt is prefilled on its
+/// own, then every unfinished sequence takes its next step in one
+/// [`Gpt2Model::forward_batch`], so the weights are read once per step for the whole batch.
+/// Each sequence has its own sampler built from `opts.sampler` (the same seed), so its tokens
+/// are exactly those of generating it alone with [`generate_ids`] (up to the rounding of the
+/// batched products; greedy choices agree unless two logits tie within it). `on_token(seq, id)`
+/// is called after each choice; `Ok(false)` stops that sequence. `decode_ms` of every result is
+/// the wall time of the shared decode loop, so the batch produces the sum of their
+/// `decode_steps` in that time.
+pub fn generate_batch_ids(
+    model: &Gpt2Model,
+    prompts: &[&[u32]],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(usize, u32) -> Result<bool>,
+) -> Result<Vec<Generation>> {
+    let fitted = prompts
+        .iter()
+        .map(|p| fit_prompt(model, p, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let mut gens: Vec<Generation> = fitted
+        .iter()
+        .map(|p| Generation {
+            prompt_ids: p.to_vec(),
+            ids: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            decode_steps: 0,
+        })
+        .collect();
+    if opts.max_new_tokens == 0 || prompts.is_empty() {
+        return Ok(gens);
+    }
+    let mut samplers = Vec::with_capacity(prompts.len());
+    let mut states = Vec::with_capacity(prompts.len());
+    let mut histories: Vec<Vec<u32>> = fitted.iter().map(|p| p.to_vec()).collect();
+    let mut next = Vec::with_capacity(prompts.len());
+    let mut logits = Vec::new();
+    for (g, p) in gens.iter_mut().zip(&fitted) {
+        let mut sampler = Sampler::new(opts.sampler.clone())?;
+        let mut state = model.new_state(p.len() + opts.max_new_tokens - 1)?;
+        let t0 = Instant::now();
+        model.forward(p, &mut state, Logits::Last, &mut logits)?;
+        next.push(sampler.sample(&mut logits, &histories[states.len()])?);
+        g.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        samplers.push(sampler);
+        states.push(state);
+    }
+    let v = model.config.vocab_size;
+    let mut active: Vec<bool> = vec![true; prompts.len()];
+    let t1 = Instant::now();
+    loop {
+        // Record each active sequence's choice; drop the finished ones.
+        for b in 0..prompts.len() {
+            if !active[b] {
+                continue;
+            }
+            let id = next[b];
+            if opts.stop_at_eot && id == EOT {
+                gens[b].stop = StopReason::EndOfText;
+                active[b] = false;
+                continue;
+            }
+            gens[b].ids.push(id);
+            histories[b].push(id);
+            if !on_token(b, id)? {
+                gens[b].stop = StopReason::Callback;
+                active[b] = false;
+            } else if gens[b].ids.len() == opts.max_new_tokens {
+                active[b] = false;
+            }
+        }
+        let live: Vec<usize> = (0..prompts.len()).filter(|&b| active[b]).collect();
+        if live.is_empty() {
+            break;
+        }
+        let ids: Vec<u32> = live.iter().map(|&b| next[b]).collect();
+        let mut batch: Vec<&mut Gpt2State> = states
+            .iter_mut()
+            .enumerate()
+            .filter(|(b, _)| active[*b])
+            .map(|(_, s)| s)
+            .collect();
+        model.forward_batch(&ids, &mut batch, &mut logits)?;
+        for (row, &b) in live.iter().enumerate() {
+            gens[b].decode_steps += 1;
+            let l = &mut logits[row * v..(row + 1) * v];
+            next[b] = samplers[b].sample(l, &histories[b])?;
+        }
+    }
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    for g in &mut gens {
+        g.decode_ms = decode_ms;
+    }
+    Ok(gens)
 }

@@ -256,6 +256,120 @@ impl Gpt2Model {
         Ok(())
     }
 
+    /// One decode step for `B` sequences at once: `ids[b]` is the next token of the sequence
+    /// `states[b]` holds (each at its own position). Writes logits `[B, V]`.
+    ///
+    /// The linear layers run as `[B, C]` products, so the weights are streamed from memory once
+    /// for all `B` sequences instead of once per sequence (decode is bound by those bytes); the
+    /// attention runs per sequence on its own cache. An empty batch, a length mismatch, an id
+    /// outside the vocabulary or a full cache is an error and leaves every state unchanged.
+    pub fn forward_batch(
+        &self,
+        ids: &[u32],
+        states: &mut [&mut Gpt2State],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (bsz, c, f, v) = (ids.len(), cfg.n_embd, cfg.mlp_dim(), cfg.vocab_size);
+        if bsz == 0 || states.len() != bsz {
+            return Err(Error::invalid(format!(
+                "forward_batch: {bsz} tokens for {} sequences (one token per sequence, at least one)",
+                states.len()
+            )));
+        }
+        for (s, &id) in states.iter().zip(ids) {
+            if s.len() + 1 > s.capacity() {
+                return Err(Error::Capacity(format!(
+                    "{} positions exceed the context of {} positions",
+                    s.len() + 1,
+                    s.capacity()
+                )));
+            }
+            if id as usize >= v {
+                return Err(Error::invalid(format!(
+                    "token id {id} is outside the vocabulary of {v} tokens"
+                )));
+            }
+        }
+        let be = &*self.backend;
+        let w = &self.weights;
+        let eps = cfg.layer_norm_epsilon;
+        let mut x = vec![0f32; bsz * c];
+        let mut h = vec![0f32; bsz * c];
+        let mut qkv = vec![0f32; bsz * 3 * c];
+        let mut att = vec![0f32; bsz * c];
+        let mut mlp = vec![0f32; bsz * f];
+
+        // x[b] = wte[ids[b]] + wpe[pos_b]
+        for (b, s) in states.iter().enumerate() {
+            be.embedding(
+                &ids[b..b + 1],
+                view(&w.wte)?,
+                view(&w.wpe)?,
+                s.len(),
+                &mut x[b * c..(b + 1) * c],
+            )?;
+        }
+        for (l, blk) in w.blocks.iter().enumerate() {
+            be.layer_norm(&x, &blk.ln_1_w, &blk.ln_1_b, eps, &mut h)?;
+            be.linear(
+                &h,
+                bsz,
+                view(&blk.c_attn_w)?,
+                Some(&blk.c_attn_b),
+                Activation::None,
+                &mut qkv,
+            )?;
+            for (b, s) in states.iter_mut().enumerate() {
+                be.attention(
+                    &qkv[b * 3 * c..(b + 1) * 3 * c],
+                    1,
+                    &mut s.caches[l],
+                    &mut att[b * c..(b + 1) * c],
+                )?;
+            }
+            be.linear(
+                &att,
+                bsz,
+                view(&blk.attn_proj_w)?,
+                Some(&blk.attn_proj_b),
+                Activation::None,
+                &mut h,
+            )?;
+            be.add(&mut x, &h)?;
+            be.layer_norm(&x, &blk.ln_2_w, &blk.ln_2_b, eps, &mut h)?;
+            be.linear(
+                &h,
+                bsz,
+                view(&blk.fc_w)?,
+                Some(&blk.fc_b),
+                Activation::GeluTanh,
+                &mut mlp,
+            )?;
+            be.linear(
+                &mlp,
+                bsz,
+                view(&blk.mlp_proj_w)?,
+                Some(&blk.mlp_proj_b),
+                Activation::None,
+                &mut h,
+            )?;
+            be.add(&mut x, &h)?;
+        }
+        be.layer_norm(&x, &w.ln_f_w, &w.ln_f_b, eps, &mut h)?;
+        logits.clear();
+        logits.resize(bsz * v, 0.0);
+        be.linear(
+            &h,
+            bsz,
+            view(w.lm_head())?.t(),
+            None,
+            Activation::None,
+            logits,
+        )?;
+        Ok(())
+    }
+
     /// Logits `[T, V]` of every position of `ids`, in one pass on a fresh state.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.is_empty() {
