@@ -390,3 +390,81 @@ fn broken_inputs_print_one_error_line() {
     let e = fails(&["gpt2", "init", "--out", "/tmp/kiln-never", "--size", "13B"]);
     assert!(e.contains("13B"), "{e}");
 }
+
+/// `--batch-prompts FILE`: one JSON object per prompt, each with the ids a single `--prompt`
+/// run gives; an empty file is one error line.
+#[test]
+fn batch_prompts_equal_single_runs() {
+    let dir = fixture_dir();
+    let tmp = TempDir::new("batch");
+    let file = tmp.path().join("prompts.txt");
+    let prompts = [
+        "What is the capital of France?",
+        "Hello",
+        "Once upon a time",
+    ];
+    std::fs::write(
+        &file,
+        format!("{}\r\n{}\n\n{}\n", prompts[0], prompts[1], prompts[2]),
+    )
+    .unwrap();
+    let (stdout, _) = ok(&[
+        "gpt2",
+        "generate",
+        "--model",
+        s(&dir),
+        "--batch-prompts",
+        s(&file),
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, (p, obj)) in prompts.iter().zip(&lines).enumerate() {
+        assert_eq!(obj["batch_index"], i);
+        let (single, _) = ok(&[
+            "gpt2",
+            "generate",
+            "--model",
+            s(&dir),
+            "--prompt",
+            p,
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]);
+        let single: serde_json::Value = serde_json::from_str(single.trim()).unwrap();
+        assert_eq!(obj["ids"], single["ids"], "prompt {i}");
+        assert_eq!(obj["prompt_ids"], single["prompt_ids"]);
+        assert_eq!(obj["text"], single["text"]);
+    }
+    // Text mode: each prompt followed by its text, one per line.
+    let (text, _) = ok(&[
+        "gpt2",
+        "generate",
+        "--model",
+        s(&dir),
+        "--batch-prompts",
+        s(&file),
+        "--max-new-tokens",
+        "8",
+    ]);
+    for (p, obj) in prompts.iter().zip(&lines) {
+        assert!(text.contains(&format!("{p}{}", obj["text"].as_str().unwrap())));
+    }
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let err = fails(&[
+        "gpt2",
+        "generate",
+        "--model",
+        s(&dir),
+        "--batch-prompts",
+        s(&empty),
+    ]);
+    assert!(err.contains("no prompts"), "{err}");
+}

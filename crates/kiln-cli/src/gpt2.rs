@@ -38,13 +38,18 @@ pub struct GenerateArgs {
     /// The prompt.
     #[arg(
         long,
-        conflicts_with = "prompt_file",
-        required_unless_present = "prompt_file"
+        conflicts_with_all = ["prompt_file", "batch_prompts"],
+        required_unless_present_any = ["prompt_file", "batch_prompts"]
     )]
     pub prompt: Option<String>,
     /// Read the prompt from a file (UTF-8).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "batch_prompts")]
     pub prompt_file: Option<PathBuf>,
+    /// Generate for every line of this file (UTF-8, one prompt per line, empty lines skipped)
+    /// in one batch: one decode step for all of them. Prints each prompt and its text when all
+    /// are done (with --json, one object per prompt and line, with its `batch_index`).
+    #[arg(long, value_name = "FILE")]
+    pub batch_prompts: Option<PathBuf>,
     /// Most tokens to generate (generation also stops at <|endoftext|>).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -241,12 +246,36 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let prompt = match (&a.prompt, &a.prompt_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => read_prompt_file(f)?,
-        (None, None) => return Err(Error::invalid("give --prompt or --prompt-file")),
+    let batch = match &a.batch_prompts {
+        Some(f) => {
+            let text = read_prompt_file(f)?;
+            let lines: Vec<String> = text
+                .lines()
+                .map(|l| l.trim_end_matches('\r'))
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            if lines.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{}: no prompts (one per line)",
+                    f.display()
+                )));
+            }
+            Some(lines)
+        }
+        None => None,
     };
-    if prompt.is_empty() {
+    let prompt = match (&a.prompt, &a.prompt_file, &batch) {
+        (_, _, Some(_)) => String::new(),
+        (Some(p), _, _) => p.clone(),
+        (None, Some(f), _) => read_prompt_file(f)?,
+        (None, None, None) => {
+            return Err(Error::invalid(
+                "give --prompt, --prompt-file or --batch-prompts",
+            ))
+        }
+    };
+    if batch.is_none() && prompt.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
     }
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
@@ -290,6 +319,51 @@ fn generate(a: GenerateArgs) -> Result<()> {
         allow_special: a.allow_special,
     };
     let mut out = std::io::stdout().lock();
+    if let Some(prompts) = &batch {
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let gens = gpt2.generate_batch(&refs, &opts, |_, _, _| true)?;
+        let threads = rayon::current_num_threads();
+        let dtype = gpt2.model.weights.dtype;
+        let steps: usize = gens.iter().map(|g| g.decode_steps).sum();
+        let decode_ms = gens.first().map_or(0.0, |g| g.decode_ms);
+        let batch_rate = if decode_ms > 0.0 {
+            steps as f64 / decode_ms * 1e3
+        } else {
+            0.0
+        };
+        for (i, (p, gen)) in prompts.iter().zip(&gens).enumerate() {
+            if a.json {
+                let obj = json!({
+                    "batch_index": i,
+                    "prompt_ids": gen.prompt_ids,
+                    "ids": gen.ids,
+                    "text": gen.text,
+                    "load_ms": gpt2.load_ms,
+                    "prefill_ms": gen.prefill_ms,
+                    "decode_tokens_per_s": gen.decode_tokens_per_s(),
+                    "batch_decode_tokens_per_s": batch_rate,
+                    "decode_ms": gen.decode_ms,
+                    "decode_steps": gen.decode_steps,
+                    "stop": format!("{:?}", gen.stop),
+                    "dtype": dtype.name(),
+                    "threads": threads,
+                });
+                let _ = writeln!(out, "{obj}");
+            } else {
+                let _ = writeln!(out, "{p}{}", gen.text);
+            }
+        }
+        if !a.json {
+            eprintln!(
+                "load {:.0} ms · {} prompts · decode {steps} tokens in all, {batch_rate:.1} tokens/s · {} weights, {} threads",
+                gpt2.load_ms,
+                prompts.len(),
+                dtype,
+                threads
+            );
+        }
+        return Ok(());
+    }
     if !a.json {
         let _ = out.write_all(prompt.as_bytes());
         let _ = out.flush();
