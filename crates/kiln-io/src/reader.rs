@@ -82,11 +82,10 @@ impl SafeTensors {
 
         let bytes: SharedBytes = match mode {
             LoadMode::Mmap => {
-                // SAFETY: the map is read-only and only ever handed out as `&[u8]`. As with every
-                // memory-mapped loader, the file must not be truncated or rewritten by another
-                // process while it is mapped; kiln itself only replaces files by atomic rename,
-                // which leaves an existing map's inode untouched. Use `LoadMode::Read` where that
-                // cannot be promised.
+                // As with every memory-mapped loader, the file must not be truncated or rewritten
+                // by another process while mapped (`LoadMode::Read` where that cannot be promised).
+                // SAFETY: the map is read-only, only handed out as `&[u8]`; kiln replaces files
+                // only by atomic rename, which leaves an existing map's inode untouched.
                 let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }
                     .map_err(|e| Error::io(path, e))?;
                 if map.len() != len {

@@ -519,10 +519,9 @@ fn write_back(
         let arow = &acc[i * ldc..i * ldc + ncur];
         let base = (ic + i) * cp.rs + jc * cp.cs;
         if cp.cs == 1 {
-            // SAFETY: C was validated (`MatMut::check`), so elements (ic+i, jc..jc+ncur) lie
-            // inside its buffer; with unit column stride they are this contiguous run. No other
-            // task touches them (disjoint view, distinct blocks) and nothing else borrows C
-            // while `run` executes.
+            // C was validated (`MatMut::check`) and no other task or borrow touches this block.
+            // SAFETY: elements (ic+i, jc..jc+ncur) lie inside C's buffer and, with unit column
+            // stride, are this contiguous run, owned by this task while `run` executes.
             let crow = unsafe { std::slice::from_raw_parts_mut(cp.p.add(base), ncur) };
             if beta == 0.0 && matches!(epi, Epilogue::None) {
                 for (cv, &av) in crow.iter_mut().zip(arow) {

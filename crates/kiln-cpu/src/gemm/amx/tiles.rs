@@ -143,10 +143,10 @@ pub(crate) fn kernel_32x32(
                 return;
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the session configured tiles 0..8 as 16×64 B on this thread (AMX present);
-            // `a` and `b` hold `ksteps·32` lines each (asserted), and the loop reads exactly
-            // lines [0, ksteps·32) of each with a 64-byte stride; the C tiles touch rows 0..32
-            // of 32 f32 at stride `ldc`, inside `c` (asserted). `ksteps ≥ 1`.
+            // The session configured tiles 0..8 as 16×64 B on this thread (AMX present); `a`
+            // and `b` hold `ksteps·32` lines each and `c` 32 rows at `ldc` (asserted above).
+            // SAFETY: the loop reads lines [0, ksteps·32) of a and b (64-byte stride) and the
+            // C tiles rows 0..32 of 32 f32 at stride `ldc`, all inside them; `ksteps ≥ 1`.
             unsafe {
                 amx_32x32(
                     a.as_ptr(),
