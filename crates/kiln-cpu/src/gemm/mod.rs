@@ -378,28 +378,12 @@ pub fn gemm_packed(
         scale_only(c, opts);
         return Ok(());
     }
-    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
-        1
-    } else {
-        rayon::current_num_threads()
+    let blk = b.isa.blocking();
+    let b: driver::BSource<'_, f32> = driver::BSource::Packed {
+        data: b.data.as_slice::<f32>(),
+        n,
     };
-    let prod = driver::Product::<f32> {
-        a,
-        b: driver::BSource::Packed {
-            data: b.data.as_slice::<f32>(),
-            n,
-        },
-        c: driver::CPtr {
-            ptr: c.data.as_mut_ptr(),
-            rs: c.row_stride,
-            cs: c.col_stride,
-        },
-        alpha: opts.alpha,
-        beta: opts.beta,
-        epilogue: opts.epilogue,
-    };
-    // SAFETY: as in gemm_with_isa: C validated, exclusively borrowed for the call.
-    unsafe { driver::gemm_blis(&kern, b.isa.blocking(), &prod, threads) };
+    run_blis(&kern, blk, a, b, c, opts);
     Ok(())
 }
 
@@ -439,25 +423,14 @@ pub fn gemm_panels_with_isa(
         scale_only(c, opts);
         return Ok(());
     }
-    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
-        1
-    } else {
-        rayon::current_num_threads()
-    };
-    let prod = driver::Product::<f32> {
+    run_blis::<f32>(
+        &kern,
+        isa.blocking(),
         a,
-        b: driver::BSource::Panels(b),
-        c: driver::CPtr {
-            ptr: c.data.as_mut_ptr(),
-            rs: c.row_stride,
-            cs: c.col_stride,
-        },
-        alpha: opts.alpha,
-        beta: opts.beta,
-        epilogue: opts.epilogue,
-    };
-    // SAFETY: as in gemm_with_isa: C validated, exclusively borrowed for the call.
-    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
+        driver::BSource::Panels(b),
+        c,
+        opts,
+    );
     Ok(())
 }
 
@@ -536,6 +509,21 @@ pub fn gemm_with_isa<TB: FloatElement>(
             return Ok(());
         }
     }
+    run_blis(&kern, isa.blocking(), a, driver::BSource::View(b), c, opts);
+    Ok(())
+}
+
+/// Runs the BLIS loop nest for a validated, non-empty product (`k ≥ 1`) on the current pool, on
+/// one thread below [`driver::PARALLEL_FLOPS`].
+fn run_blis<TB: FloatElement>(
+    kern: &micro::Kernel,
+    blk: blocking::Blocking,
+    a: MatRef<'_, f32>,
+    b: driver::BSource<'_, TB>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) {
+    let (m, k, n) = (a.rows, a.cols, c.cols);
     let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
         1
     } else {
@@ -543,7 +531,7 @@ pub fn gemm_with_isa<TB: FloatElement>(
     };
     let prod = driver::Product {
         a,
-        b: driver::BSource::View(b),
+        b,
         c: driver::CPtr {
             ptr: c.data.as_mut_ptr(),
             rs: c.row_stride,
@@ -553,10 +541,9 @@ pub fn gemm_with_isa<TB: FloatElement>(
         beta: opts.beta,
         epilogue: opts.epilogue,
     };
-    // SAFETY: `c` was validated to lie inside `c.data` and not to overlap itself, and we hold
-    // its exclusive borrow for the whole call.
-    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
-    Ok(())
+    // SAFETY: every caller validated `c` to lie inside `c.data` and not to overlap itself, and
+    // its exclusive borrow is held here for the whole call.
+    unsafe { driver::gemm_blis(kern, blk, &prod, threads) };
 }
 
 /// Up to this many rows of A, a product streams B like the M = 1 path ([`gemv::gemv_rows_batch`])
