@@ -174,7 +174,6 @@ impl Gpt2Model {
         }
         let be = &*self.backend;
         let w = &self.weights;
-        let eps = cfg.layer_norm_epsilon;
         let Gpt2State {
             caches,
             x,
@@ -192,21 +191,50 @@ impl Gpt2Model {
         // x = wte[ids] + wpe[pos0 .. pos0 + T]
         be.embedding(ids, view(&w.wte)?, view(&w.wpe)?, pos0, x)?;
 
-        for (b, cache) in w.blocks.iter().zip(caches.iter_mut()) {
+        self.blocks(x, h, qkv, att, mlp, t, |l, qkv, att| {
+            be.attention(qkv, t, &mut caches[l], att)
+        })?;
+        // logits = ln_f(x) · wteᵀ, for the rows asked for.
+        let rows = match which {
+            Logits::Last => 1,
+            Logits::All => t,
+        };
+        let first = t - rows;
+        self.head(&x[first * c..], &mut h[..rows * c], rows, logits)?;
+        Ok(())
+    }
+
+    /// The transformer blocks over `rows` positions, `x` `[rows, C]` updated in place (`h`,
+    /// `qkv`, `att`, `mlp` are scratch of `[rows, C]`, `[rows, 3C]`, `[rows, C]`, `[rows, F]`);
+    /// `attend(layer, qkv, att)` runs layer `layer`'s attention against the right caches.
+    #[allow(clippy::too_many_arguments)]
+    fn blocks(
+        &self,
+        x: &mut [f32],
+        h: &mut [f32],
+        qkv: &mut [f32],
+        att: &mut [f32],
+        mlp: &mut [f32],
+        rows: usize,
+        mut attend: impl FnMut(usize, &[f32], &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        let be = &*self.backend;
+        let eps = self.config.layer_norm_epsilon;
+        for (l, b) in self.weights.blocks.iter().enumerate() {
             // x += attn(ln_1(x)) · W_proj + b_proj
             be.layer_norm(x, &b.ln_1_w, &b.ln_1_b, eps, h)?;
             be.linear(
                 h,
-                t,
+                rows,
                 view(&b.c_attn_w)?,
                 Some(&b.c_attn_b),
                 Activation::None,
                 qkv,
             )?;
-            be.attention(qkv, t, cache, att)?;
+            attend(l, qkv, att)?;
             be.linear(
                 att,
-                t,
+                rows,
                 view(&b.attn_proj_w)?,
                 Some(&b.attn_proj_b),
                 Activation::None,
@@ -217,7 +245,7 @@ impl Gpt2Model {
             be.layer_norm(x, &b.ln_2_w, &b.ln_2_b, eps, h)?;
             be.linear(
                 h,
-                t,
+                rows,
                 view(&b.fc_w)?,
                 Some(&b.fc_b),
                 Activation::GeluTanh,
@@ -225,7 +253,7 @@ impl Gpt2Model {
             )?;
             be.linear(
                 mlp,
-                t,
+                rows,
                 view(&b.mlp_proj_w)?,
                 Some(&b.mlp_proj_b),
                 Activation::None,
@@ -233,18 +261,16 @@ impl Gpt2Model {
             )?;
             be.add(x, h)?;
         }
+        Ok(())
+    }
 
-        // logits = ln_f(x) · wteᵀ, for the rows asked for.
-        let rows = match which {
-            Logits::Last => 1,
-            Logits::All => t,
-        };
-        let first = t - rows;
-        let xs = &x[first * c..];
-        let hs = &mut h[..rows * c];
-        be.layer_norm(xs, &w.ln_f_w, &w.ln_f_b, eps, hs)?;
+    /// `logits [rows, V] = ln_f(xs) · wteᵀ` for `xs` `[rows, C]` (`hs` scratch of the same size).
+    fn head(&self, xs: &[f32], hs: &mut [f32], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
+        let be = &*self.backend;
+        let w = &self.weights;
+        be.layer_norm(xs, &w.ln_f_w, &w.ln_f_b, self.config.layer_norm_epsilon, hs)?;
         logits.clear();
-        logits.resize(rows * v, 0.0);
+        logits.resize(rows * self.config.vocab_size, 0.0);
         be.linear(
             hs,
             rows,
@@ -252,8 +278,7 @@ impl Gpt2Model {
             None,
             Activation::None,
             logits,
-        )?;
-        Ok(())
+        )
     }
 
     /// One decode step for `B` sequences at once: `ids[b]` is the next token of the sequence
@@ -293,7 +318,6 @@ impl Gpt2Model {
         }
         let be = &*self.backend;
         let w = &self.weights;
-        let eps = cfg.layer_norm_epsilon;
         let mut x = vec![0f32; bsz * c];
         let mut h = vec![0f32; bsz * c];
         let mut qkv = vec![0f32; bsz * 3 * c];
@@ -310,63 +334,27 @@ impl Gpt2Model {
                 &mut x[b * c..(b + 1) * c],
             )?;
         }
-        for (l, blk) in w.blocks.iter().enumerate() {
-            be.layer_norm(&x, &blk.ln_1_w, &blk.ln_1_b, eps, &mut h)?;
-            be.linear(
-                &h,
-                bsz,
-                view(&blk.c_attn_w)?,
-                Some(&blk.c_attn_b),
-                Activation::None,
-                &mut qkv,
-            )?;
-            for (b, s) in states.iter_mut().enumerate() {
-                be.attention(
-                    &qkv[b * 3 * c..(b + 1) * 3 * c],
-                    1,
-                    &mut s.caches[l],
-                    &mut att[b * c..(b + 1) * c],
-                )?;
-            }
-            be.linear(
-                &att,
-                bsz,
-                view(&blk.attn_proj_w)?,
-                Some(&blk.attn_proj_b),
-                Activation::None,
-                &mut h,
-            )?;
-            be.add(&mut x, &h)?;
-            be.layer_norm(&x, &blk.ln_2_w, &blk.ln_2_b, eps, &mut h)?;
-            be.linear(
-                &h,
-                bsz,
-                view(&blk.fc_w)?,
-                Some(&blk.fc_b),
-                Activation::GeluTanh,
-                &mut mlp,
-            )?;
-            be.linear(
-                &mlp,
-                bsz,
-                view(&blk.mlp_proj_w)?,
-                Some(&blk.mlp_proj_b),
-                Activation::None,
-                &mut h,
-            )?;
-            be.add(&mut x, &h)?;
-        }
-        be.layer_norm(&x, &w.ln_f_w, &w.ln_f_b, eps, &mut h)?;
-        logits.clear();
-        logits.resize(bsz * v, 0.0);
-        be.linear(
-            &h,
+        self.blocks(
+            &mut x,
+            &mut h,
+            &mut qkv,
+            &mut att,
+            &mut mlp,
             bsz,
-            view(w.lm_head())?.t(),
-            None,
-            Activation::None,
-            logits,
+            |l, qkv, att| {
+                // Each sequence attends over its own cache.
+                for (b, s) in states.iter_mut().enumerate() {
+                    be.attention(
+                        &qkv[b * 3 * c..(b + 1) * 3 * c],
+                        1,
+                        &mut s.caches[l],
+                        &mut att[b * c..(b + 1) * c],
+                    )?;
+                }
+                Ok(())
+            },
         )?;
+        self.head(&x, &mut h, bsz, logits)?;
         Ok(())
     }
 
