@@ -252,21 +252,11 @@ impl Gpt2 {
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Generation> {
-        let mut stream = TextStream::default();
-        let mut text = String::new();
-        let mut gen = generate_ids(&self.model, prompt_ids, opts, |id| {
-            let bytes = self.tokenizer.decode_bytes(&[id])?;
-            let piece = stream.push(&bytes);
-            text.push_str(&piece);
-            Ok(on_token(id, &piece))
-        })?;
-        let rest = stream.finish();
-        if !rest.is_empty() {
-            on_token(u32::MAX, &rest);
-            text.push_str(&rest);
-        }
-        gen.text = text;
-        Ok(gen)
+        let gens =
+            self.generate_batch_of_ids(&[prompt_ids], opts, |_, id, text| on_token(id, text))?;
+        gens.into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid("generation returned no result"))
     }
 }
 
@@ -279,7 +269,7 @@ impl Gpt2 {
         &self,
         prompts: &[&str],
         opts: &GenerateOptions,
-        mut on_token: impl FnMut(usize, u32, &str) -> bool,
+        on_token: impl FnMut(usize, u32, &str) -> bool,
     ) -> Result<Vec<Generation>> {
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::invalid(format!("prompt {i} is empty")));
@@ -289,9 +279,21 @@ impl Gpt2 {
             .map(|p| self.encode(p, opts.allow_special))
             .collect();
         let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        self.generate_batch_of_ids(&refs, opts, on_token)
+    }
+
+    /// [`generate_batch_ids`] with each sequence's tokens turned into text as they come
+    /// (a per-sequence [`TextStream`]); what is held back at the end is reported with id
+    /// `u32::MAX`.
+    fn generate_batch_of_ids(
+        &self,
+        prompts: &[&[u32]],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(usize, u32, &str) -> bool,
+    ) -> Result<Vec<Generation>> {
         let mut streams = vec![TextStream::default(); prompts.len()];
         let mut texts = vec![String::new(); prompts.len()];
-        let mut gens = generate_batch_ids(&self.model, &refs, opts, |b, id| {
+        let mut gens = generate_batch_ids(&self.model, prompts, opts, |b, id| {
             let bytes = self.tokenizer.decode_bytes(&[id])?;
             let piece = streams[b].push(&bytes);
             texts[b].push_str(&piece);
@@ -341,58 +343,18 @@ fn load_tokenizer(dir: &Path, config: &Gpt2Config) -> Result<Gpt2Tokenizer> {
 }
 
 /// The generation loop on ids: prefill the prompt in one pass, then one decode step per token,
-/// calling `on_token(id)` after each choice (`Ok(false)` stops).
+/// calling `on_token(id)` after each choice (`Ok(false)` stops). It is [`generate_batch_ids`]
+/// with a batch of one.
 pub fn generate_ids(
     model: &Gpt2Model,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
-    let prompt = fit_prompt(model, prompt_ids, opts)?;
-    let mut sampler = Sampler::new(opts.sampler.clone())?;
-    let mut gen = Generation {
-        prompt_ids: prompt.to_vec(),
-        ids: Vec::new(),
-        text: String::new(),
-        stop: StopReason::MaxTokens,
-        prefill_ms: 0.0,
-        decode_ms: 0.0,
-        decode_steps: 0,
-    };
-    if opts.max_new_tokens == 0 {
-        return Ok(gen);
-    }
-    let need = prompt.len() + opts.max_new_tokens - 1;
-    let mut state: Gpt2State = model.new_state(need)?;
-    let mut history = prompt.to_vec();
-    let mut logits = Vec::new();
-
-    let t0 = Instant::now();
-    model.forward(prompt, &mut state, Logits::Last, &mut logits)?;
-    let mut next = sampler.sample(&mut logits, &history)?;
-    gen.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    let t1 = Instant::now();
-    loop {
-        if opts.stop_at_eot && next == EOT {
-            gen.stop = StopReason::EndOfText;
-            break;
-        }
-        gen.ids.push(next);
-        history.push(next);
-        if !on_token(next)? {
-            gen.stop = StopReason::Callback;
-            break;
-        }
-        if gen.ids.len() == opts.max_new_tokens {
-            break;
-        }
-        model.forward(&[next], &mut state, Logits::Last, &mut logits)?;
-        gen.decode_steps += 1;
-        next = sampler.sample(&mut logits, &history)?;
-    }
-    gen.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-    Ok(gen)
+    let gens = generate_batch_ids(model, &[prompt_ids], opts, |_, id| on_token(id))?;
+    gens.into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid("generation returned no result"))
 }
 
 /// The prompt as the model will see it: an error when it is empty, or when prompt + new tokens
@@ -438,9 +400,10 @@ fn fit_prompt<'a>(
 /// Generation for several prompts at once (batched decode): each prompt is prefilled on its
 /// own, then every unfinished sequence takes its next step in one
 /// [`Gpt2Model::forward_batch`], so the weights are read once per step for the whole batch.
-/// Each sequence has its own sampler built from `opts.sampler` (the same seed), so its tokens
-/// are exactly those of generating it alone with [`generate_ids`] (up to the rounding of the
-/// batched products; greedy choices agree unless two logits tie within it). `on_token(seq, id)`
+/// Each sequence has its own sampler built from `opts.sampler` (the same seed), and products of
+/// up to `gemm::FEW_ROWS` rows give each row bitwise its own result, so a sequence's tokens are
+/// those of generating it alone (beyond that batch size, up to the rounding of the blocked
+/// products). `on_token(seq, id)`
 /// is called after each choice; `Ok(false)` stops that sequence. `decode_ms` of every result is
 /// the wall time of the shared decode loop, so the batch produces the sum of their
 /// `decode_steps` in that time.
