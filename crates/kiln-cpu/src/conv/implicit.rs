@@ -43,6 +43,27 @@ impl Padded {
         nb * g.big[0] * self.hp * self.wp
     }
 
+    /// Scratch [`Padded::images`] needs for chunks of up to `nb` images (0 without padding).
+    pub fn scratch_len(&self, g: &ConvGeometry, nb: usize) -> usize {
+        if self.is_identity(g) {
+            0
+        } else {
+            self.len(g, nb)
+        }
+    }
+
+    /// The images `xs` `[nb, Cb, Hb, Wb]` as padded images: `xs` itself without padding,
+    /// otherwise their copy into `buf` (at least [`Padded::scratch_len`] elements).
+    pub fn images<'a>(&self, g: &ConvGeometry, xs: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        if self.is_identity(g) {
+            return xs;
+        }
+        let nb = xs.len() / (g.big[0] * g.big[1] * g.big[2]);
+        let buf = &mut buf[..self.len(g, nb)];
+        self.fill(g, xs, buf);
+        buf
+    }
+
     /// Writes `nb` images `src` `[nb, Cb, Hb, Wb]` into `dst` `[nb, Cb, Hp, Wp]`, zero borders.
     pub fn fill(&self, g: &ConvGeometry, src: &[f32], dst: &mut [f32]) {
         let [_, hb, wb] = g.big;

@@ -669,8 +669,7 @@ pub fn correlate(
     // Implicit GEMM: the patch matrix is gathered panel by panel from the (padded) images.
     let nb = g.images_per_chunk_implicit();
     let pad = Padded::new(g);
-    let copy = !pad.is_identity(g);
-    let xp_len = if copy { pad.len(g, nb) } else { 0 };
+    let xp_len = pad.scratch_len(g, nb);
     let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
     let plane = pad.hp * pad.wp;
     small
@@ -682,13 +681,7 @@ pub fn correlate(
             let tables = PatchTables::new(g, &pad, nbc);
             with_scratch(xp_len + tmp_len, |scratch| -> Result<()> {
                 let (xp, tmp) = scratch.split_at_mut(xp_len);
-                let xp: &[f32] = if copy {
-                    let xp = &mut xp[..pad.len(g, nbc)];
-                    pad.fill(g, xs, xp);
-                    xp
-                } else {
-                    xs
-                };
+                let xp = pad.images(g, xs, xp);
                 for grp in 0..g.groups {
                     let b = Patches {
                         xp: &xp[grp * cbg * plane..],
@@ -843,8 +836,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
     let chunks = g.batch.div_ceil(nb);
     let slices = chunks.min(MAX_SLICES);
     let pad = Padded::new(g);
-    let copy = !pad.is_identity(g);
-    let xp_len = if copy { pad.len(g, nb) } else { 0 };
+    let xp_len = pad.scratch_len(g, nb);
     let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
     let plane = pad.hp * pad.wp;
     let wlen = dw.len();
@@ -860,13 +852,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
             let tables = PatchTables::new(g, &pad, nbc);
             with_scratch(xp_len + tmp_len, |scratch| -> Result<()> {
                 let (xp, tmp) = scratch.split_at_mut(xp_len);
-                let xp: &[f32] = if copy {
-                    let xp = &mut xp[..pad.len(g, nbc)];
-                    pad.fill(g, xs, xp);
-                    xp
-                } else {
-                    xs
-                };
+                let xp = pad.images(g, xs, xp);
                 for grp in 0..g.groups {
                     let bt = PatchesT {
                         xp: &xp[grp * cbg * plane..],
