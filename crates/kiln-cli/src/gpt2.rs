@@ -6,7 +6,8 @@
 use crate::bench::with_threads;
 use clap::{Args, Subcommand};
 use kiln_models::gpt2::{
-    init_checkpoint, ContextPolicy, GenerateOptions, Gpt2, Gpt2Config, LoadOptions, SamplerConfig,
+    init_checkpoint, ContextPolicy, GenerateOptions, Generation, Gpt2, Gpt2Config, LoadOptions,
+    SamplerConfig,
 };
 use kiln_models::tokenizer::Gpt2Tokenizer;
 use kiln_tensor::{DType, Error, Result, Tensor};
@@ -245,6 +246,25 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The `--json` object of one generation.
+fn generation_json(gpt2: &Gpt2, gen: &Generation) -> serde_json::Value {
+    json!({
+        "prompt_ids": gen.prompt_ids,
+        "ids": gen.ids,
+        "text": gen.text,
+        "load_ms": gpt2.load_ms,
+        "prefill_ms": gen.prefill_ms,
+        "decode_tokens_per_s": gen.decode_tokens_per_s(),
+        "decode_ms": gen.decode_ms,
+        "decode_steps": gen.decode_steps,
+        "load_to_first_token_ms": gpt2.load_ms + gen.prefill_ms,
+        "stop": format!("{:?}", gen.stop),
+        "dtype": gpt2.model.weights.dtype.name(),
+        "threads": rayon::current_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    })
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let batch = match &a.batch_prompts {
         Some(f) => {
@@ -333,21 +353,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         };
         for (i, (p, gen)) in prompts.iter().zip(&gens).enumerate() {
             if a.json {
-                let obj = json!({
-                    "batch_index": i,
-                    "prompt_ids": gen.prompt_ids,
-                    "ids": gen.ids,
-                    "text": gen.text,
-                    "load_ms": gpt2.load_ms,
-                    "prefill_ms": gen.prefill_ms,
-                    "decode_tokens_per_s": gen.decode_tokens_per_s(),
-                    "batch_decode_tokens_per_s": batch_rate,
-                    "decode_ms": gen.decode_ms,
-                    "decode_steps": gen.decode_steps,
-                    "stop": format!("{:?}", gen.stop),
-                    "dtype": dtype.name(),
-                    "threads": threads,
-                });
+                let mut obj = generation_json(&gpt2, gen);
+                obj["batch_index"] = json!(i);
+                obj["batch_decode_tokens_per_s"] = json!(batch_rate);
                 let _ = writeln!(out, "{obj}");
             } else {
                 let _ = writeln!(out, "{p}{}", gen.text);
@@ -380,21 +388,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     let dtype = gpt2.model.weights.dtype;
     if a.json {
-        let obj = json!({
-            "prompt_ids": gen.prompt_ids,
-            "ids": gen.ids,
-            "text": gen.text,
-            "load_ms": gpt2.load_ms,
-            "prefill_ms": gen.prefill_ms,
-            "decode_tokens_per_s": gen.decode_tokens_per_s(),
-            "decode_ms": gen.decode_ms,
-            "decode_steps": gen.decode_steps,
-            "load_to_first_token_ms": gpt2.load_ms + gen.prefill_ms,
-            "stop": format!("{:?}", gen.stop),
-            "dtype": dtype.name(),
-            "threads": threads,
-            "peak_rss_mb": peak_rss_mb(),
-        });
+        let obj = generation_json(&gpt2, &gen);
         let _ = writeln!(out, "{obj}");
     } else {
         let _ = writeln!(out);
