@@ -151,16 +151,16 @@ impl PanelSource for Patches<'_> {
     /// depth row is then one strided gather per run.
     fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        let simd = x86::available();
+        let simd = Simd::detect();
         #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
+        let simd = Simd::None;
         self.pack_with(p0, kc, j0, nc, nr, dst, simd)
     }
 }
 
 impl Patches<'_> {
-    /// [`PanelSource::pack`], with the AVX-512 row loop when `simd` (the CPU must have it) or
-    /// the scalar gathers otherwise (the reference it is tested against).
+    /// [`PanelSource::pack`] with the row loop `simd` names (the CPU must have it); `Simd::None`
+    /// is the scalar gathers, the reference the others are tested against.
     #[allow(clippy::too_many_arguments)]
     fn pack_with(
         &self,
@@ -170,7 +170,7 @@ impl Patches<'_> {
         nc: usize,
         nr: usize,
         dst: &mut [f32],
-        simd: bool,
+        simd: Simd,
     ) {
         let step = self.tables.step;
         let rows = &self.tables.row_offset[p0..p0 + kc];
@@ -200,7 +200,7 @@ impl Patches<'_> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = simd;
         #[cfg(target_arch = "x86_64")]
-        if simd {
+        if simd != Simd::None {
             // The tables are increasing, so the last depth row and the largest run end bound
             // every index read.
             let last_row = rows.last().copied().unwrap_or(0);
@@ -210,10 +210,15 @@ impl Patches<'_> {
                 .max()
                 .unwrap_or(0);
             assert!(last_row + last_col < self.xp.len());
-            // SAFETY: AVX-512F is present (the caller's `simd`); every index read is at most
-            // last_row + last_col (asserted in bounds); every write is inside the panels of
-            // `dst` (its length asserted above, runs built from columns < nc).
-            unsafe { x86::pack_depth_rows(dst, nr, rows, &runs, edge, self.xp, step) };
+            // SAFETY: the instructions of `simd` are present (the caller's word); every index
+            // read is at most last_row + last_col (asserted in bounds); every write is inside
+            // the panels of `dst` (its length asserted above, runs built from columns < nc).
+            unsafe {
+                match simd {
+                    Simd::Avx512 => x86::pack_depth_rows(dst, nr, rows, &runs, edge, self.xp, step),
+                    _ => x86::pack_depth_rows_avx2(dst, nr, rows, &runs, edge, self.xp, step),
+                }
+            };
             return;
         }
         for (p, &row) in rows.iter().enumerate() {
@@ -226,6 +231,14 @@ impl Patches<'_> {
             }
         }
     }
+}
+
+/// Which row loop packs [`Patches`]: the scalar gathers, or a vector loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Simd {
+    None,
+    Avx2,
+    Avx512,
 }
 
 /// A run of one panel's columns whose image offsets step by `sw`: depth row `p` of it is
@@ -242,11 +255,20 @@ struct Run {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Simd;
     use std::arch::x86_64::*;
 
-    /// Whether [`pack_rows`] can run (AVX-512F, detected at run time).
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
+    impl Simd {
+        /// The widest row loop this CPU runs (detected at run time).
+        pub fn detect() -> Simd {
+            if is_x86_feature_detected!("avx512f") {
+                Simd::Avx512
+            } else if is_x86_feature_detected!("avx2") {
+                Simd::Avx2
+            } else {
+                Simd::None
+            }
+        }
     }
 
     /// The low `n` lanes (`n ≤ 16`).
@@ -336,6 +358,88 @@ mod x86 {
             }
         }
     }
+
+    /// The low `n` lanes of 8 as a `maskload`/`maskstore` mask (`n ≤ 8`).
+    #[inline(always)]
+    fn lanes8(n: usize) -> __m256i {
+        const ONES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+        // SAFETY: 8 - n.min(8) + 8 ≤ 16 elements of ONES.
+        unsafe { _mm256_loadu_si256(ONES.as_ptr().add(8 - n.min(8)) as *const __m256i) }
+    }
+
+    /// [`pack_depth_rows`] with 8-lane AVX2 vectors: a unit-step run is a copy; a step-2 run
+    /// reads 16 consecutive floats and keeps the even lanes with one `shufps` and one
+    /// `vpermpd` (8 outputs). A partial vector is stored with `maskstore`; a read that would
+    /// pass the end of `xp` goes element by element. Other steps go element by element.
+    ///
+    /// # Safety
+    /// As [`pack_depth_rows`], with AVX2 for AVX-512F.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_depth_rows_avx2(
+        dst: &mut [f32],
+        nr: usize,
+        rows: &[usize],
+        runs: &[super::Run],
+        edge: Option<(usize, usize)>,
+        xp: &[f32],
+        step: usize,
+    ) {
+        let base = dst.as_mut_ptr();
+        for (p, &row) in rows.iter().enumerate() {
+            for r in runs {
+                let start = row + r.off;
+                let src = xp.as_ptr().wrapping_add(start);
+                let len = r.len;
+                // SAFETY (whole block): vector reads are whole vectors inside xp (checked
+                // against its length) and element reads are inside the run's source span;
+                // writes are dst[at + p·nr .. + len] (the contract), partial vectors masked.
+                unsafe {
+                    let out = base.add(r.at + p * nr);
+                    let mut i = 0;
+                    match step {
+                        1 => {
+                            while i < len && start + i + 8 <= xp.len() {
+                                let v = _mm256_loadu_ps(src.add(i));
+                                if len - i >= 8 {
+                                    _mm256_storeu_ps(out.add(i), v);
+                                } else {
+                                    _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
+                                }
+                                i += 8;
+                            }
+                        }
+                        2 => {
+                            while i < len && start + 2 * i + 16 <= xp.len() {
+                                let lo = _mm256_loadu_ps(src.add(2 * i));
+                                let hi = _mm256_loadu_ps(src.add(2 * i + 8));
+                                // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then the 64-bit pairs
+                                // in the order 0, 2, 1, 3.
+                                let e = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+                                let v = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                                    _mm256_castps_pd(e),
+                                ));
+                                if len - i >= 8 {
+                                    _mm256_storeu_ps(out.add(i), v);
+                                } else {
+                                    _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
+                                }
+                                i += 8;
+                            }
+                        }
+                        _ => {}
+                    }
+                    while i < len {
+                        *out.add(i) = *src.add(i * step);
+                        i += 1;
+                    }
+                }
+            }
+            if let Some((at, len)) = edge {
+                // SAFETY: the edge columns of depth row p are inside dst (the contract).
+                unsafe { std::ptr::write_bytes(base.add(at + p * nr), 0, len) };
+            }
+        }
+    }
 }
 
 /// The transposed patch matrix `im2col(big)ᵀ` `[nb·Hs·Ws, Cb/G·kh·kw]` of one group, as a GEMM B
@@ -381,17 +485,21 @@ mod tests {
     use super::*;
     use crate::conv::{Conv2dParams, ConvGeometry};
 
-    /// The AVX-512 gather packs exactly what the scalar gathers pack, for unit, 2 and 3 steps,
+    /// The AVX2 and AVX-512 gathers pack exactly what the scalar gathers pack, for unit, 2 and 3 steps,
     /// padded and unpadded, runs that end inside a panel, and edge panels.
     #[test]
     fn simd_pack_matches_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if !x86::available() {
-            eprintln!("skipped: no AVX-512F on this CPU");
-            return;
-        }
+        let loops: Vec<Simd> = match Simd::detect() {
+            Simd::Avx512 => vec![Simd::Avx2, Simd::Avx512],
+            Simd::Avx2 => vec![Simd::Avx2],
+            Simd::None => {
+                eprintln!("skipped: no AVX2 on this CPU");
+                return;
+            }
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        return;
+        let loops: Vec<Simd> = Vec::new();
         for &(c, h, w, k, s, p, nb) in &[
             (3, 9, 13, 3, 1, 1, 2),
             (4, 16, 16, 4, 2, 1, 3),
@@ -415,10 +523,13 @@ mod tests {
                 for (p0, kc) in [(0, kk), (kk / 2, kk - kk / 2)] {
                     for (j0, nc) in [(0, n), (3, n - 3)] {
                         let len = nc.div_ceil(nr) * nr * kc;
-                        let (mut a, mut b) = (vec![7.0; len], vec![9.0; len]);
-                        src.pack_with(p0, kc, j0, nc, nr, &mut a, false);
-                        src.pack_with(p0, kc, j0, nc, nr, &mut b, true);
-                        assert_eq!(a, b, "{g:?} nr {nr} p0 {p0} j0 {j0}");
+                        let mut a = vec![7.0; len];
+                        src.pack_with(p0, kc, j0, nc, nr, &mut a, Simd::None);
+                        for &simd in &loops {
+                            let mut b = vec![9.0; len];
+                            src.pack_with(p0, kc, j0, nc, nr, &mut b, simd);
+                            assert_eq!(a, b, "{simd:?} {g:?} nr {nr} p0 {p0} j0 {j0}");
+                        }
                     }
                 }
             }
