@@ -298,59 +298,79 @@ mod x86 {
         step: usize,
     ) {
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let base = dst.as_mut_ptr();
-        for (p, &row) in rows.iter().enumerate() {
-            for r in runs {
-                let start = row + r.off;
-                let src = xp.as_ptr().wrapping_add(start);
-                let len = r.len;
-                // SAFETY (whole block): reads are inside the run's source span or, for whole
-                // vectors, inside xp (checked); writes are dst[at + p·nr .. + len] (the
-                // contract).
-                unsafe {
-                    let out = base.add(r.at + p * nr);
-                    let mut i = 0;
-                    match step {
-                        1 => {
-                            while i < len {
-                                let m = lanes(len - i);
-                                let v = _mm512_maskz_loadu_ps(m, src.wrapping_add(i));
-                                _mm512_mask_storeu_ps(out.add(i), m, v);
-                                i += 16;
-                            }
+        let body = |out: *mut f32, start: usize, len: usize| {
+            let src = xp.as_ptr().wrapping_add(start);
+            // SAFETY (whole block): reads are inside the run's source span or, for whole
+            // vectors, inside xp (checked); writes are out[..len] (inside dst).
+            unsafe {
+                let mut i = 0;
+                match step {
+                    1 => {
+                        while i < len {
+                            let m = lanes(len - i);
+                            let v = _mm512_maskz_loadu_ps(m, src.wrapping_add(i));
+                            _mm512_mask_storeu_ps(out.add(i), m, v);
+                            i += 16;
                         }
-                        2 => {
-                            while i < len {
-                                let n = (len - i).min(16);
-                                let need = 2 * n - 1; // source floats of these n outputs
-                                let (lo, hi) = if start + 2 * i + 32 <= xp.len() {
-                                    // Whole vectors: the common case (a masked load costs
-                                    // more, even with every lane enabled).
-                                    (
-                                        _mm512_loadu_ps(src.wrapping_add(2 * i)),
-                                        _mm512_loadu_ps(src.wrapping_add(2 * i + 16)),
-                                    )
-                                } else {
-                                    (
-                                        _mm512_maskz_loadu_ps(lanes(need), src.wrapping_add(2 * i)),
-                                        _mm512_maskz_loadu_ps(
-                                            lanes(need.saturating_sub(16)),
-                                            src.wrapping_add(2 * i + 16),
-                                        ),
-                                    )
-                                };
-                                let v = _mm512_permutex2var_ps(lo, even, hi);
-                                _mm512_mask_storeu_ps(out.add(i), lanes(n), v);
-                                i += 16;
-                            }
+                    }
+                    2 => {
+                        while i < len {
+                            let n = (len - i).min(16);
+                            let need = 2 * n - 1; // source floats of these n outputs
+                            let (lo, hi) = if start + 2 * i + 32 <= xp.len() {
+                                // Whole vectors: the common case (a masked load costs
+                                // more, even with every lane enabled).
+                                (
+                                    _mm512_loadu_ps(src.wrapping_add(2 * i)),
+                                    _mm512_loadu_ps(src.wrapping_add(2 * i + 16)),
+                                )
+                            } else {
+                                (
+                                    _mm512_maskz_loadu_ps(lanes(need), src.wrapping_add(2 * i)),
+                                    _mm512_maskz_loadu_ps(
+                                        lanes(need.saturating_sub(16)),
+                                        src.wrapping_add(2 * i + 16),
+                                    ),
+                                )
+                            };
+                            let v = _mm512_permutex2var_ps(lo, even, hi);
+                            _mm512_mask_storeu_ps(out.add(i), lanes(n), v);
+                            i += 16;
                         }
-                        _ => {
-                            for i in 0..len {
-                                *out.add(i) = *src.add(i * step);
-                            }
+                    }
+                    _ => {
+                        for i in 0..len {
+                            *out.add(i) = *src.add(i * step);
                         }
                     }
                 }
+            }
+        };
+        // SAFETY: the contract above is for_each_run_row's; `body` writes only out[..len].
+        unsafe { for_each_run_row(dst, nr, rows, runs, edge, body) };
+    }
+
+    /// The loop both row loops share: for each depth row `p` and run, `body(out, start, len)`
+    /// fills `out[..len]` (`dst[at + p·nr ..]`) from the image at `xp[row_offset[p] + off ..]`
+    /// (`start` is that index); then the edge columns of the row are zeroed.
+    ///
+    /// # Safety
+    /// `dst` holds every `at + p·nr + len` and the edge's `at + p·nr + len`
+    /// (`p < rows.len()`); `body` writes only `out[..len]`.
+    #[inline(always)]
+    unsafe fn for_each_run_row(
+        dst: &mut [f32],
+        nr: usize,
+        rows: &[usize],
+        runs: &[super::Run],
+        edge: Option<(usize, usize)>,
+        mut body: impl FnMut(*mut f32, usize, usize),
+    ) {
+        let base = dst.as_mut_ptr();
+        for (p, &row) in rows.iter().enumerate() {
+            for r in runs {
+                // SAFETY: at + p·nr + len is inside dst (the contract).
+                body(unsafe { base.add(r.at + p * nr) }, row + r.off, r.len);
             }
             if let Some((at, len)) = edge {
                 // SAFETY: the edge columns of depth row p are inside dst (the contract).
@@ -384,61 +404,53 @@ mod x86 {
         xp: &[f32],
         step: usize,
     ) {
-        let base = dst.as_mut_ptr();
-        for (p, &row) in rows.iter().enumerate() {
-            for r in runs {
-                let start = row + r.off;
-                let src = xp.as_ptr().wrapping_add(start);
-                let len = r.len;
-                // SAFETY (whole block): vector reads are whole vectors inside xp (checked
-                // against its length) and element reads are inside the run's source span;
-                // writes are dst[at + p·nr .. + len] (the contract), partial vectors masked.
-                unsafe {
-                    let out = base.add(r.at + p * nr);
-                    let mut i = 0;
-                    match step {
-                        1 => {
-                            while i < len && start + i + 8 <= xp.len() {
-                                let v = _mm256_loadu_ps(src.add(i));
-                                if len - i >= 8 {
-                                    _mm256_storeu_ps(out.add(i), v);
-                                } else {
-                                    _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
-                                }
-                                i += 8;
+        let body = |out: *mut f32, start: usize, len: usize| {
+            let src = xp.as_ptr().wrapping_add(start);
+            // SAFETY (whole block): vector reads are whole vectors inside xp (checked
+            // against its length) and element reads are inside the run's source span;
+            // writes are out[..len] (inside dst), partial vectors masked.
+            unsafe {
+                let mut i = 0;
+                match step {
+                    1 => {
+                        while i < len && start + i + 8 <= xp.len() {
+                            let v = _mm256_loadu_ps(src.add(i));
+                            if len - i >= 8 {
+                                _mm256_storeu_ps(out.add(i), v);
+                            } else {
+                                _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
                             }
+                            i += 8;
                         }
-                        2 => {
-                            while i < len && start + 2 * i + 16 <= xp.len() {
-                                let lo = _mm256_loadu_ps(src.add(2 * i));
-                                let hi = _mm256_loadu_ps(src.add(2 * i + 8));
-                                // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then the 64-bit pairs
-                                // in the order 0, 2, 1, 3.
-                                let e = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
-                                let v = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
-                                    _mm256_castps_pd(e),
-                                ));
-                                if len - i >= 8 {
-                                    _mm256_storeu_ps(out.add(i), v);
-                                } else {
-                                    _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
-                                }
-                                i += 8;
+                    }
+                    2 => {
+                        while i < len && start + 2 * i + 16 <= xp.len() {
+                            let lo = _mm256_loadu_ps(src.add(2 * i));
+                            let hi = _mm256_loadu_ps(src.add(2 * i + 8));
+                            // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then the 64-bit pairs
+                            // in the order 0, 2, 1, 3.
+                            let e = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+                            let v = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                                _mm256_castps_pd(e),
+                            ));
+                            if len - i >= 8 {
+                                _mm256_storeu_ps(out.add(i), v);
+                            } else {
+                                _mm256_maskstore_ps(out.add(i), lanes8(len - i), v);
                             }
+                            i += 8;
                         }
-                        _ => {}
                     }
-                    while i < len {
-                        *out.add(i) = *src.add(i * step);
-                        i += 1;
-                    }
+                    _ => {}
+                }
+                while i < len {
+                    *out.add(i) = *src.add(i * step);
+                    i += 1;
                 }
             }
-            if let Some((at, len)) = edge {
-                // SAFETY: the edge columns of depth row p are inside dst (the contract).
-                unsafe { std::ptr::write_bytes(base.add(at + p * nr), 0, len) };
-            }
-        }
+        };
+        // SAFETY: the contract above is for_each_run_row's; `body` writes only out[..len].
+        unsafe { for_each_run_row(dst, nr, rows, runs, edge, body) };
     }
 }
 

@@ -388,11 +388,14 @@ mod x86 {
                         let xs: [f32; R] = std::array::from_fn(|q| *x.add(q));
                         let xv = xs.map(|v| _mm256_set1_ps(v));
                         let r: [*const $elem; R] = std::array::from_fn(|q| b.add(q * rs));
-                        let mut j = 0;
-                        // Four accumulators (32 columns) per step: each takes a chain of R
-                        // dependent FMAs, and four chains keep both FMA pipes busy across
-                        // their latency where two did not.
-                        while j + 32 <= w {
+                        // 16-bit weights, groups of eight: the same columns of the next eight
+                        // rows. Each row of a group is a short stream (a row run) that ends
+                        // before the hardware prefetcher is far ahead; asking for the next
+                        // group one group early keeps DRAM busy. Measured on a decode-sized
+                        // sequence of weights: bf16 +15–35 %; for f32 it gained nothing from
+                        // DRAM and cost load slots when B is cache-resident, so f32 goes
+                        // without. One hint per row and 32 columns (a 64-byte line).
+                        let prefetch_next_group = |j: usize| {
                             if R == 8 && std::mem::size_of::<$elem>() == 2 {
                                 for &row in &r {
                                     _mm_prefetch::<_MM_HINT_T0>(
@@ -400,6 +403,13 @@ mod x86 {
                                     );
                                 }
                             }
+                        };
+                        let mut j = 0;
+                        // Four accumulators (32 columns) per step: each takes a chain of R
+                        // dependent FMAs, and four chains keep both FMA pipes busy across
+                        // their latency where two did not.
+                        while j + 32 <= w {
+                            prefetch_next_group(j);
                             let mut a = [
                                 _mm256_loadu_ps(y.add(j)),
                                 _mm256_loadu_ps(y.add(j + 8)),
@@ -419,23 +429,11 @@ mod x86 {
                             }
                             j += 32;
                         }
-                        while j + 16 <= w {
-                            // 16-bit weights, groups of eight: the same columns of the next
-                            // eight rows. Each row of a group is a short stream (a row run)
-                            // that ends before the hardware prefetcher is far ahead; asking
-                            // for the next group one group early keeps DRAM busy. Measured on
-                            // a decode-sized sequence of weights: bf16 +15–35 %; for f32 it
-                            // gained nothing from DRAM and cost load slots when B is
-                            // cache-resident, so f32 goes without.
-                            if R == 8 && std::mem::size_of::<$elem>() == 2 && j % 32 == 0 {
-                                for &row in &r {
-                                    _mm_prefetch::<_MM_HINT_T0>(
-                                        row.wrapping_add(j + R * rs) as *const i8
-                                    );
-                                }
-                            }
-                            // With a split load (bf16) y[j..j+16] holds this block's
-                            // even columns, then its odd ones, until `interleave16`.
+                        // At most one block of 16 is left.
+                        if j + 16 <= w {
+                            prefetch_next_group(j);
+                            // With a split load (bf16) y[j..j+16] holds this block's even
+                            // columns, then its odd ones, until `interleave16`.
                             let mut a0 = _mm256_loadu_ps(y.add(j));
                             let mut a1 = _mm256_loadu_ps(y.add(j + 8));
                             for q in 0..R {
