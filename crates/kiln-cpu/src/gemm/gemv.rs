@@ -6,7 +6,7 @@
 //! * row-major B (`[k, n]`, a Conv1D weight): each thread owns a run of columns; for every depth
 //!   step `p` (four at a time) the row run `B[p, j0..j1]` is read contiguously and
 //!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`; short 16-bit rows
-//!   ([`two_streams`]) are summed as two halves of the depth instead, `y = y0 + y1`, one half per
+//!   (`two_streams`) are summed as two halves of the depth instead, `y = y0 + y1`, one half per
 //!   thread when there are two;
 //! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product, taken in
 //!   order (one sequential stream), four 8-lane accumulators summed by a fixed tree.
