@@ -37,6 +37,17 @@ pub fn convert_run<TB: FloatElement>(src: &[TB], dst: &mut [f32]) {
     }
 }
 
+/// `panel[p·MR .. p·MR + MR] = src[p·stride .. p·stride + MR]` for every depth step of `panel`.
+#[inline]
+fn copy_runs<const MR: usize>(src: &[f32], stride: usize, panel: &mut [f32]) {
+    for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
+        let s = p * stride;
+        let run: &[f32; MR] = src[s..s + MR].try_into().expect("a run of MR");
+        let out: &mut [f32; MR] = out.try_into().expect("a panel step of MR");
+        *out = *run;
+    }
+}
+
 /// Packs rows `i0 .. i0+mc`, columns `p0 .. p0+kc` of A into `⌈mc/MR⌉` micro-panels of
 /// `kc × mr` (layout in the module comment). `dst` holds at least `⌈mc/mr⌉·mr·kc` elements.
 #[allow(clippy::too_many_arguments)]
@@ -55,10 +66,20 @@ pub fn pack_a(
         let rows = mr.min(i0 + mc - r0);
         if a.row_stride == 1 && rows == mr {
             // Column-major A (e.g. a transposed row-major matrix): each depth step is a
-            // contiguous run of MR elements.
-            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
-                let s = r0 + (p0 + p) * a.col_stride;
-                out.copy_from_slice(&a.data[s..s + mr]);
+            // contiguous run of MR elements, copied as one fixed-size array (a slice copy of
+            // run-time length became a `memmove` call per step: 8 % of a transposed conv's
+            // forward on a Zen 3 core).
+            let start = r0 + p0 * a.col_stride;
+            match mr {
+                4 => copy_runs::<4>(&a.data[start..], a.col_stride, panel),
+                6 => copy_runs::<6>(&a.data[start..], a.col_stride, panel),
+                12 => copy_runs::<12>(&a.data[start..], a.col_stride, panel),
+                _ => {
+                    for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                        let s = p * a.col_stride;
+                        out.copy_from_slice(&a.data[start + s..start + s + mr]);
+                    }
+                }
             }
             continue;
         }
