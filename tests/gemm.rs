@@ -363,7 +363,7 @@ fn gpt2_linear_shapes_f16_bf16() {
         (1, 768, 3072),
         (2, 768, 3072),
         (1, 768, 768),
-        (1, 1023, 65),
+        (1, 1023, 513),
     ] {
         let case = Case {
             epi: Epi::BiasGelu,
@@ -405,13 +405,14 @@ fn one_and_two_threads_bitwise_equal() {
             ..Case::plain(2000, 1, 300)
         },
         Case::plain(7, 3001, 129),
-        // 16-bit rows of at most 2 KiB: the two-stream GEMV, one half of the depth per thread
-        // (odd depth: halves of 129 and 128 rows; a row stride wider than the rows).
+        // 16-bit rows of at most 2 KiB, B of 1 MiB or more: the two-stream GEMV, one half of
+        // the depth per thread (odd depth: halves of 601 and 600 rows; a row stride wider than
+        // the rows).
         Case::plain(1, 768, 3072),
-        Case::plain(1, 1000, 257),
+        Case::plain(1, 1000, 1201),
         Case {
             lb: Lay::Row(5),
-            ..Case::plain(1, 900, 301)
+            ..Case::plain(1, 900, 1301)
         },
     ];
     for isa in isas() {
@@ -756,8 +757,8 @@ fn few_rows_equal_single_rows() {
             (3, 9000, 64, true),
             (4, 20011, 33, false),
             // Short 16-bit rows: the two-stream GEMV, threaded by halves of the depth.
-            (2, 768, 131, false),
-            (4, 1000, 257, false),
+            (2, 768, 1531, false),
+            (4, 1000, 1201, false),
         ] {
             let a: Vec<f32> = random(m * k, &mut rng);
             let b: Vec<bf16> = random(k * n, &mut rng);

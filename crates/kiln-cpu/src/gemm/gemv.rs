@@ -300,11 +300,18 @@ const SHORT_ROW_BYTES: usize = 2048;
 /// core, a decode-sized sequence of bf16 weights interleaved in one process: `[768, 768]` and
 /// `[3072, 768]` 7.1–7.4 → 9.8–10.3 GB/s; the long rows (`[768, 2304]`, `[768, 3072]`) lost
 /// 13 % this way (10.6 → 9.2), and f32 rows of 768 gained nothing, so both keep the groups.
-/// The split depends on `k` and `n` only, never on threads.
+/// The price is paid when B is read from cache: one FMA per row and output (y loaded and stored
+/// per row) runs well under the eight-row groups there (`1 × 768 × 768` bf16 hot in L3: 35 →
+/// 66 µs), so B smaller than [`TWO_STREAM_MIN_BYTES`] (a small model's weights, likely to stay
+/// cached between calls) keeps the groups. The split depends on `k` and `n` only, never on
+/// threads.
 fn two_streams<TB: FloatElement>(k: usize, n: usize) -> bool {
     let elem = std::mem::size_of::<TB>();
-    elem == 2 && n * elem <= SHORT_ROW_BYTES && n >= 16 && k >= 64
+    elem == 2 && n * elem <= SHORT_ROW_BYTES && n >= 16 && k * n * elem >= TWO_STREAM_MIN_BYTES
 }
+
+/// The smallest B (bytes) read as two streams.
+const TWO_STREAM_MIN_BYTES: usize = 1 << 20;
 
 /// Rows ahead that a stream of the two-stream kernel hints: about 8 KiB.
 fn stream_ahead<TB: FloatElement>(row_stride: usize) -> usize {
