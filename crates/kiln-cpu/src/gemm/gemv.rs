@@ -45,21 +45,19 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
             let (h, ahead) = (k.div_ceil(2), stream_ahead::<TB>(b.row_stride));
             let last = (k - 1) * b.row_stride + n;
             assert!(last <= b.data.len() && x.len() >= k);
-            let mut y1 = vec![0f32; n];
-            let (bp, xp) = (b.data.as_ptr() as usize, x.as_ptr() as usize);
             let rs = b.row_stride;
-            let elem = std::mem::size_of::<TB>();
-            let half = |(t, out): (usize, &mut Vec<f32>)| {
-                let (p0, rows) = if t == 0 { (0, h) } else { (h, k - h) };
-                // SAFETY: rows p0 .. p0+rows < k at stride rs, columns < n are inside b.data
+            // `out = x[p0 .. p0+rows]·B[p0 .. p0+rows, :]`, one half alone.
+            let half = |p0: usize, rows: usize, out: &mut [f32]| {
+                let (xs, bs) = (&x[p0..], &b.data[p0 * rs..]);
+                // SAFETY: rows p0 .. p0+rows ≤ k at stride rs, columns < n are inside b.data
                 // (checked above), x has k elements, `out` n; the CPU features are present.
                 unsafe {
                     f(
                         rows,
                         rows,
                         ahead,
-                        (xp as *const f32).add(p0),
-                        (bp as *const u8).add(p0 * rs * elem),
+                        xs.as_ptr(),
+                        bs.as_ptr() as *const u8,
                         rs,
                         out.as_mut_ptr(),
                         std::ptr::null_mut(),
@@ -67,11 +65,8 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
                     )
                 }
             };
-            let mut y0 = vec![0f32; n];
-            let mut outs = [&mut y0, &mut y1];
-            outs.par_iter_mut()
-                .enumerate()
-                .for_each(|(t, out)| half((t, out)));
+            let (mut y0, mut y1) = (vec![0f32; n], vec![0f32; n]);
+            rayon::join(|| half(0, h, &mut y0), || half(h, k - h, &mut y1));
             for ((y, a), c) in y.iter_mut().zip(&y0).zip(&y1) {
                 *y = a + c;
             }
