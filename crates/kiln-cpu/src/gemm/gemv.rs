@@ -38,40 +38,8 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
         1
     };
     #[cfg(target_arch = "x86_64")]
-    if threads > 1 && row_major && n > 1 && two_streams::<TB>(k, n) {
-        if let Some(f) = x86::halves_fn::<TB>(isa) {
-            // Each thread takes one half of the depth over all columns, the kernel and the sum
-            // of `gemv_rows` (so bitwise the result of one thread).
-            let (h, ahead) = (k.div_ceil(2), stream_ahead::<TB>(b.row_stride));
-            let last = (k - 1) * b.row_stride + n;
-            assert!(last <= b.data.len() && x.len() >= k);
-            let rs = b.row_stride;
-            // `out = x[p0 .. p0+rows]·B[p0 .. p0+rows, :]`, one half alone.
-            let half = |p0: usize, rows: usize, out: &mut [f32]| {
-                let (xs, bs) = (&x[p0..], &b.data[p0 * rs..]);
-                // SAFETY: rows p0 .. p0+rows ≤ k at stride rs, columns < n are inside b.data
-                // (checked above), x has k elements, `out` n; the CPU features are present.
-                unsafe {
-                    f(
-                        rows,
-                        rows,
-                        ahead,
-                        xs.as_ptr(),
-                        bs.as_ptr() as *const u8,
-                        rs,
-                        out.as_mut_ptr(),
-                        std::ptr::null_mut(),
-                        n,
-                    )
-                }
-            };
-            let (mut y0, mut y1) = (vec![0f32; n], vec![0f32; n]);
-            rayon::join(|| half(0, h, &mut y0), || half(h, k - h, &mut y1));
-            for ((y, a), c) in y.iter_mut().zip(&y0).zip(&y1) {
-                *y = a + c;
-            }
-            return true;
-        }
+    if threads > 1 && row_major && n > 1 && gemv_halves(isa, x, b, 0, y, true) {
+        return true;
     }
     // One run of columns per thread: longer row runs stream better from DRAM than finer,
     // load-balancing chunks (GPT-2 124M decode on 2 threads: bf16 36–40 against 32–35
@@ -159,31 +127,8 @@ fn gemv_rows<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usiz
     let k = b.rows;
     let w = yc.len();
     #[cfg(target_arch = "x86_64")]
-    if two_streams::<TB>(k, b.cols) {
-        if let Some(f) = x86::halves_fn::<TB>(isa) {
-            let last = (k - 1) * b.row_stride + j0 + w;
-            assert!(last <= b.data.len() && x.len() >= k);
-            let mut y1 = vec![0f32; w];
-            // SAFETY: rows p < k at stride row_stride, columns j0 .. j0+w are inside b.data
-            // (checked above); yc and y1 have w elements; the CPU features are present.
-            unsafe {
-                f(
-                    k,
-                    k.div_ceil(2),
-                    stream_ahead::<TB>(b.row_stride),
-                    x.as_ptr(),
-                    b.data[j0..].as_ptr() as *const u8,
-                    b.row_stride,
-                    yc.as_mut_ptr(),
-                    y1.as_mut_ptr(),
-                    w,
-                )
-            };
-            for (y, c) in yc.iter_mut().zip(&y1) {
-                *y += c;
-            }
-            return;
-        }
+    if gemv_halves(isa, x, b, j0, yc, false) {
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(f) = x86::rows_fn::<TB>(isa) {
@@ -229,6 +174,61 @@ fn gemv_rows<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usiz
             }
         }
     }
+}
+
+/// Row-major B through the two-stream kernel when [`two_streams`] says so (else false, `yc`
+/// untouched): `yc[j] = y0[j] + y1[j]`, the sums over the two halves of the depth. With
+/// `threads`, one half per thread (each a single-stream call), otherwise both halves read in turn
+/// on this thread; each half's arithmetic is the same either way.
+#[cfg(target_arch = "x86_64")]
+fn gemv_halves<TB: FloatElement>(
+    isa: Isa,
+    x: &[f32],
+    b: &MatRef<'_, TB>,
+    j0: usize,
+    yc: &mut [f32],
+    threads: bool,
+) -> bool {
+    let (k, w, rs) = (b.rows, yc.len(), b.row_stride);
+    let Some(f) = x86::halves_fn::<TB>(isa).filter(|_| two_streams::<TB>(k, b.cols)) else {
+        return false;
+    };
+    let (h, ahead) = (k.div_ceil(2), stream_ahead::<TB>(rs));
+    // The view was validated: every (p, j) with p < k, j < n is inside b.data.
+    assert!((k - 1) * rs + j0 + w <= b.data.len() && x.len() >= k);
+    let (mut y0, mut y1) = (vec![0f32; w], vec![0f32; w]);
+    // Rows p0 .. p0+rows into `out` (and rows p0+hh .. p0+rows into `out1` when hh < rows).
+    let run = |p0: usize, rows: usize, hh: usize, out: &mut [f32], out1: *mut f32| {
+        let (xs, bs) = (&x[p0..], &b.data[p0 * rs + j0..]);
+        // SAFETY: rows p0 .. p0+rows ≤ k at stride rs, columns j0 .. j0+w are inside b.data
+        // (checked above), x has k elements, `out` (and `out1` when used) w; `halves_fn` only
+        // returns a kernel whose CPU features are present.
+        unsafe {
+            f(
+                rows,
+                hh,
+                ahead,
+                xs.as_ptr(),
+                bs.as_ptr() as *const u8,
+                rs,
+                out.as_mut_ptr(),
+                out1,
+                w,
+            )
+        }
+    };
+    if threads {
+        rayon::join(
+            || run(0, h, h, &mut y0, std::ptr::null_mut()),
+            || run(h, k - h, k - h, &mut y1, std::ptr::null_mut()),
+        );
+    } else {
+        run(0, k, h, &mut y0, y1.as_mut_ptr());
+    }
+    for ((y, a), c) in yc.iter_mut().zip(&y0).zip(&y1) {
+        *y = a + c;
+    }
+    true
 }
 
 /// Column-major B: `yc[j] = Σ_p x[p]·B[p, j0 + j]`, a contiguous dot product per column.
@@ -349,16 +349,22 @@ mod x86 {
             && is_x86_feature_detected!("f16c")
     }
 
-    /// The AVX2 row-major kernel for `TB`, when the CPU runs it.
-    pub fn rows_fn<TB: FloatElement>(isa: Isa) -> Option<GemvFn> {
+    /// The kernel of `fns` (`[f32, bf16, f16]`) for `TB`, when the CPU runs it.
+    fn pick<TB: FloatElement, F>(isa: Isa, fns: [F; 3]) -> Option<F> {
         if !simd_ok::<TB>(isa) {
             return None;
         }
+        let [f32_fn, bf16_fn, f16_fn] = fns;
         Some(match TB::DTYPE {
-            DType::F32 => rows_f32,
-            DType::BF16 => rows_bf16,
-            _ => rows_f16,
+            DType::F32 => f32_fn,
+            DType::BF16 => bf16_fn,
+            _ => f16_fn,
         })
+    }
+
+    /// The AVX2 row-major kernel for `TB`, when the CPU runs it.
+    pub fn rows_fn<TB: FloatElement>(isa: Isa) -> Option<GemvFn> {
+        pick::<TB, GemvFn>(isa, [rows_f32, rows_bf16, rows_f16])
     }
 
     /// `(k, h, ahead, x, b, stride, y0, y1, w)`: see `halves_bf16`.
@@ -367,14 +373,7 @@ mod x86 {
 
     /// The AVX2 two-stream row-major kernel for `TB`, when the CPU runs it.
     pub fn halves_fn<TB: FloatElement>(isa: Isa) -> Option<HalvesFn> {
-        if !simd_ok::<TB>(isa) {
-            return None;
-        }
-        Some(match TB::DTYPE {
-            DType::F32 => halves_f32,
-            DType::BF16 => halves_bf16,
-            _ => halves_f16,
-        })
+        pick::<TB, HalvesFn>(isa, [halves_f32, halves_bf16, halves_f16])
     }
 
     /// `(k, x, b, stride, y, w, alone)`: see `gemv_cols` and `cols_bf16`.
@@ -382,14 +381,7 @@ mod x86 {
 
     /// The AVX2 column-major kernel for `TB`, when the CPU runs it.
     pub fn cols_fn<TB: FloatElement>(isa: Isa) -> Option<ColsFn> {
-        if !simd_ok::<TB>(isa) {
-            return None;
-        }
-        Some(match TB::DTYPE {
-            DType::F32 => cols_f32,
-            DType::BF16 => cols_bf16,
-            _ => cols_f16,
-        })
+        pick::<TB, ColsFn>(isa, [cols_f32, cols_bf16, cols_f16])
     }
 
     macro_rules! load8 {
