@@ -225,6 +225,10 @@ pub fn pack_b_panel<TB: FloatElement>(
 /// For a row-major B the copy runs over 8 rows at a time and, inside, over the panels: the
 /// source is read as 8 sequential row streams and each panel receives 8 consecutive rows of
 /// `NR` (one contiguous run), instead of one `NR`-wide column strip of every row per panel.
+/// Where the CPU has AVX2 the whole panels are copied with 8-lane loads and stores
+/// (`x86::pack_rows`, bitwise the scalar copy): bf16 weights were widened one element at a
+/// time before, and `128 × 2304 × 768` with bf16 B went from 79 to 86 GFLOP/s on a Zen 3 core
+/// (GPT-2 124M bf16 prefill of 128 tokens 315 → 288 ms); f32 B is unchanged (84).
 #[allow(clippy::too_many_arguments)]
 pub fn pack_b<TB: FloatElement>(
     b: &MatRef<'_, TB>,
@@ -243,8 +247,64 @@ pub fn pack_b<TB: FloatElement>(
         }
         return;
     }
-    const ROWS: usize = 8;
     let full = nc / nr; // panels without an edge
+    #[cfg(target_arch = "x86_64")]
+    if full > 0 && kc > 0 && nr.is_multiple_of(8) && x86::available() && !scalar_pack() {
+        // Every element read: rows p0 .. p0+kc, columns j0 .. j0+full·nr.
+        assert!((p0 + kc - 1) * b.row_stride + j0 + full * nr <= b.data.len());
+        assert!(dst.len() >= full * nr * kc);
+        // SAFETY: the source range was checked above, `dst` holds `full` panels of kc × nr;
+        // AVX2 and F16C are present (`x86::available`).
+        unsafe {
+            x86::pack_rows(
+                b.data[p0 * b.row_stride + j0..].as_ptr(),
+                b.row_stride,
+                kc,
+                full,
+                nr,
+                dst.as_mut_ptr(),
+            )
+        };
+    } else {
+        pack_rows_scalar(b, p0, kc, j0, full, nr, dst);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    pack_rows_scalar(b, p0, kc, j0, full, nr, dst);
+    if full < panels {
+        let c0 = j0 + full * nr;
+        let panel = &mut dst[full * nr * kc..(full + 1) * nr * kc];
+        pack_b_panel(b, p0, kc, c0, j0 + nc - c0, nr, panel);
+    }
+}
+
+/// Tests force the scalar [`pack_rows_scalar`] with this (to compare it with the SIMD copy).
+#[cfg(test)]
+thread_local! {
+    static SCALAR_PACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+#[cfg(test)]
+fn scalar_pack() -> bool {
+    SCALAR_PACK.with(|c| c.get())
+}
+#[cfg(all(not(test), target_arch = "x86_64"))]
+#[inline(always)]
+fn scalar_pack() -> bool {
+    false
+}
+
+/// The `full` whole panels of [`pack_b`] for a row-major B, in plain Rust: 8 depth rows at a
+/// time, each row's runs of `NR` written to their panels, the same runs 8 rows further on hinted
+/// into L1.
+fn pack_rows_scalar<TB: FloatElement>(
+    b: &MatRef<'_, TB>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    full: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    const ROWS: usize = 8;
     for pb in (0..kc).step_by(ROWS) {
         let rows = ROWS.min(kc - pb);
         for jp in 0..full {
@@ -264,11 +324,6 @@ pub fn pack_b<TB: FloatElement>(
                 }
             }
         }
-    }
-    if full < panels {
-        let c0 = j0 + full * nr;
-        let panel = &mut dst[full * nr * kc..(full + 1) * nr * kc];
-        pack_b_panel(b, p0, kc, c0, j0 + nc - c0, nr, panel);
     }
 }
 
@@ -348,6 +403,50 @@ mod x86 {
         }
     }
 
+    /// [`super::pack_rows_scalar`] with 8-lane loads and stores and no bounds checks: `full`
+    /// panels of `kc × nr` from the row-major source at `src` (row stride `rs` elements), in
+    /// the same order and with the same hints. The values are exact conversions, so the packed
+    /// panels are bitwise those of the scalar copy.
+    ///
+    /// # Safety
+    /// Rows `p < kc`, columns `j < full·nr` of the source are readable; `dst` holds
+    /// `full·nr·kc` elements; `nr` is a multiple of 8; the CPU has AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn pack_rows<TB: FloatElement>(
+        src: *const TB,
+        rs: usize,
+        kc: usize,
+        full: usize,
+        nr: usize,
+        dst: *mut f32,
+    ) {
+        const ROWS: usize = 8;
+        let line = 64 / std::mem::size_of::<TB>();
+        // SAFETY (whole body): every read is at row p < kc, column < full·nr, every write at
+        // panel jp < full, step p < kc, lane < nr (the contract above); hints never fault.
+        unsafe {
+            for pb in (0..kc).step_by(ROWS) {
+                let rows = ROWS.min(kc - pb);
+                for jp in 0..full {
+                    let panel = dst.add(jp * nr * kc);
+                    for p in pb..pb + rows {
+                        let s = src.add(p * rs + jp * nr);
+                        if p + ROWS < kc {
+                            let ahead = s.wrapping_add(ROWS * rs);
+                            for q in (0..nr).step_by(line) {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(q) as *const i8);
+                            }
+                        }
+                        let out = panel.add(p * nr);
+                        for q in (0..nr).step_by(8) {
+                            _mm256_storeu_ps(out.add(q), load8(s.add(q)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// `dst[q·nr + i] = src[i][q]` for `i, q < 8`: eight depth runs of eight columns become
     /// eight packed rows (unpack pairs, then quads, then swap 128-bit halves).
     ///
@@ -389,5 +488,53 @@ mod x86 {
                 _mm256_storeu_ps(dst.add(q * nr), v);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// The SIMD row copy of `pack_b` packs bitwise what the scalar copy packs: every dtype,
+    /// odd depths, one to three whole panels with and without an edge panel, padded rows.
+    fn simd_equals_scalar<TB: FloatElement>() {
+        for &(kc, nc, nr, pad) in &[
+            (1, 16, 16, 0),
+            (7, 33, 16, 3),
+            (9, 48, 16, 0),
+            (33, 40, 8, 5),
+            (17, 64, 32, 1),
+            (64, 70, 32, 0),
+        ] {
+            let (p0, j0) = (2, 3);
+            let rs = j0 + nc + pad;
+            let data: Vec<TB> = (0..(p0 + kc) * rs)
+                .map(|i| TB::from_f32(((i * 37 % 101) as f32 - 50.0) / 8.0))
+                .collect();
+            let b = MatRef {
+                data: &data,
+                rows: p0 + kc,
+                cols: rs - pad,
+                row_stride: rs,
+                col_stride: 1,
+            };
+            let len = nc.div_ceil(nr) * nr * kc;
+            let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            pack_b(&b, p0, kc, j0, nc, nr, &mut fast);
+            SCALAR_PACK.with(|c| c.set(true));
+            pack_b(&b, p0, kc, j0, nc, nr, &mut slow);
+            SCALAR_PACK.with(|c| c.set(false));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "kc {kc} nc {nc} nr {nr}");
+            assert!(fast.iter().all(|x| !x.is_nan()));
+        }
+    }
+
+    #[test]
+    fn row_pack_simd_equals_scalar() {
+        simd_equals_scalar::<f32>();
+        simd_equals_scalar::<bf16>();
+        simd_equals_scalar::<f16>();
     }
 }
