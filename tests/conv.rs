@@ -379,6 +379,19 @@ fn batched_chunks_match_naive() {
     };
     check_case(false, &c, 7);
     check_case(true, &c, 8);
+    // Output planes of 16 and 32 positions (multiples of the AVX2 and portable kernels' NR): the
+    // product writes the images' planes in place, as column blocks of C.
+    for (hw, groups, seed) in [([8, 8], 1, 9), ([8, 16], 2, 10)] {
+        let c = Case {
+            n: 5,
+            cin: 6,
+            cout: 10,
+            hw,
+            k: [4, 4],
+            p: params([2, 2], [1, 1], [1, 1], groups, [0, 0]),
+        };
+        check_case(false, &c, seed);
+    }
 }
 
 /// The loss `L = Σ y·r` is linear in x and in w, so a central difference with a large step is

@@ -14,8 +14,8 @@
 use half::{bf16, f16};
 use kiln_cpu::gemm::{
     gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute, gemm_packed,
-    gemm_panels_with_isa, gemm_with_isa, Epilogue, GemmOptions, Isa, MatMut, MatRef, PackedB,
-    ViewPanels,
+    gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_with_isa, BlockedMatMut, Epilogue,
+    GemmOptions, Isa, MatMut, MatRef, PackedB, ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -637,6 +637,91 @@ fn panel_source_matches_per_call_packing() {
             }
         }
     }
+}
+
+/// A column-blocked C (a convolution's `[N, C, HW]` output seen as `[C, N·HW]`) receives
+/// bitwise what a plain C receives, on both loop nests and 1 and 2 threads; the padding between
+/// rows and blocks is never written; overlapping or too-small layouts are errors.
+#[test]
+fn blocked_c_matches_plain_c() {
+    let (p1, p2) = (pool(1), pool(2));
+    let mut rng = Rng(16);
+    for &(m, n, k, block) in &[(7, 288, 5, 96), (130, 224, 600, 96), (1500, 192, 300, 64)] {
+        let a: Vec<f32> = random(m * k, &mut rng);
+        let b: Vec<f32> = random(k * n, &mut rng);
+        let bias: Vec<f32> = random(n, &mut rng);
+        let bv = MatRef::row_major(&b, k, n);
+        let opts = GemmOptions {
+            epilogue: Epilogue::Bias(&bias),
+            beta: 0.5,
+            ..Default::default()
+        };
+        let c0: Vec<f32> = random(m * n, &mut rng);
+        let mut want = c0.clone();
+        gemm_panels(
+            MatRef::row_major(&a, m, k),
+            &ViewPanels(bv),
+            MatMut::row_major(&mut want, m, n),
+            &opts,
+        )
+        .unwrap();
+        let (rs, blocks) = (block + 3, n.div_ceil(block));
+        let bs = m * rs + 5;
+        let at = |i: usize, j: usize| i * rs + (j / block) * bs + j % block;
+        for p in [&p1, &p2] {
+            let mut data = vec![f32::NAN; blocks * bs];
+            for i in 0..m {
+                for j in 0..n {
+                    data[at(i, j)] = c0[i * n + j];
+                }
+            }
+            let c = BlockedMatMut {
+                data: &mut data,
+                rows: m,
+                cols: n,
+                row_stride: rs,
+                block,
+                block_stride: bs,
+            };
+            let done = p
+                .install(|| {
+                    gemm_panels_blocked(MatRef::row_major(&a, m, k), &ViewPanels(bv), c, &opts)
+                })
+                .unwrap();
+            assert!(done, "blocks of {block} suit every microkernel");
+            for i in 0..m {
+                for j in 0..n {
+                    let (x, y) = (data[at(i, j)], want[i * n + j]);
+                    assert_eq!(x.to_bits(), y.to_bits(), "{m}x{n}x{k} ({i}, {j})");
+                    data[at(i, j)] = f32::NAN;
+                }
+            }
+            assert!(data.iter().all(|v| v.is_nan()), "padding written");
+        }
+    }
+    // Blocks that overlap each other, and a buffer one element short.
+    let (a, b) = (vec![1f32; 4 * 3], vec![1f32; 3 * 32]);
+    let mut data = vec![0f32; 2 * 4 * 16];
+    let bad = |data: &mut [f32], bs: usize| {
+        let c = BlockedMatMut {
+            data,
+            rows: 4,
+            cols: 32,
+            row_stride: 16,
+            block: 16,
+            block_stride: bs,
+        };
+        gemm_panels_blocked(
+            MatRef::row_major(&a, 4, 3),
+            &ViewPanels(MatRef::row_major(&b, 3, 32)),
+            c,
+            &GemmOptions::default(),
+        )
+    };
+    assert!(bad(&mut data, 48).is_err());
+    assert!(bad(&mut data[..127], 64).is_err());
+    assert!(bad(&mut data, 64).unwrap());
+    assert!(data.iter().all(|&v| v == 3.0));
 }
 
 /// A pre-packed B gives bitwise the same C as packing per call, for every kernel, dtype, layout

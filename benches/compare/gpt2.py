@@ -178,6 +178,9 @@ def main():
             r["gb_per_s"] = bytes_tok * r["decode_tokens_per_s"] / 1e9
             bw = max(triad.values()) if triad else None
             r["roofline_fraction"] = r["gb_per_s"] / bw if bw else None
+            # Against what this many threads can read: one core cannot pull the whole triad.
+            bw_t = triad.get(threads)
+            r["roofline_fraction_threads"] = r["gb_per_s"] / bw_t if bw_t else None
             print(f"threads={threads} {eng:<10} decode {r['decode_tokens_per_s']:7.1f} tok/s "
                   f"({r['gb_per_s']:5.1f} GB/s)  prefill {r['prefill_ms']:7.1f} ms  load {r['load_ms']:6.0f} ms  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
@@ -193,12 +196,12 @@ def main():
                     row[f"prefill_x_{peer}"] = p["prefill_ms"] / r["prefill_ms"]
             rows.append(row)
 
-    print("\n| engine | threads | decode tok/s | GB/s | of triad | prefill 128 ms | load ms | peak RSS MB | decode × torch f32 | decode × torch bf16 | prefill × torch f32 | prefill × torch bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| engine | threads | decode tok/s | GB/s | of triad | of triad (these threads) | prefill 128 ms | load ms | peak RSS MB | decode × torch f32 | decode × torch bf16 | prefill × torch f32 | prefill × torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda row, k: f"{row[k]:.2f}" if k in row else ""
     for row in rows:
         print(f"| {row['engine']} | {row['threads']} | {row['decode_tokens_per_s']:.1f} | {row['gb_per_s']:.1f} | "
-              f"{(row['roofline_fraction'] or 0) * 100:.0f}% | "
+              f"{(row['roofline_fraction'] or 0) * 100:.0f}% | {(row['roofline_fraction_threads'] or 0) * 100:.0f}% | "
               f"{row['prefill_ms']:.1f} | {row['load_ms']:.0f} | {row['peak_rss_mb']:.0f} | {f(row, 'decode_x_torch-f32')} | "
               f"{f(row, 'decode_x_torch-bf16')} | {f(row, 'prefill_x_torch-f32')} | {f(row, 'prefill_x_torch-bf16')} |")
     if args.json:

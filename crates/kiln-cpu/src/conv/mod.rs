@@ -31,7 +31,10 @@
 //! order, so results are bitwise identical for any number of threads.
 mod implicit;
 
-use crate::gemm::{gemm, gemm_packed, gemm_panels, Epilogue, GemmOptions, MatMut, MatRef, PackedB};
+use crate::gemm::{
+    gemm, gemm_packed, gemm_panels, gemm_panels_blocked, BlockedMatMut, Epilogue, GemmOptions,
+    MatMut, MatRef, PackedB,
+};
 use implicit::{Padded, PatchTables, Patches, PatchesT};
 use kiln_tensor::{Error, FloatElement, Result};
 use rayon::prelude::*;
@@ -759,9 +762,22 @@ pub fn correlate(
                             MatMut::row_major(&mut ys[grp * csg * shw..][..csg * shw], csg, shw);
                         gemm_panels(a, &b, c, &GemmOptions::default())?;
                     } else {
-                        let t = &mut tmp[..csg * m];
-                        gemm_panels(a, &b, MatMut::row_major(t, csg, m), &GemmOptions::default())?;
-                        spread_group(t, nbc, cs, csg, grp, shw, ys);
+                        // Straight into the images' planes: `[Csg, nb·HW]` as column blocks of
+                        // HW, one per image; else through `tmp` and a copy.
+                        let c = BlockedMatMut {
+                            data: &mut ys[grp * csg * shw..],
+                            rows: csg,
+                            cols: m,
+                            row_stride: shw,
+                            block: shw,
+                            block_stride: cs * shw,
+                        };
+                        if !gemm_panels_blocked(a, &b, c, &GemmOptions::default())? {
+                            let t = &mut tmp[..csg * m];
+                            let c = MatMut::row_major(t, csg, m);
+                            gemm_panels(a, &b, c, &GemmOptions::default())?;
+                            spread_group(t, nbc, cs, csg, grp, shw, ys);
+                        }
                     }
                 }
                 if let Some(bias) = bias {

@@ -26,12 +26,35 @@ use std::cell::RefCell;
 pub const PARALLEL_FLOPS: usize = 1 << 21;
 
 /// The destination C: a raw pointer so that tasks on different threads can write disjoint
-/// tiles of one strided matrix.
+/// tiles of one strided matrix. Element `(i, j)` is at `ptr + i·rs + (j / block)·bs +
+/// (j % block)·cs`: one strided matrix when `block` is `usize::MAX`, otherwise column blocks of
+/// `block` columns (a multiple of NR, so that no tile straddles two) `bs` apart.
 #[derive(Clone, Copy)]
 pub struct CPtr {
     pub ptr: *mut f32,
     pub rs: usize,
     pub cs: usize,
+    pub block: usize,
+    pub bs: usize,
+}
+
+impl CPtr {
+    /// One strided matrix.
+    pub fn strided(ptr: *mut f32, rs: usize, cs: usize) -> Self {
+        CPtr {
+            ptr,
+            rs,
+            cs,
+            block: usize::MAX,
+            bs: 0,
+        }
+    }
+
+    /// The offset of element `(i, j)`.
+    #[inline]
+    fn offset(&self, i: usize, j: usize) -> usize {
+        i * self.rs + (j / self.block) * self.bs + (j % self.block) * self.cs
+    }
 }
 // SAFETY: a CPtr is only dereferenced inside tasks that own disjoint sets of C's elements
 // (distinct (row-block, column-chunk) pairs of one product); the view was validated to lie
@@ -396,8 +419,9 @@ unsafe fn macro_kernel<TB>(
             let it = ip * mr;
             let nrows = mr.min(blk.mcur - it);
             let (i, j) = (blk.i0 + it, blk.j0 + jt);
-            // SAFETY: (i, j) is this task's tile; offsets stay inside C's buffer.
-            let corigin = unsafe { c.ptr.add(i * c.rs + j * c.cs) };
+            // SAFETY: (i, j) is this task's tile; offsets stay inside C's buffer (`j` is a
+            // multiple of NR, so with column blocks the tile lies inside one block).
+            let corigin = unsafe { c.ptr.add(c.offset(i, j)) };
             if nrows == mr && ncols == nr && c.cs == 1 {
                 // SAFETY: a full tile with contiguous rows, owned by this task.
                 unsafe { (kern.micro)(kc, apanel, bpanel, corigin, c.rs, prod.alpha, blk.beta) };

@@ -434,6 +434,105 @@ pub fn gemm_panels_with_isa(
     Ok(())
 }
 
+/// A C `[rows, cols]` stored as column blocks: element `(i, j)` at
+/// `data[i·row_stride + (j / block)·block_stride + j % block]`. A convolution's output
+/// `[N, C, H·W]` is the GEMM's `[C, N·H·W]` this way (`block = H·W`, `row_stride = H·W`,
+/// `block_stride = C·H·W`), so the product writes each image's planes in place.
+pub struct BlockedMatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub block: usize,
+    pub block_stride: usize,
+}
+
+/// [`gemm_panels`] into a column-blocked C. Each element receives exactly the arithmetic of
+/// [`gemm_panels`] into a plain matrix (bitwise), only stored elsewhere. Returns `Ok(false)`,
+/// touching nothing, when `block` is not a multiple of the microkernel's NR (a tile would
+/// straddle two blocks): the caller then multiplies into a plain matrix and copies.
+pub fn gemm_panels_blocked(
+    a: MatRef<'_, f32>,
+    b: &dyn PanelSource,
+    c: BlockedMatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<bool> {
+    let isa = Isa::best();
+    let Some(kern) = micro::Kernel::for_isa(isa) else {
+        return Ok(false);
+    };
+    let (m, k, n) = (a.rows, b.rows(), b.cols());
+    if a.cols != k || c.rows != m || c.cols != n {
+        return Err(Error::invalid(format!(
+            "gemm: A is {}x{}, B is {}x{}, C is {}x{}",
+            a.rows, a.cols, k, n, c.rows, c.cols
+        )));
+    }
+    a.check("A")?;
+    let blocks = n.div_ceil(c.block.max(1));
+    // Rows inside a block, blocks beyond each other: every element its own address.
+    let disjoint = c.block >= 1
+        && c.row_stride >= c.block.min(n)
+        && (blocks <= 1 || c.block_stride >= m.saturating_mul(c.row_stride));
+    if !disjoint {
+        return Err(Error::invalid(format!(
+            "gemm: blocked C {}x{} (row stride {}, blocks of {} at {}) maps two elements to one \
+             address",
+            c.rows, c.cols, c.row_stride, c.block, c.block_stride
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(true);
+    }
+    let last = (m - 1)
+        .checked_mul(c.row_stride)
+        .and_then(|r| {
+            ((n - 1) / c.block)
+                .checked_mul(c.block_stride)
+                .map(|b| (r, b))
+        })
+        .and_then(|(r, b)| r.checked_add(b)?.checked_add((n - 1) % c.block));
+    if last.is_none_or(|l| l >= c.data.len()) {
+        return Err(Error::invalid(format!(
+            "gemm: blocked C {}x{} does not fit its buffer of {}",
+            c.rows,
+            c.cols,
+            c.data.len()
+        )));
+    }
+    if let Epilogue::Bias(bias) | Epilogue::BiasGelu(bias) = opts.epilogue {
+        if bias.len() != n {
+            return Err(Error::shape("gemm bias", &[n], &[bias.len()]));
+        }
+    }
+    if k == 0 || !c.block.is_multiple_of(kern.nr) {
+        return Ok(false);
+    }
+    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let prod = driver::Product::<f32> {
+        a,
+        b: driver::BSource::Panels(b),
+        c: driver::CPtr {
+            ptr: c.data.as_mut_ptr(),
+            rs: c.row_stride,
+            cs: 1,
+            block: c.block,
+            bs: c.block_stride,
+        },
+        alpha: opts.alpha,
+        beta: opts.beta,
+        epilogue: opts.epilogue,
+    };
+    // SAFETY: every element (i, j) is inside `c.data` (the last one was checked) and has its own
+    // address (checked above); the exclusive borrow of `c.data` is held for the whole call.
+    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
+    Ok(true)
+}
+
 /// `C = beta·C` then the epilogue (a product with `k = 0`).
 fn scale_only(c: MatMut<'_>, opts: &GemmOptions<'_>) {
     for i in 0..c.rows {
@@ -532,11 +631,7 @@ fn run_blis<TB: FloatElement>(
     let prod = driver::Product {
         a,
         b,
-        c: driver::CPtr {
-            ptr: c.data.as_mut_ptr(),
-            rs: c.row_stride,
-            cs: c.col_stride,
-        },
+        c: driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride),
         alpha: opts.alpha,
         beta: opts.beta,
         epilogue: opts.epilogue,
