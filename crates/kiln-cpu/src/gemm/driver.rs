@@ -403,6 +403,38 @@ unsafe fn macro_kernel<TB>(
     let mut tile = [0f32; MAX_TILE];
     let has_epilogue = blk.last && !matches!(prod.epilogue, Epilogue::None);
     let calls = ap.len() / (mr * kc);
+    // The epilogue on one finished tile (rows × cols at `corigin`, first column `j`).
+    let finish = |corigin: *mut f32, nrows: usize, ncols: usize, j: usize| {
+        if !has_epilogue {
+            return;
+        }
+        for ii in 0..nrows {
+            if c.cs == 1 {
+                let start = corigin.wrapping_add(ii * c.rs);
+                // SAFETY: row ii of this task's tile holds `ncols` contiguous elements
+                // (cs == 1) inside C's buffer, and no other task touches this tile.
+                let row = unsafe { std::slice::from_raw_parts_mut(start, ncols) };
+                apply_epilogue_row(row, j, &prod.epilogue);
+            } else {
+                for jj in 0..ncols {
+                    // SAFETY: as above.
+                    unsafe {
+                        let p = corigin.add(ii * c.rs + jj * c.cs);
+                        *p = apply_epilogue(*p, j + jj, &prod.epilogue);
+                    }
+                }
+            }
+        }
+    };
+    // Whether the rows under the last whole tile of panels `jp` and `jp + 1` go through the
+    // edge kernel together (both full width, contiguous rows, pairs counted from `p0`).
+    let pair = |jp: usize| {
+        kern.edge.is_some()
+            && c.cs == 1
+            && (jp - blk.p0).is_multiple_of(2)
+            && jp + 1 < blk.p1
+            && (jp + 2) * nr <= blk.ncur
+    };
     for jp in blk.p0..blk.p1 {
         let jt = jp * nr; // column offset inside the block
         let ncols = nr.min(blk.ncur - jt);
@@ -422,6 +454,31 @@ unsafe fn macro_kernel<TB>(
             // SAFETY: (i, j) is this task's tile; offsets stay inside C's buffer (`j` is a
             // multiple of NR, so with column blocks the tile lies inside one block).
             let corigin = unsafe { c.ptr.add(c.offset(i, j)) };
+            if nrows < mr && jp > blk.p0 && pair(jp - 1) {
+                continue; // done with the previous panel's
+            }
+            if let Some(edge) = kern.edge.filter(|_| nrows < mr && pair(jp)) {
+                // SAFETY: (i, j + NR) is the next tile of this task's, inside C's buffer.
+                let cnext = unsafe { c.ptr.add(c.offset(i, j + nr)) };
+                let b2 = &bp[jp * nr * kc..(jp + 2) * nr * kc];
+                // SAFETY: rows i .. i+nrows of both full-width tiles (contiguous rows, cs == 1)
+                // belong to this task; the panels hold kc steps.
+                unsafe {
+                    edge(
+                        nrows,
+                        kc,
+                        apanel,
+                        b2,
+                        [corigin, cnext],
+                        c.rs,
+                        prod.alpha,
+                        blk.beta,
+                    )
+                };
+                finish(corigin, nrows, nr, j);
+                finish(cnext, nrows, nr, j + nr);
+                continue;
+            }
             if nrows == mr && ncols == nr && c.cs == 1 {
                 // SAFETY: a full tile with contiguous rows, owned by this task.
                 unsafe { (kern.micro)(kc, apanel, bpanel, corigin, c.rs, prod.alpha, blk.beta) };
@@ -439,25 +496,7 @@ unsafe fn macro_kernel<TB>(
                     }
                 }
             }
-            if has_epilogue && c.cs == 1 {
-                for ii in 0..nrows {
-                    let start = corigin.wrapping_add(ii * c.rs);
-                    // SAFETY: row ii of this task's tile holds `ncols` contiguous elements
-                    // (cs == 1) inside C's buffer, and no other task touches this tile.
-                    let row = unsafe { std::slice::from_raw_parts_mut(start, ncols) };
-                    apply_epilogue_row(row, j, &prod.epilogue);
-                }
-            } else if has_epilogue {
-                for ii in 0..nrows {
-                    for jj in 0..ncols {
-                        // SAFETY: as above.
-                        unsafe {
-                            let p = corigin.add(ii * c.rs + jj * c.cs);
-                            *p = apply_epilogue(*p, j + jj, &prod.epilogue);
-                        }
-                    }
-                }
-            }
+            finish(corigin, nrows, ncols, j);
         }
     }
 }

@@ -20,6 +20,26 @@ use super::Isa;
 pub type MicroFn =
     unsafe fn(kc: usize, a: &[f32], b: &[f32], c: *mut f32, rs_c: usize, alpha: f32, beta: f32);
 
+/// The bottom `rows` (`1 ≤ rows < MR`) rows of two horizontally adjacent full-width tiles at
+/// once: `a` an A micro-panel (packed `kc × MR` as for [`MicroFn`], rows past `rows` unread),
+/// `b` the two B micro-panels one after the other (`2·kc·NR`), `c[t]` tile t's origin. Each
+/// element gets exactly the [`MicroFn`] arithmetic (bitwise the same value).
+///
+/// # Safety
+/// Each `c[t]` must be valid for writes — and reads when `beta != 0` — of `rows` rows of `NR`
+/// contiguous f32 at row stride `rs_c`, not accessed by another thread during the call.
+#[allow(clippy::too_many_arguments)]
+pub type EdgeFn = unsafe fn(
+    rows: usize,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: [*mut f32; 2],
+    rs_c: usize,
+    alpha: f32,
+    beta: f32,
+);
+
 /// A microkernel and its register tile.
 #[derive(Clone, Copy)]
 pub struct Kernel {
@@ -27,6 +47,8 @@ pub struct Kernel {
     pub mr: usize,
     pub nr: usize,
     pub micro: MicroFn,
+    /// A kernel for the rows left under the last whole tile, where the ISA has one.
+    pub edge: Option<EdgeFn>,
 }
 
 /// Largest `MR·NR` of any kernel (the driver's edge-tile buffer).
@@ -45,6 +67,7 @@ impl Kernel {
                 mr: super::avx512::MR,
                 nr: super::avx512::NR,
                 micro: super::avx512::microkernel_avx512,
+                edge: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernel {
@@ -52,12 +75,14 @@ impl Kernel {
                 mr: super::avx2::MR,
                 nr: super::avx2::NR,
                 micro: super::avx2::microkernel_avx2,
+                edge: Some(super::avx2::edge_avx2),
             },
             Isa::Portable => Kernel {
                 isa,
                 mr: PORTABLE_MR,
                 nr: PORTABLE_NR,
                 micro: microkernel_portable,
+                edge: None,
             },
             #[allow(unreachable_patterns)]
             _ => Kernel {
@@ -65,6 +90,7 @@ impl Kernel {
                 mr: SCALAR_MR,
                 nr: SCALAR_NR,
                 micro: microkernel_scalar,
+                edge: None,
             },
         })
     }
