@@ -347,28 +347,43 @@ mod x86 {
             }
         };
         // SAFETY: the contract above is for_each_run_row's; `body` writes only out[..len].
-        unsafe { for_each_run_row(dst, nr, rows, runs, edge, body) };
+        unsafe { for_each_run_row(dst, nr, rows, runs, edge, xp.as_ptr(), step, body) };
     }
 
     /// The loop both row loops share: for each depth row `p` and run, `body(out, start, len)`
     /// fills `out[..len]` (`dst[at + p·nr ..]`) from the image at `xp[row_offset[p] + off ..]`
-    /// (`start` is that index); then the edge columns of the row are zeroed.
+    /// (`start` is that index, the run's elements `step` apart); then the edge columns of the
+    /// row are zeroed. Before each run, the span the same run reads [`HINT_ROWS_AHEAD`] depth
+    /// rows later is hinted into L1.
     ///
     /// # Safety
     /// `dst` holds every `at + p·nr + len` and the edge's `at + p·nr + len`
     /// (`p < rows.len()`); `body` writes only `out[..len]`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn for_each_run_row(
         dst: &mut [f32],
         nr: usize,
         rows: &[usize],
         runs: &[super::Run],
         edge: Option<(usize, usize)>,
+        xp: *const f32,
+        step: usize,
         mut body: impl FnMut(*mut f32, usize, usize),
     ) {
         let base = dst.as_mut_ptr();
         for (p, &row) in rows.iter().enumerate() {
+            let next = rows.get(p + HINT_ROWS_AHEAD).copied();
             for r in runs {
+                if let Some(next) = next {
+                    // The span this run reads HINT_ROWS_AHEAD depth rows on (a hint never
+                    // faults, whatever the address).
+                    let a = xp.wrapping_add(next + r.off) as *const i8;
+                    for o in (0..((r.len - 1) * step + 1) * 4).step_by(64) {
+                        // SAFETY: a prefetch only; it reads nothing into the program.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(o)) };
+                    }
+                }
                 // SAFETY: at + p·nr + len is inside dst (the contract).
                 body(unsafe { base.add(r.at + p * nr) }, row + r.off, r.len);
             }
@@ -378,6 +393,14 @@ mod x86 {
             }
         }
     }
+
+    /// Depth rows ahead whose sources [`for_each_run_row`] hints. A depth row is one (channel,
+    /// kernel row, kernel column) of the patch; eight on is two kernel rows down for a 4 × 4
+    /// kernel, input rows the hardware prefetcher does not see coming (each run a short piece of
+    /// a different image row). Measured on a Zen 3 core, D2 of DCGAN (`64 → 128`, 32 × 32, k4
+    /// s2, batch 64) forward, one thread, five interleaved runs: 55.6 → 53.8 ms (4 rows ahead:
+    /// 54.4; 16 and 32: no better than none).
+    const HINT_ROWS_AHEAD: usize = 8;
 
     /// The low `n` lanes of 8 as a `maskload`/`maskstore` mask (`n ≤ 8`).
     #[inline(always)]
@@ -450,7 +473,7 @@ mod x86 {
             }
         };
         // SAFETY: the contract above is for_each_run_row's; `body` writes only out[..len].
-        unsafe { for_each_run_row(dst, nr, rows, runs, edge, body) };
+        unsafe { for_each_run_row(dst, nr, rows, runs, edge, xp.as_ptr(), step, body) };
     }
 }
 
