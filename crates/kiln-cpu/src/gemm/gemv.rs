@@ -680,7 +680,7 @@ mod x86 {
 
             /// Column-major: `y[j] = Σ_p x[p]·B[p, j]`, column `j` contiguous at `b + j·cs`.
             /// Columns are taken one after the other, so with `cs = k` (`wteᵀ`) B is read as
-            /// one sequential stream; with `alone` (one thread reads B) and 16-bit weights, as
+            /// one sequential stream; with `alone` (one thread reads B), as
             /// two: the columns of the two halves of `0..w` alternately, without software
             /// prefetch. Each column's dot product is the same either way (bitwise).
             ///
@@ -698,12 +698,13 @@ mod x86 {
                 alone: bool,
             ) {
                 let b = b as *const $elem;
-                if alone && std::mem::size_of::<$elem>() == 2 && w >= 2 {
+                if alone && w >= 2 {
                     // Two streams, no hints. Measured on a Zen 3 core, bf16 `wteᵀ`
                     // (`1 × 50257 × 768`) in a decode-sized weight sequence, interleaved in one
                     // process: 9.4–10.5 against 8.7–9.0 GB/s for one stream with the hints below
-                    // (4 streams: 8.1–9.9; one stream without hints: 8.2). With two threads
-                    // (one stream each) a second stream per thread gained nothing, nor for f32.
+                    // (4 streams: 8.1–9.9; one stream without hints: 8.2); f32 (alternate
+                    // steps of one process, four runs): 15.0–16.6 → 15.9–17.9 GB/s. With two
+                    // threads (one stream each) a second stream per thread gained nothing.
                     let h = w.div_ceil(2);
                     for j in 0..h {
                         // SAFETY: columns j < h ≤ w and h + j < w, as the contract says.
