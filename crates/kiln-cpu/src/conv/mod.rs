@@ -841,8 +841,16 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
             let m = nbc * shw;
             with_scratch(col_len + tmp_len, |scratch| -> Result<()> {
                 let (col, tmp) = scratch.split_at_mut(col_len);
+                // A chunk of several images is spread back one image per task: with the whole
+                // batch in one chunk (G2: 64 images of 4 × 4) the col2im passes and the zeroing
+                // would otherwise run on one thread while the GEMM runs on all.
+                let per_image = nbc > 1 && rayon::current_num_threads() > 1;
                 if !direct {
-                    xs.fill(0.0);
+                    if per_image {
+                        xs.par_chunks_mut(cb * bhw).for_each(|x| x.fill(0.0));
+                    } else {
+                        xs.fill(0.0);
+                    }
                 }
                 for grp in 0..g.groups {
                     // A = W_gᵀ [kg, csg] (a stride swap of the stored weight).
@@ -886,9 +894,16 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
                                 MatMut::row_major(col, rows, m),
                                 &GemmOptions::default(),
                             )?;
-                            for n in 0..nbc {
-                                let img = &mut xs[(n * cb + grp * cbg + c0) * bhw..][..chans * bhw];
+                            let spread = |n: usize, x: &mut [f32]| {
+                                let img = &mut x[(grp * cbg + c0) * bhw..][..chans * bhw];
                                 col2im(g, &taps, table.as_deref(), chans, col, m, n * shw, img);
+                            };
+                            if per_image {
+                                let images = xs.par_chunks_mut(cb * bhw).take(nbc);
+                                images.enumerate().for_each(|(n, x)| spread(n, x));
+                            } else {
+                                let images = xs.chunks_mut(cb * bhw).take(nbc);
+                                images.enumerate().for_each(|(n, x)| spread(n, x));
                             }
                         }
                     }

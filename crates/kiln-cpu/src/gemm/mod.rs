@@ -329,13 +329,23 @@ impl PackedB {
         if n > 0 {
             use rayon::prelude::*;
             let dst = data.as_mut_slice::<f32>();
-            // One depth block per chunk (all kc rows but the last).
+            // One depth block per chunk (all kc rows but the last), each cut into ranges of
+            // whole panels (one depth block, as at G2's 512 × 1024, was one thread's work).
+            // The packed values are copies, the same however the work is cut.
+            let panels = npad / nr;
+            let per = panels.div_ceil(2 * rayon::current_num_threads()).max(1);
             dst.par_chunks_mut(kc * npad)
                 .enumerate()
                 .for_each(|(ib, blk)| {
                     let pc = ib * kc;
                     let kcur = kc.min(k - pc);
-                    pack::pack_b(&b, pc, kcur, 0, n, nr, &mut blk[..kcur * npad]);
+                    blk[..kcur * npad]
+                        .par_chunks_mut(per * nr * kcur)
+                        .enumerate()
+                        .for_each(|(ir, part)| {
+                            let j0 = ir * per * nr;
+                            pack::pack_b(&b, pc, kcur, j0, (per * nr).min(n - j0), nr, part);
+                        });
                 });
         }
         Ok(PackedB { isa, k, n, data })
