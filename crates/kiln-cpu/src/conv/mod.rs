@@ -740,7 +740,7 @@ pub fn correlate(
     let pad = Padded::new(g);
     let xp_len = pad.scratch_len(g, nb);
     let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
-    let plane = pad.hp * pad.wp;
+    let plane = pad.plane();
     small
         .par_chunks_mut(nb * cs * shw)
         .zip(big.par_chunks(nb * cb * bhw))
@@ -984,7 +984,7 @@ pub fn weight_grad(g: &ConvGeometry, big: &[f32], small: &[f32], dw: &mut [f32])
     let pad = Padded::new(g);
     let xp_len = pad.scratch_len(g, nb);
     let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
-    let plane = pad.hp * pad.wp;
+    let plane = pad.plane();
     let wlen = dw.len();
     // Slice s accumulates chunks [s·chunks/slices, (s+1)·chunks/slices) into `part`.
     let run_slice = |s: usize, part: &mut [f32]| -> Result<()> {
