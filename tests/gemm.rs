@@ -386,6 +386,8 @@ fn one_and_two_threads_bitwise_equal() {
     let (p1, p2) = (pool(1), pool(2));
     let cases = [
         Case::plain(300, 200, 700),
+        // Two row blocks of C (m > MC on every kernel here) made four on two threads.
+        Case::plain(250, 130, 300),
         Case {
             la: Lay::Col(0),
             lb: Lay::Col(3),
