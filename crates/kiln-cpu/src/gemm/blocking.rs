@@ -3,10 +3,12 @@
 //!
 //! * `KC`: each `MR × NR` tile of C is loaded and stored once per depth block, so `KC` sets
 //!   how much arithmetic amortises that traffic. It is the larger of two sizes: one packed B
-//!   micro-panel (`KC × NR` f32) in half of L1d, or in an eighth of L2 (the microkernel then
+//!   micro-panel (`KC × NR` f32) in half of L1d, or in 3/32 of L2 (the microkernel then
 //!   streams it from L2, which keeps up). Measured on a Zen 5 core (48 KiB L1d, 1 MiB L2) with the
-//!   AVX-512 kernel: KC = 192 (the L1 rule) reached 72–80 % of peak at 1024–4096, KC = 1024 84–89 %
-//!   (see docs/gemm.md); with the AVX2 kernel both gave the same rate.
+//!   AVX-512 kernel: KC = 192 (the L1 rule) reached 72–80 % of peak at 1024–4096, KC = 768 and
+//!   1024 84–89 % (see docs/gemm.md); with the AVX2 kernel both gave the same rate. On a Zen 3
+//!   core (512 KiB L2, AVX2) KC = 768 beat 1024 (an eighth of L2) by 4–7 % at 2048³ and 4096³,
+//!   hence 3/32: 768 on both, 1024 (the clamp) where L2 per NR column is larger.
 //! * `MC`: one packed A block (`MC × KC` f32) about fills L2 (rounded up to a multiple of MR).
 //! * `NC`: one packed B block (`KC × NC` f32) fills about a quarter of the last-level cache (it is
 //!   shared by every thread, and by other processes).
@@ -90,12 +92,35 @@ impl Blocking {
     pub fn for_kernel(mr: usize, nr: usize, cs: CacheSizes) -> Blocking {
         let f = std::mem::size_of::<f32>();
         let l1_rule = cs.l1d / 2 / (nr * f);
-        let l2_rule = cs.l2 / 8 / (nr * f);
+        let l2_rule = cs.l2 * 3 / 32 / (nr * f);
         let kc = l1_rule.max(l2_rule).clamp(64, 1024) / 8 * 8;
         let mc = (cs.l2 / (kc * f)).clamp(mr, 1024).next_multiple_of(mr);
         let nc = ((cs.l3 / 4 / (kc * f)).clamp(nr, 8192) / nr) * nr;
         let slab = (cs.l2 / (kc * nr * f)).max(1);
         Blocking { mc, kc, nc, slab }
+    }
+}
+
+impl Blocking {
+    /// The blocking for a product of depth `k`: the depth cut into the whole number of equal
+    /// blocks (a multiple of 8 deep) nearest to `k / KC`, instead of whole `KC` blocks and a
+    /// short last one, so a block is between 2/3 and 3/2 of `KC` deep. Measured on a Zen 3 core
+    /// with `KC = 768`: D2 of DCGAN (`K = 1024`, 128 rows) ran as 768 + 256 1.5 % slower than as
+    /// one block (each depth block reads and writes all of C again) and 2 × 512 3 % slower, so
+    /// it stays one block. The slab keeps about its size in bytes (rounded to the nearest number
+    /// of panels: D2's 8 as before). Depends on `k` only, so every thread count, and `PackedB`, cut the
+    /// depth the same way.
+    pub fn for_depth(self, k: usize) -> Blocking {
+        if k <= self.kc {
+            return self;
+        }
+        let blocks = ((2 * k + self.kc) / (2 * self.kc)).max(1);
+        let kc = k.div_ceil(blocks).next_multiple_of(8);
+        Blocking {
+            kc,
+            slab: ((self.slab * self.kc + kc / 2) / kc).max(1),
+            ..self
+        }
     }
 }
 
@@ -110,6 +135,45 @@ mod tests {
         assert_eq!(parse_size("2M"), Some(2 << 20));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn depth_cut_into_equal_blocks() {
+        let b = Blocking::for_kernel(6, 16, CacheSizes::FALLBACK);
+        for k in [
+            1,
+            7,
+            64,
+            b.kc,
+            b.kc + 1,
+            1024,
+            1152,
+            1153,
+            2048,
+            3072,
+            4096,
+            5000,
+        ] {
+            let d = b.for_depth(k);
+            assert_eq!((d.mc, d.nc), (b.mc, b.nc));
+            if k <= b.kc {
+                assert_eq!(d, b);
+                continue;
+            }
+            assert_eq!(d.kc % 8, 0);
+            let blocks = k.div_ceil(d.kc);
+            // Equal blocks but the last, which is short by less than 8 per block.
+            assert!(
+                k - (blocks - 1) * d.kc + 8 * blocks > d.kc,
+                "k {k}: kc {}",
+                d.kc
+            );
+            assert!(
+                3 * d.kc >= 2 * b.kc && 2 * d.kc <= 3 * b.kc + 16,
+                "k {k}: kc {}",
+                d.kc
+            );
+        }
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
 ) {
     let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     debug_assert!(k > 0);
+    let blk = blk.for_depth(k);
     let (mr, nr) = (kern.mr, kern.nr);
     let packs_b = !matches!(prod.b, BSource::Packed { .. });
     if packs_b && m <= blk.mc {

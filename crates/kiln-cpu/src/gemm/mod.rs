@@ -319,7 +319,8 @@ impl PackedB {
         }
         let (k, n) = (b.rows, b.cols);
         let (_, nr) = isa.tile();
-        let kc = isa.blocking().kc;
+        // The depth blocks `gemm_blis` will take (`Blocking::for_depth`).
+        let kc = isa.blocking().for_depth(k).kc;
         let npad = n.next_multiple_of(nr);
         let len = k
             .checked_mul(npad)
