@@ -330,9 +330,9 @@ pub fn pack_b<TB: FloatElement>(
     }
 }
 
-/// Tests force the scalar [`pack_rows_scalar`] with this (to compare it with the SIMD copy).
 #[cfg(test)]
 thread_local! {
+    /// Tests force the scalar [`pack_rows_scalar`] with this (to compare it with the SIMD copy).
     static SCALAR_PACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 #[cfg(test)]
