@@ -69,21 +69,36 @@ unsafe fn kernel_6x16(
             bp = bp.add(NR);
         }
     }
-    let va = _mm256_set1_ps(alpha);
-    let vb = _mm256_set1_ps(beta);
     for (i, row) in acc.iter().enumerate() {
         for (h, &v) in row.iter().enumerate() {
             // SAFETY: (i, 8h .. 8h+8) is inside the tile the caller vouches for.
-            unsafe {
-                let p = c.add(i * rs_c + 8 * h);
-                let out = if beta == 0.0 {
-                    _mm256_mul_ps(va, v)
-                } else {
-                    _mm256_add_ps(_mm256_mul_ps(va, v), _mm256_mul_ps(vb, _mm256_loadu_ps(p)))
-                };
-                _mm256_storeu_ps(p, out);
-            }
+            unsafe { store8(c.add(i * rs_c + 8 * h), v, alpha, beta) };
         }
+    }
+}
+
+/// `c[..8] = alpha·acc` (`beta == 0`: C not read) or `alpha·acc + beta·c[..8]`, the two products
+/// rounded separately: the tile update of the [`super::micro::MicroFn`] contract, shared by the
+/// full and the edge kernel so that both round alike.
+///
+/// # Safety
+/// `c` is valid for 8 writes (and reads when `beta != 0`); the CPU has AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store8(c: *mut f32, acc: __m256, alpha: f32, beta: f32) {
+    let va = _mm256_set1_ps(alpha);
+    // SAFETY: the contract above.
+    unsafe {
+        let out = if beta == 0.0 {
+            _mm256_mul_ps(va, acc)
+        } else {
+            let vb = _mm256_set1_ps(beta);
+            _mm256_add_ps(
+                _mm256_mul_ps(va, acc),
+                _mm256_mul_ps(vb, _mm256_loadu_ps(c)),
+            )
+        };
+        _mm256_storeu_ps(c, out);
     }
 }
 
@@ -172,21 +187,11 @@ unsafe fn edge_rows<const R: usize, const P: usize>(
             }
         }
     }
-    let va = _mm256_set1_ps(alpha);
-    let vb = _mm256_set1_ps(beta);
     for (i, row) in acc.iter().enumerate() {
         for (v, &x) in row.iter().enumerate().take(2 * P) {
             // SAFETY: row i < R, columns 8(v%2) .. +8 of tile v/2 are inside the tiles the
             // caller vouches for.
-            unsafe {
-                let p = c[v / 2].add(i * rs_c + 8 * (v % 2));
-                let out = if beta == 0.0 {
-                    _mm256_mul_ps(va, x)
-                } else {
-                    _mm256_add_ps(_mm256_mul_ps(va, x), _mm256_mul_ps(vb, _mm256_loadu_ps(p)))
-                };
-                _mm256_storeu_ps(p, out);
-            }
+            unsafe { store8(c[v / 2].add(i * rs_c + 8 * (v % 2)), x, alpha, beta) };
         }
     }
 }
