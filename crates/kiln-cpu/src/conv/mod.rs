@@ -32,8 +32,8 @@
 mod implicit;
 
 use crate::gemm::{
-    gemm, gemm_packed, gemm_panels, gemm_panels_blocked, BlockedMatMut, Epilogue, GemmOptions,
-    MatMut, MatRef, PackedB,
+    blocked_c_supported, gemm, gemm_packed, gemm_panels, gemm_panels_blocked, BlockedMatMut,
+    Epilogue, GemmOptions, MatMut, MatRef, PackedB,
 };
 use implicit::{Padded, PatchTables, Patches, PatchesT};
 use kiln_tensor::{Error, FloatElement, Result};
@@ -739,7 +739,15 @@ pub fn correlate(
     let nb = g.images_per_chunk_implicit();
     let pad = Padded::new(g);
     let xp_len = pad.scratch_len(g, nb);
-    let tmp_len = if nb == 1 { 0 } else { csg * nb * shw };
+    // Several images per chunk: the product goes straight into the images' planes (column
+    // blocks of HW, one per image, C·HW apart) where the GEMM takes such blocks; else into
+    // `tmp` and a copy.
+    let in_place = blocked_c_supported(shw);
+    let tmp_len = if nb == 1 || in_place {
+        0
+    } else {
+        csg * nb * shw
+    };
     let plane = pad.plane();
     small
         .par_chunks_mut(nb * cs * shw)
@@ -761,9 +769,7 @@ pub fn correlate(
                         let c =
                             MatMut::row_major(&mut ys[grp * csg * shw..][..csg * shw], csg, shw);
                         gemm_panels(a, &b, c, &GemmOptions::default())?;
-                    } else {
-                        // Straight into the images' planes: `[Csg, nb·HW]` as column blocks of
-                        // HW, one per image; else through `tmp` and a copy.
+                    } else if in_place {
                         let c = BlockedMatMut {
                             data: &mut ys[grp * csg * shw..],
                             rows: csg,
@@ -773,11 +779,15 @@ pub fn correlate(
                             block_stride: cs * shw,
                         };
                         if !gemm_panels_blocked(a, &b, c, &GemmOptions::default())? {
-                            let t = &mut tmp[..csg * m];
-                            let c = MatMut::row_major(t, csg, m);
-                            gemm_panels(a, &b, c, &GemmOptions::default())?;
-                            spread_group(t, nbc, cs, csg, grp, shw, ys);
+                            return Err(Error::invalid(
+                                "conv2d: the GEMM refused output planes it said it takes",
+                            ));
                         }
+                    } else {
+                        let t = &mut tmp[..csg * m];
+                        let c = MatMut::row_major(t, csg, m);
+                        gemm_panels(a, &b, c, &GemmOptions::default())?;
+                        spread_group(t, nbc, cs, csg, grp, shw, ys);
                     }
                 }
                 if let Some(bias) = bias {

@@ -458,10 +458,16 @@ pub struct BlockedMatMut<'a> {
     pub block_stride: usize,
 }
 
+/// Whether [`gemm_panels_blocked`] takes column blocks of `block` columns on this CPU (a
+/// multiple of the fastest microkernel's NR, so that no tile straddles two blocks).
+pub fn blocked_c_supported(block: usize) -> bool {
+    micro::Kernel::for_isa(Isa::best()).is_some_and(|k| block > 0 && block.is_multiple_of(k.nr))
+}
+
 /// [`gemm_panels`] into a column-blocked C. Each element receives exactly the arithmetic of
 /// [`gemm_panels`] into a plain matrix (bitwise), only stored elsewhere. Returns `Ok(false)`,
-/// touching nothing, when `block` is not a multiple of the microkernel's NR (a tile would
-/// straddle two blocks): the caller then multiplies into a plain matrix and copies.
+/// touching nothing, when [`blocked_c_supported`] says no for `block` (a tile would straddle two
+/// blocks) or the depth is 0: the caller then multiplies into a plain matrix and copies.
 pub fn gemm_panels_blocked(
     a: MatRef<'_, f32>,
     b: &dyn PanelSource,
@@ -516,31 +522,29 @@ pub fn gemm_panels_blocked(
             return Err(Error::shape("gemm bias", &[n], &[bias.len()]));
         }
     }
-    if k == 0 || !c.block.is_multiple_of(kern.nr) {
+    if k == 0 || !blocked_c_supported(c.block) {
         return Ok(false);
     }
-    let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
-        1
-    } else {
-        rayon::current_num_threads()
-    };
-    let prod = driver::Product::<f32> {
-        a,
-        b: driver::BSource::Panels(b),
-        c: driver::CPtr {
-            ptr: c.data.as_mut_ptr(),
-            rs: c.row_stride,
-            cs: 1,
-            block: c.block,
-            bs: c.block_stride,
-        },
-        alpha: opts.alpha,
-        beta: opts.beta,
-        epilogue: opts.epilogue,
+    let cp = driver::CPtr {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.row_stride,
+        cs: 1,
+        block: c.block,
+        bs: c.block_stride,
     };
     // SAFETY: every element (i, j) is inside `c.data` (the last one was checked) and has its own
     // address (checked above); the exclusive borrow of `c.data` is held for the whole call.
-    unsafe { driver::gemm_blis(&kern, isa.blocking(), &prod, threads) };
+    unsafe {
+        run_blis_into(
+            &kern,
+            isa.blocking(),
+            a,
+            driver::BSource::<f32>::Panels(b),
+            cp,
+            n,
+            opts,
+        )
+    };
     Ok(true)
 }
 
@@ -633,7 +637,27 @@ fn run_blis<TB: FloatElement>(
     c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) {
-    let (m, k, n) = (a.rows, a.cols, c.cols);
+    let cp = driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride);
+    // SAFETY: every caller validated `c` to lie inside `c.data` and not to overlap itself, and
+    // its exclusive borrow is held here for the whole call.
+    unsafe { run_blis_into(kern, blk, a, b, cp, c.cols, opts) };
+}
+
+/// [`run_blis`] into C at `c` (`n` columns).
+///
+/// # Safety
+/// Every element of the `a.rows × n` C that `c` describes lies inside one live, exclusively
+/// borrowed buffer, at its own address.
+unsafe fn run_blis_into<TB: FloatElement>(
+    kern: &micro::Kernel,
+    blk: blocking::Blocking,
+    a: MatRef<'_, f32>,
+    b: driver::BSource<'_, TB>,
+    c: driver::CPtr,
+    n: usize,
+    opts: &GemmOptions<'_>,
+) {
+    let (m, k) = (a.rows, a.cols);
     let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
         1
     } else {
@@ -642,13 +666,12 @@ fn run_blis<TB: FloatElement>(
     let prod = driver::Product {
         a,
         b,
-        c: driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride),
+        c,
         alpha: opts.alpha,
         beta: opts.beta,
         epilogue: opts.epilogue,
     };
-    // SAFETY: every caller validated `c` to lie inside `c.data` and not to overlap itself, and
-    // its exclusive borrow is held here for the whole call.
+    // SAFETY: the caller's contract, passed on.
     unsafe { driver::gemm_blis(kern, blk, &prod, threads) };
 }
 
