@@ -125,8 +125,13 @@ impl Padded {
 /// One padded row split by column parity: padded column `X` (`pw` zeros, `row`, zeros) goes to
 /// `even[X/2]` or `odd[X/2]`; slots past the padded width are zeros.
 fn split_row(row: &[f32], pw: usize, even: &mut [f32], odd: &mut [f32]) {
-    even.fill(0.0);
-    odd.fill(0.0);
+    // Only the border slots are zeroed: even[x] holds padded column 2x, odd[x] column 2x + 1,
+    // and the row covers padded columns pw .. pw + len.
+    let end = pw + row.len();
+    even[..pw.div_ceil(2)].fill(0.0);
+    even[end.div_ceil(2)..].fill(0.0);
+    odd[..pw / 2].fill(0.0);
+    odd[end / 2..].fill(0.0);
     // Source column i is padded column pw + i; column pairs (i, i + 1) from an even i land in
     // the same slot of both planes when pw is even, else in odd[at] and even[at + 1].
     let mut i = 0;
