@@ -854,13 +854,8 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
                 // A chunk of several images is spread back one image per task: with the whole
                 // batch in one chunk (G2: 64 images of 4 × 4) the col2im passes and the zeroing
                 // would otherwise run on one thread while the GEMM runs on all.
-                let per_image = nbc > 1 && rayon::current_num_threads() > 1;
                 if !direct {
-                    if per_image {
-                        xs.par_chunks_mut(cb * bhw).for_each(|x| x.fill(0.0));
-                    } else {
-                        xs.fill(0.0);
-                    }
+                    xs.par_chunks_mut(cb * bhw).for_each(|x| x.fill(0.0));
                 }
                 for grp in 0..g.groups {
                     // A = W_gᵀ [kg, csg] (a stride swap of the stored weight).
@@ -908,13 +903,8 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
                                 let img = &mut x[(grp * cbg + c0) * bhw..][..chans * bhw];
                                 col2im(g, &taps, table.as_deref(), chans, col, m, n * shw, img);
                             };
-                            if per_image {
-                                let images = xs.par_chunks_mut(cb * bhw).take(nbc);
-                                images.enumerate().for_each(|(n, x)| spread(n, x));
-                            } else {
-                                let images = xs.chunks_mut(cb * bhw).take(nbc);
-                                images.enumerate().for_each(|(n, x)| spread(n, x));
-                            }
+                            let images = xs.par_chunks_mut(cb * bhw).take(nbc);
+                            images.enumerate().for_each(|(n, x)| spread(n, x));
                         }
                     }
                 }
