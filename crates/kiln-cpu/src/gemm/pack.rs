@@ -43,14 +43,15 @@ pub fn convert_run<TB: FloatElement>(src: &[TB], dst: &mut [f32]) {
 /// panel's `MR` elements per line read (a column stride of 16 KiB, `W_gᵀ` of a transposed conv,
 /// made every depth step of every panel a new line and page). Measured on a Zen 3 core, G2 of
 /// DCGAN (transposed conv `512 → 256`, 4 × 4, batch 64) forward, one thread, four interleaved
-/// pairs: 58.1–59.2 → 56.3–57.7 ms, `pack_a` 7.1 → 4.2 % of the profile. Returns `panels`.
+/// pairs: 58.1–59.2 → 56.3–57.7 ms, `pack_a` 7.1 → 4.2 % of the profile. Each run is copied as
+/// a fixed-size array (a slice copy of run-time length had become one `memmove` call per step).
 fn pack_cols<const MR: usize>(
     src: &[f32],
     stride: usize,
     kc: usize,
     panels: usize,
     dst: &mut [f32],
-) -> usize {
+) {
     const GROUP: usize = 8;
     for g0 in (0..panels).step_by(GROUP) {
         let g = GROUP.min(panels - g0);
@@ -70,18 +71,6 @@ fn pack_cols<const MR: usize>(
             }
         }
     }
-    panels
-}
-
-/// `panel[p·MR .. p·MR + MR] = src[p·stride .. p·stride + MR]` for every depth step of `panel`.
-#[inline]
-fn copy_runs<const MR: usize>(src: &[f32], stride: usize, panel: &mut [f32]) {
-    for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
-        let s = p * stride;
-        let run: &[f32; MR] = src[s..s + MR].try_into().expect("a run of MR");
-        let out: &mut [f32; MR] = out.try_into().expect("a panel step of MR");
-        *out = *run;
-    }
 }
 
 /// Packs rows `i0 .. i0+mc`, columns `p0 .. p0+kc` of A into `⌈mc/MR⌉` micro-panels of
@@ -97,17 +86,17 @@ pub fn pack_a(
     dst: &mut [f32],
 ) {
     let panels = mc.div_ceil(mr);
-    // Column-major A: whole panels a group at a time ([`pack_cols`]).
+    // Column-major A: the whole panels a group at a time ([`pack_cols`]), the rest below.
     let mut done = 0;
-    if a.row_stride == 1 && a.col_stride != 1 && kc > 0 {
+    if a.row_stride == 1 && kc > 0 && matches!(mr, 4 | 6 | 12) {
         let full = mc / mr;
-        let start = i0 + p0 * a.col_stride;
-        done = match mr {
-            4 => pack_cols::<4>(&a.data[start..], a.col_stride, kc, full, dst),
-            6 => pack_cols::<6>(&a.data[start..], a.col_stride, kc, full, dst),
-            12 => pack_cols::<12>(&a.data[start..], a.col_stride, kc, full, dst),
-            _ => 0,
-        };
+        let src = &a.data[i0 + p0 * a.col_stride..];
+        match mr {
+            4 => pack_cols::<4>(src, a.col_stride, kc, full, dst),
+            6 => pack_cols::<6>(src, a.col_stride, kc, full, dst),
+            _ => pack_cols::<12>(src, a.col_stride, kc, full, dst),
+        }
+        done = full;
     }
     for (ip, panel) in dst
         .chunks_exact_mut(mr * kc)
@@ -118,21 +107,12 @@ pub fn pack_a(
         let r0 = i0 + ip * mr;
         let rows = mr.min(i0 + mc - r0);
         if a.row_stride == 1 && rows == mr {
-            // Column-major A (e.g. a transposed row-major matrix): each depth step is a
-            // contiguous run of MR elements, copied as one fixed-size array (a slice copy of
-            // run-time length became a `memmove` call per step: 8 % of a transposed conv's
-            // forward on a Zen 3 core).
+            // Column-major A with an MR that `pack_cols` has no copy for: each depth step is a
+            // contiguous run of MR elements.
             let start = r0 + p0 * a.col_stride;
-            match mr {
-                4 => copy_runs::<4>(&a.data[start..], a.col_stride, panel),
-                6 => copy_runs::<6>(&a.data[start..], a.col_stride, panel),
-                12 => copy_runs::<12>(&a.data[start..], a.col_stride, panel),
-                _ => {
-                    for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
-                        let s = p * a.col_stride;
-                        out.copy_from_slice(&a.data[start + s..start + s + mr]);
-                    }
-                }
+            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                let s = p * a.col_stride;
+                out.copy_from_slice(&a.data[start + s..start + s + mr]);
             }
             continue;
         }
