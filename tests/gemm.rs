@@ -311,6 +311,20 @@ fn zero_depth_scales_c() {
     }
 }
 
+/// Products a little taller than one A block (`MC` on L2 of 512 KiB - 1 MiB): all rows go in
+/// one block with a shallower depth cut, several depth blocks deep.
+#[test]
+fn tall_rows_shallow_depth_cut() {
+    let mut seed = 900;
+    for isa in isas() {
+        for (m, n, k) in [(300, 70, 1500), (260, 33, 2049), (435, 17, 1000)] {
+            seed += 1;
+            check::<f32>(Some(isa), Case::plain(m, n, k), seed);
+            check::<bf16>(Some(isa), Case::plain(m, n, k), seed + 1000);
+        }
+    }
+}
+
 #[test]
 fn primes() {
     let mut seed = 500;
@@ -387,7 +401,11 @@ fn one_and_two_threads_bitwise_equal() {
     let cases = [
         Case::plain(300, 200, 700),
         // Two row blocks of C (m > MC on every kernel here) made four on two threads.
+        Case::plain(600, 130, 300),
+        // All rows one A block with a shallower depth cut where L2 is 512 KiB - 1 MiB
+        // (`Blocking::single_block`), a plain small-M product where it is larger.
         Case::plain(250, 130, 300),
+        Case::plain(300, 70, 1500),
         Case {
             la: Lay::Col(0),
             lb: Lay::Col(3),

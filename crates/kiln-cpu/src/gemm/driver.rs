@@ -181,14 +181,14 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
 ) {
     let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
     debug_assert!(k > 0);
-    let blk = blk.for_depth(k);
     let (mr, nr) = (kern.mr, kern.nr);
     let packs_b = !matches!(prod.b, BSource::Packed { .. });
-    if packs_b && m <= blk.mc {
+    if let Some(single) = blk.single_block(m, k).filter(|_| packs_b) {
         // SAFETY: the caller's contract, passed on.
-        unsafe { gemm_small_m(kern, blk, prod, threads) };
+        unsafe { gemm_small_m(kern, single, prod, threads) };
         return;
     }
+    let blk = blk.for_depth(k);
     let nc = blk.nc.min(n.next_multiple_of(nr));
     let kc_max = blk.kc.min(k);
     let mut bpack = if packs_b {
@@ -288,8 +288,9 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     put_buffer(&B_PACK, bpack);
 }
 
-/// The loop nest when all of M is one row block (`m ≤ MC`: GPT-2's prefill at M = 128, a conv
-/// layer's output channels, small batches):
+/// The loop nest when all of M is one row block ([`Blocking::single_block`]: `m ≤ MC`, as in
+/// GPT-2's prefill at M = 128, a conv layer's output channels, small batches; or up to about
+/// `2.5·MC` rows with a shallower depth cut):
 ///
 /// ```text
 /// for pc in 0..k step KC
@@ -303,9 +304,11 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
 /// Each B panel is used only `⌈m/MR⌉` times here, so packing a whole `KC × NC` block (larger
 /// than L2, shared by the threads) and reading it back from L3 costs a large part of the
 /// arithmetic. Each task instead packs a slab that stays in its own L2 right before using it;
-/// B's source is still read exactly once. Packed values, `KC` and the kernel calls are those of
-/// the general path, so results are bitwise identical to it (and to [`super::PackedB`]) for any
-/// thread count.
+/// B's source is still read exactly once. Results are bitwise identical for any thread count;
+/// where the depth cut is the general one (`m ≤ MC`) the packed values and kernel calls are
+/// those of the general path, so they are also bitwise those of [`super::PackedB`]. With the
+/// shallower cut they differ from `PackedB`'s only in rounding (C is summed over more depth
+/// blocks).
 ///
 /// # Safety
 /// As [`gemm_blis`].
