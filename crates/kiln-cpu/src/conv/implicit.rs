@@ -94,25 +94,21 @@ impl Padded {
             .par_chunks_exact_mut(self.plane())
             .zip(src.par_chunks_exact(hb * wb))
             .with_min_len(16);
+        // Each plane is zeroed whole, then its rows written: zeroing only the border slots of
+        // each row took a `memset` call per slot run (a slot or two each with small paddings).
+        // On D3 of DCGAN (16 × 16 images, 8 MB) that was 6.5 % of the forward.
         if wh == 0 {
             planes.for_each(|(plane, img)| {
-                plane[..ph * wp].fill(0.0);
-                plane[(ph + hb) * wp..].fill(0.0);
+                plane.fill(0.0);
                 for (y, row) in img.chunks_exact(wb).enumerate() {
-                    let out = &mut plane[(ph + y) * wp..(ph + y + 1) * wp];
-                    out[..pw].fill(0.0);
-                    out[pw..pw + wb].copy_from_slice(row);
-                    out[pw + wb..].fill(0.0);
+                    plane[(ph + y) * wp + pw..][..wb].copy_from_slice(row);
                 }
             });
             return;
         }
         planes.for_each(|(plane, img)| {
+            plane.fill(0.0);
             let (even, odd) = plane.split_at_mut(hp * wh);
-            even[..ph * wh].fill(0.0);
-            odd[..ph * wh].fill(0.0);
-            even[(ph + hb) * wh..].fill(0.0);
-            odd[(ph + hb) * wh..].fill(0.0);
             for (y, row) in img.chunks_exact(wb).enumerate() {
                 let e = &mut even[(ph + y) * wh..][..wh];
                 let o = &mut odd[(ph + y) * wh..][..wh];
@@ -123,15 +119,9 @@ impl Padded {
 }
 
 /// One padded row split by column parity: padded column `X` (`pw` zeros, `row`, zeros) goes to
-/// `even[X/2]` or `odd[X/2]`; slots past the padded width are zeros.
+/// `even[X/2]` or `odd[X/2]`. Only the row's own columns are written: the border slots must
+/// already be zero.
 fn split_row(row: &[f32], pw: usize, even: &mut [f32], odd: &mut [f32]) {
-    // Only the border slots are zeroed: even[x] holds padded column 2x, odd[x] column 2x + 1,
-    // and the row covers padded columns pw .. pw + len.
-    let end = pw + row.len();
-    even[..pw.div_ceil(2)].fill(0.0);
-    even[end.div_ceil(2)..].fill(0.0);
-    odd[..pw / 2].fill(0.0);
-    odd[end / 2..].fill(0.0);
     // Source column i is padded column pw + i; column pairs (i, i + 1) from an even i land in
     // the same slot of both planes when pw is even, else in odd[at] and even[at + 1].
     let mut i = 0;
