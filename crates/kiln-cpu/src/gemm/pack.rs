@@ -61,7 +61,7 @@ fn pack_cols<const MR: usize>(
         for p in 0..kc {
             if p + AHEAD < kc {
                 let at = (p + AHEAD) * stride + g0 * MR;
-                prefetch_lines(&src[at..at + g * MR], Hint::L1);
+                prefetch_lines(&src[at..at + g * MR]);
             }
             let run = &src[p * stride + g0 * MR..][..g * MR];
             for (q, chunk) in run.chunks_exact(MR).enumerate() {
@@ -123,7 +123,7 @@ pub fn pack_a(
             for i in mr..2 * mr {
                 if r0 + i < i0 + mc {
                     let base = (r0 + i) * a.row_stride + p0;
-                    prefetch_lines(&a.data[base..base + kc], Hint::L1);
+                    prefetch_lines(&a.data[base..base + kc]);
                 }
             }
             let row = |i: usize| {
@@ -347,7 +347,7 @@ fn pack_rows_scalar<TB: FloatElement>(
                 // The same run ROWS depth rows further on, for the next pass of this loop.
                 if p + ROWS < kc {
                     let ahead = s + ROWS * b.row_stride;
-                    prefetch_lines(&b.data[ahead..ahead + nr], Hint::L1);
+                    prefetch_lines(&b.data[ahead..ahead + nr]);
                 }
                 let out = &mut panel[p * nr..p * nr + nr];
                 match nr {
@@ -373,30 +373,20 @@ fn convert_fixed<TB: FloatElement, const N: usize>(src: &[TB], dst: &mut [f32]) 
     }
 }
 
-/// The cache level a prefetch asks for.
-#[derive(Clone, Copy)]
-pub(crate) enum Hint {
-    L1,
-    L2,
-}
-
-/// Hints every cache line of `data` into the cache `hint` names.
+/// Hints every cache line of `data` into L1.
 #[inline]
-pub(crate) fn prefetch_lines<T>(data: &[T], hint: Hint) {
+pub(crate) fn prefetch_lines<T>(data: &[T]) {
     let bytes = std::mem::size_of_val(data);
     let base = data.as_ptr() as *const i8;
     for off in (0..bytes).step_by(64) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint and never faults; `off` is inside `data` anyway.
         unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-            match hint {
-                Hint::L1 => _mm_prefetch::<_MM_HINT_T0>(base.add(off)),
-                Hint::L2 => _mm_prefetch::<_MM_HINT_T1>(base.add(off)),
-            }
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(base.add(off));
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (base, off, hint);
+        let _ = (base, off);
     }
 }
 
