@@ -528,8 +528,11 @@ mod x86 {
 /// [`TABLE_MAX_WIDTH`] wide through a per-tap table of image pixels. Measured on a Zen 3 core,
 /// interleaved, DCGAN forward: G3 (8 × 8 input) 54.7–55.7 → 53.6–53.9 ms on one thread and
 /// 28.6–29.0 → 27.5–27.9 on two with the split plane instead of the table; G2 (4 × 4) 51.5–52.0
-/// → 52.8–53.3 and 27.1–27.6 → 27.8–28.1, so 4-wide patches keep the table.
-const NARROW_MAX_WIDTH: usize = 8;
+/// → 52.8–53.3 and 27.1–27.6 → 27.8–28.1, so 4-wide patches keep the table. Against the
+/// segments' AVX2 step-2 scatter-add, three interleaved pairs: G4 (16 × 16) 59.8–60.9 →
+/// 58.8–59.4 ms on one thread and 31.4–31.5 → 30.7–30.8 on two; G5 (32 × 32) even, so wider
+/// patches keep the segments.
+const NARROW_MAX_WIDTH: usize = 16;
 
 /// The widest patches whose col2im goes through [`tap_table`].
 const TABLE_MAX_WIDTH: usize = 4;
@@ -1332,7 +1335,7 @@ mod tests {
             (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
         let mut cases = 0;
-        for (h, w) in [(1, 1), (4, 4), (3, 7), (8, 8), (5, 2)] {
+        for (h, w) in [(1, 1), (4, 4), (3, 7), (8, 8), (5, 2), (2, 13), (16, 16)] {
             for k in [1, 3, 4, 5] {
                 for s in [1, 2, 3] {
                     for d in [1, 2] {
