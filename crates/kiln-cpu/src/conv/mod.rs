@@ -727,26 +727,28 @@ fn col2im(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scratch buffers, reused across calls (one per thread; a nested task on the same thread simply
-// allocates its own).
+// Scratch buffers, reused across calls: a few per thread, since a task waiting inside a nested
+// parallel loop can run another task of the same kind on its thread (rayon's work stealing),
+// which then takes a second buffer instead of allocating (and zeroing) a new one every call.
 
 thread_local! {
-    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Buffers kept per thread.
+const SCRATCH_KEPT: usize = 4;
+
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| s.take());
+    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let r = f(&mut buf[..len]);
     SCRATCH.with(|s| {
-        let other = s.take();
-        s.set(if other.capacity() > buf.capacity() {
-            other
-        } else {
-            buf
-        });
+        let mut kept = s.borrow_mut();
+        if kept.len() < SCRATCH_KEPT {
+            kept.push(buf);
+        }
     });
     r
 }
@@ -980,7 +982,14 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
     let how = Col2im::new(g, &taps);
     let direct = nb == 1 && g.pointwise();
     let m = nb * shw;
-    let col_len = if direct { 0 } else { kg * m };
+    // One slice of the patch matrix at a time (below), for a whole chunk and for the last one.
+    let slice_len = |m: usize| col_chunk_channels(taps.len(), m, cbg) * taps.len() * m;
+    let last_m = (g.batch - (g.batch - 1) / nb * nb) * shw;
+    let col_len = if direct {
+        0
+    } else {
+        slice_len(m).max(slice_len(last_m))
+    };
     let tmp_len = if nb == 1 { 0 } else { csg * m };
     big.par_chunks_mut(nb * cb * bhw)
         .zip(small.par_chunks(nb * cs * shw))
