@@ -299,7 +299,23 @@ impl Patches<'_> {
             unsafe {
                 match simd {
                     Simd::Avx512 => x86::pack_depth_rows(dst, nr, rows, &runs, edge, self.xp, step),
-                    _ => x86::pack_depth_rows_avx2(dst, nr, rows, &runs, edge, self.xp, step),
+                    _ => {
+                        let len = runs.first().map_or(0, |r| r.len);
+                        let equal = step == 1
+                            && edge.is_none()
+                            && nr.is_multiple_of(len.max(1))
+                            && runs.iter().all(|r| r.len == len);
+                        match len {
+                            4 if equal => x86::pack_equal_runs::<4>(dst, nr, rows, &runs, self.xp),
+                            8 if equal => x86::pack_equal_runs::<8>(dst, nr, rows, &runs, self.xp),
+                            16 if equal => {
+                                x86::pack_equal_runs::<16>(dst, nr, rows, &runs, self.xp)
+                            }
+                            _ => {
+                                x86::pack_depth_rows_avx2(dst, nr, rows, &runs, edge, self.xp, step)
+                            }
+                        }
+                    }
                 }
             };
             return;
@@ -473,6 +489,51 @@ mod x86 {
             if let Some((at, len)) = edge {
                 // SAFETY: the edge columns of depth row p are inside dst (the contract).
                 unsafe { std::ptr::write_bytes(base.add(at + p * nr), 0, len) };
+            }
+        }
+    }
+
+    /// [`pack_depth_rows_avx2`] when every run has the same length `L` of 4, 8 or 16 and unit
+    /// step, so that the 16-column panels are cut into equal runs: patch rows of 4, 8, 16 or 32
+    /// pixels (D4, D3, D2 and D1 of DCGAN). Each run of each depth row is then one to two vector
+    /// copies, with the span eight depth rows on hinted, and none of the general loop's
+    /// per-run bookkeeping (no edge: every panel is full when its runs are). Measured on a Zen 3
+    /// core, one thread, forward, three interleaved pairs: D1 6.3–6.4 → 5.7 ms, D2
+    /// 50.1–51.1 → 47.7–48.0, D3 49.3–49.7 → 46.6–47.4, D4 (after the 4-lane remainder of the
+    /// general loop, 49.9) 46.1–46.8.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; every run has `len == L`; for every row `r` of `rows` and run,
+    /// `r + off + L − 1` is inside `xp`; `dst` holds every `at + nr·p + L` (`p < rows.len()`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_equal_runs<const L: usize>(
+        dst: &mut [f32],
+        nr: usize,
+        rows: &[usize],
+        runs: &[super::Run],
+        xp: &[f32],
+    ) {
+        let (base, src) = (dst.as_mut_ptr(), xp.as_ptr());
+        for (p, &row) in rows.iter().enumerate() {
+            let next = rows.get(p + HINT_ROWS_AHEAD).copied();
+            for r in runs {
+                // SAFETY: reads xp[row + off ..][..L] and writes dst[at + nr·p ..][..L], both
+                // inside their slices (the contract); a prefetch reads nothing into the program.
+                unsafe {
+                    if let Some(next) = next {
+                        _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(next + r.off) as *const i8);
+                    }
+                    let s = src.add(row + r.off);
+                    let d = base.add(r.at + p * nr);
+                    match L {
+                        4 => _mm_storeu_ps(d, _mm_loadu_ps(s)),
+                        8 => _mm256_storeu_ps(d, _mm256_loadu_ps(s)),
+                        _ => {
+                            _mm256_storeu_ps(d, _mm256_loadu_ps(s));
+                            _mm256_storeu_ps(d.add(8), _mm256_loadu_ps(s.add(8)));
+                        }
+                    }
+                }
             }
         }
     }
@@ -702,6 +763,10 @@ mod tests {
             (2, 12, 12, 3, 2, 1, 2),
             (2, 13, 13, 3, 2, 1, 1),
             (2, 12, 12, 3, 1, 1, 1),
+            // Patch rows of 16 and 32 (whole panel runs) and 8 (two runs a panel).
+            (2, 32, 32, 4, 2, 1, 2),
+            (2, 8, 64, 4, 2, 1, 1),
+            (3, 16, 16, 4, 2, 1, 2),
         ] {
             let g = ConvGeometry::conv2d([nb, c, h, w], [5, c, k, k], &Conv2dParams::new(s, p))
                 .unwrap();
