@@ -299,23 +299,7 @@ impl Patches<'_> {
             unsafe {
                 match simd {
                     Simd::Avx512 => x86::pack_depth_rows(dst, nr, rows, &runs, edge, self.xp, step),
-                    _ => {
-                        let len = runs.first().map_or(0, |r| r.len);
-                        let equal = step == 1
-                            && edge.is_none()
-                            && nr.is_multiple_of(len.max(1))
-                            && runs.iter().all(|r| r.len == len);
-                        match len {
-                            4 if equal => x86::pack_equal_runs::<4>(dst, nr, rows, &runs, self.xp),
-                            8 if equal => x86::pack_equal_runs::<8>(dst, nr, rows, &runs, self.xp),
-                            16 if equal => {
-                                x86::pack_equal_runs::<16>(dst, nr, rows, &runs, self.xp)
-                            }
-                            _ => {
-                                x86::pack_depth_rows_avx2(dst, nr, rows, &runs, edge, self.xp, step)
-                            }
-                        }
-                    }
+                    _ => x86::pack_depth_rows_avx2(dst, nr, rows, &runs, edge, self.xp, step),
                 }
             };
             return;
@@ -506,7 +490,7 @@ mod x86 {
     /// The CPU has AVX2; every run has `len == L`; for every row `r` of `rows` and run,
     /// `r + off + L − 1` is inside `xp`; `dst` holds every `at + nr·p + L` (`p < rows.len()`).
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pack_equal_runs<const L: usize>(
+    unsafe fn pack_equal_runs<const L: usize>(
         dst: &mut [f32],
         nr: usize,
         rows: &[usize],
@@ -588,6 +572,17 @@ mod x86 {
         xp: &[f32],
         step: usize,
     ) {
+        // Runs of one length (whole panels, no edge): the plain copies of [`pack_equal_runs`].
+        let len = runs.first().map_or(0, |r| r.len);
+        if step == 1 && edge.is_none() && runs.iter().all(|r| r.len == len) {
+            // SAFETY: every run has length `len`; the rest is this function's contract.
+            match len {
+                4 => return unsafe { pack_equal_runs::<4>(dst, nr, rows, runs, xp) },
+                8 => return unsafe { pack_equal_runs::<8>(dst, nr, rows, runs, xp) },
+                16 => return unsafe { pack_equal_runs::<16>(dst, nr, rows, runs, xp) },
+                _ => {}
+            }
+        }
         let body = |out: *mut f32, start: usize, len: usize| {
             let src = xp.as_ptr().wrapping_add(start);
             // SAFETY (whole block): vector reads are whole vectors inside xp (checked
