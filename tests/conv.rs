@@ -365,6 +365,105 @@ fn conv_transpose2d_matches_naive_f64() {
     assert!(ran >= cases().len() - 2);
 }
 
+/// Strided shapes with at least 16 image channels per group, where the image side is made by
+/// output phases (one stride-1 product per phase, no col2im): the transposed-conv forward and
+/// the conv input gradient. Kernels that the stride divides and does not, a kernel shorter than
+/// the stride, paddings beyond the kernel, output padding, groups, phase products whose
+/// pixels are and are not a multiple of the microkernel's width.
+#[test]
+fn phase_route_matches_naive() {
+    let mut ran = 0;
+    for (i, (n, cin, cout, hw, k, p)) in [
+        (
+            2,
+            20,
+            18,
+            [4, 4],
+            [4, 4],
+            params([2, 2], [1, 1], [1, 1], 1, [0, 0]),
+        ),
+        (
+            3,
+            17,
+            16,
+            [8, 8],
+            [4, 4],
+            params([2, 2], [1, 1], [1, 1], 1, [0, 0]),
+        ),
+        (
+            2,
+            16,
+            19,
+            [5, 7],
+            [3, 3],
+            params([2, 2], [1, 1], [1, 1], 1, [1, 0]),
+        ),
+        (
+            1,
+            18,
+            17,
+            [6, 5],
+            [5, 4],
+            params([3, 2], [2, 1], [1, 1], 1, [2, 1]),
+        ),
+        (
+            2,
+            32,
+            34,
+            [3, 4],
+            [4, 4],
+            params([2, 2], [0, 3], [1, 1], 2, [1, 1]),
+        ),
+        (
+            2,
+            16,
+            16,
+            [5, 5],
+            [1, 1],
+            params([2, 2], [0, 0], [1, 1], 1, [1, 1]),
+        ),
+        (
+            5,
+            24,
+            16,
+            [16, 16],
+            [4, 4],
+            params([2, 2], [1, 1], [1, 1], 1, [0, 0]),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = Case {
+            n,
+            cin,
+            cout,
+            hw,
+            k,
+            p,
+        };
+        if try_geometry(true, &c).is_ok() {
+            check_case(true, &c, 300 + i as u64);
+            ran += 1;
+        }
+        // The conv whose input gradient has these image channels (input = cout channels).
+        let conv = Case {
+            cin: cout,
+            cout: cin,
+            p: Conv2dParams {
+                output_padding: [0, 0],
+                ..p
+            },
+            ..c
+        };
+        if try_geometry(false, &conv).is_ok() {
+            check_case(false, &conv, 400 + i as u64);
+            ran += 1;
+        }
+    }
+    assert!(ran >= 12, "{ran}");
+}
+
 #[test]
 fn batched_chunks_match_naive() {
     // Small patch side: several images share one GEMM (images_per_chunk > 1), batch not a

@@ -168,6 +168,17 @@ pub(super) struct PatchTables {
 }
 
 impl PatchTables {
+    /// Tables made by the caller (increasing, as [`Patches`]' vector gathers rely on).
+    pub fn from_offsets(row_offset: Vec<usize>, col_offset: Vec<usize>, step: usize) -> Self {
+        debug_assert!(row_offset.windows(2).all(|w| w[0] <= w[1]));
+        debug_assert!(col_offset.windows(2).all(|w| w[0] <= w[1]));
+        PatchTables {
+            row_offset,
+            col_offset,
+            step,
+        }
+    }
+
     pub fn new(g: &ConvGeometry, pad: &Padded, nb: usize) -> Self {
         let (hp, plane) = (pad.hp, pad.plane());
         let [kh, kw] = g.kernel;

@@ -13,7 +13,9 @@
 //! matrix `col[(c, ki, kj), (n, oy, ox)]` and `col2im` scatter-adds back along it; `col2im` is
 //! the adjoint (transpose) of `im2col`. `im2col` is never stored: [`correlate`] and
 //! [`weight_grad`] gather its GEMM panels straight from the images (implicit GEMM, in
-//! `implicit.rs`); [`scatter`] stores the GEMM's `col` block and scatter-adds it with `col2im`.
+//! `implicit.rs`); [`scatter`] stores the GEMM's `col` block and scatter-adds it with `col2im`,
+//! or, for strided shapes without dilation, computes each output phase (every `s`-th row and
+//! column) as its own stride-1 implicit GEMM with no `col2im` (`subpixel.rs`).
 //! With them, three routines cover all six directions:
 //!
 //! | routine | math (per group g) | conv2d | conv_transpose2d |
@@ -30,6 +32,7 @@
 //! the thread count; the weight gradient is reduced over fixed slices of the batch in slice
 //! order, so results are bitwise identical for any number of threads.
 mod implicit;
+mod subpixel;
 
 use crate::gemm::{
     blocked_c_supported, gemm, gemm_packed, gemm_panels, gemm_panels_blocked, BlockedMatMut,
@@ -943,6 +946,18 @@ pub fn correlate(
 /// `small` `[N, Cs, Hs, Ws]`, `w` `[Cs, Cb/G, kh, kw]`, `big` `[N, Cb, Hb, Wb]` (overwritten).
 /// Conv input gradient; transposed-conv forward.
 pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> Result<()> {
+    scatter_by(g, small, w, big, true)
+}
+
+/// [`scatter`], by output phases ([`subpixel`]) where they apply and `phases` allows, else by
+/// `W_gᵀ·small` and `col2im` (the route tests compare the phases against).
+fn scatter_by(
+    g: &ConvGeometry,
+    small: &[f32],
+    w: &[f32],
+    big: &mut [f32],
+    phases: bool,
+) -> Result<()> {
     let (bhw, shw) = (g.big_hw(), g.small_hw());
     let (cb, cs, cbg, csg, kg) = (g.big[0], g.small[0], g.cbg(), g.csg(), g.k_group());
     let taps = taps(g);
@@ -977,6 +992,9 @@ pub fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> R
             MatMut::row_major(big, g.batch, kg),
             &GemmOptions::default(),
         );
+    }
+    if phases && subpixel::applies(g) {
+        return subpixel::scatter(g, small, w, big);
     }
     let nb = g.images_per_chunk();
     let how = Col2im::new(g, &taps);
@@ -1328,8 +1346,8 @@ fn check_op(g: &ConvGeometry, transposed: bool, x: usize, w: usize, y: usize) ->
 
 #[cfg(test)]
 mod tests {
-    use super::scatter_add;
     use super::{col2im, tap_table, taps, Col2im, Conv2dParams, ConvGeometry, NarrowCol2im};
+    use super::{scatter_add, scatter_by, subpixel};
 
     /// The narrow col2im (residue-split scratch rows) and the table one are bitwise the
     /// per-segment col2im into a zeroed plane: every pixel receives its taps in the same order. Strides 1–3, dilations,
@@ -1393,6 +1411,61 @@ mod tests {
             }
         }
         assert!(cases > 100, "{cases}");
+    }
+
+    /// The output-phase route of `scatter` equals the `W_gᵀ·small` + col2im route (up to the
+    /// rounding of a different summation order) for any channel count, stride 1–3 (the route
+    /// itself takes stride 1 too), kernels the stride divides and does not, kernels shorter than
+    /// the stride, paddings beyond the kernel, output paddings, groups and odd sizes.
+    #[test]
+    fn phase_route_matches_col2im_route() {
+        let mut state = 0x1234_5677_u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let mut cases = 0;
+        for (n, h, w) in [(1, 1, 1), (2, 4, 4), (3, 3, 7), (1, 5, 2), (2, 6, 6)] {
+            for (kh, kw) in [(1, 1), (2, 3), (3, 3), (4, 4), (5, 4)] {
+                for s in [1, 2, 3] {
+                    for pad in [0, 1, 3] {
+                        for (groups, cpg) in [(1, 3), (2, 2)] {
+                            let p = Conv2dParams {
+                                stride: [s, s.min(2)],
+                                padding: [pad, pad.min(1)],
+                                dilation: [1, 1],
+                                groups,
+                                output_padding: [(s - 1).min(1), 0],
+                            };
+                            let cs = groups * (cpg + 1);
+                            let Ok(g) = ConvGeometry::conv_transpose2d(
+                                [n, cs, h, w],
+                                [cs, cpg, kh, kw],
+                                &p,
+                            ) else {
+                                continue;
+                            };
+                            let small: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
+                            let wt: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
+                            let mut want = vec![f32::NAN; g.output_len()];
+                            let mut got = vec![f32::NAN; g.output_len()];
+                            scatter_by(&g, &small, &wt, &mut want, false).unwrap();
+                            subpixel::scatter(&g, &small, &wt, &mut got).unwrap();
+                            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                    "{n}x{h}x{w} k{kh}x{kw} s{s} p{pad} g{groups} at {i}: {a} vs {b}"
+                                );
+                            }
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 200, "{cases}");
     }
 
     /// The AVX2 step-2 scatter-add is bitwise the scalar loop (signed zeros included), for every

@@ -1,0 +1,459 @@
+//! Sub-pixel decomposition of [`super::scatter`] (transposed-conv forward, conv input
+//! gradient) for dilation 1: one implicit-GEMM correlation per output phase, no `col2im`.
+//!
+//! Along one axis (stride `s`, kernel `k`, padding `p`) image row `Y` receives patch row `oy`
+//! through tap `ki` when `Y = oy·s − p + ki`. Write `Y + p = s·q + r` (`0 ≤ r < s`): the taps
+//! that reach `Y` are `ki = r + s·t` (`t < T_r = ⌈(k − r)/s⌉`), each from patch row `oy = q − t`.
+//! So the image rows of one **phase** `r` (every `s`-th row) are a plain stride-1 correlation of
+//! the patch side with the `T_r` taps of that phase, reversed (`u = T_r − 1 − t`):
+//!
+//! ```text
+//! big[Y = s·q + r − p] = Σ_u Σ_c W[c, ki = r + s·(T_r − 1 − u)] · small[c, q − (T_r − 1) + u]
+//! ```
+//!
+//! In two dimensions the `sh·sw` phases `(ry, rx)` are independent GEMMs
+//! `out_(ry,rx) [Cb/G, n·Ly·Lx] = W_(ry,rx) [Cb/G, Cs/G·Ty·Tx] · im2col(small)`, the weights of
+//! each phase laid out once per call and the patch matrix gathered panel by panel from the
+//! padded patch side (implicit GEMM, as [`super::correlate`]). Together they do exactly the
+//! multiply-adds of `W_gᵀ · small` followed by `col2im` — nothing of the zero-inserted input —
+//! but each image element is written once, by one dot product, instead of being scatter-added
+//! from `kh·kw/(sh·sw)` rows of a stored patch matrix.
+use super::implicit::{PatchTables, Patches};
+use super::{with_scratch, ConvGeometry};
+use crate::gemm::{
+    blocked_c_supported, gemm_panels, gemm_panels_blocked, BlockedMatMut, GemmOptions, MatMut,
+    MatRef,
+};
+use kiln_tensor::{Error, Result};
+use rayon::prelude::*;
+
+/// The image rows (or columns) of one phase `r` along one axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Phase {
+    /// `r`: the taps of the phase are `r + s·t`.
+    r: usize,
+    /// First image row of the phase (`s·q_min + r − p`); the phase is rows `first + s·i`.
+    first: usize,
+    /// Rows of the phase (0 when the image is shorter than its first row).
+    len: usize,
+    /// Taps of the phase, `T_r`.
+    taps: usize,
+    /// Patch row read by phase row 0 through tap `u = 0`: `q_min − (T_r − 1)` (negative reads
+    /// fall in the padding).
+    lo: isize,
+}
+
+/// The `s` phases of one axis: image length `big`, stride `s`, kernel `k`, padding `p`.
+fn phases(big: usize, k: usize, s: usize, p: usize) -> Vec<Phase> {
+    (0..s)
+        .map(|r| {
+            let taps = if r < k { (k - r).div_ceil(s) } else { 0 };
+            // The first q with s·q + r − p ≥ 0.
+            let q_min = if p >= r { (p - r).div_ceil(s) } else { 0 };
+            let first = s * q_min + r - p;
+            let len = if first < big {
+                (big - 1 - first) / s + 1
+            } else {
+                0
+            };
+            Phase {
+                r,
+                first,
+                len,
+                taps,
+                lo: q_min as isize - taps as isize + 1,
+            }
+        })
+        .collect()
+}
+
+/// Zero rows to write before and after the patch side (length `small`) so that every phase's
+/// reads are in bounds.
+fn padding(phases: &[Phase], small: usize) -> (usize, usize) {
+    let mut before = 0;
+    let mut after = 0;
+    for ph in phases.iter().filter(|ph| ph.len > 0 && ph.taps > 0) {
+        before = before.max((-ph.lo).max(0) as usize);
+        // Last read: phase row len − 1, tap taps − 1.
+        let last = ph.lo + (ph.len + ph.taps) as isize - 2;
+        after = after.max((last - small as isize + 1).max(0) as usize);
+    }
+    (before, after)
+}
+
+/// Whether [`scatter`] takes `g` (the caller has handled the dense, depthwise and pointwise
+/// shapes). It needs dilation 1 and a stride above 1 (with stride 1 there is no col2im overlap
+/// to save and the phases are a whole correlation), and enough image channels per group to fill
+/// the microkernel's rows (below that, `W_gᵀ·small` with its `Cb/G·kh·kw` rows is the better
+/// shaped product: DCGAN's `64 → 3` generator layer).
+pub(super) fn applies(g: &ConvGeometry) -> bool {
+    const MIN_IMAGE_CHANNELS: usize = 16;
+    g.dilation == [1, 1] && g.stride != [1, 1] && g.cbg() >= MIN_IMAGE_CHANNELS
+}
+
+/// Where a phase product lies in the chunk output: image `n`, channel `o` starts at
+/// `at + n·image + o·channel` (its `Ly·Lx` pixels consecutive).
+struct PhaseOut {
+    at: usize,
+    image: usize,
+    channel: usize,
+}
+
+/// One phase pair `(ry, rx)` with its GEMM shape.
+struct Class {
+    y: Phase,
+    x: Phase,
+    /// Depth of its product: `Cs/G · Ty · Tx`.
+    depth: usize,
+    /// Where its weights start in each row of the laid-out weights.
+    w_at: usize,
+}
+
+/// `big = col2im(W_gᵀ · small)` by phases (see the module docs). Shapes as [`super::scatter`].
+pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32]) -> Result<()> {
+    let [cb, hb, wb] = g.big;
+    let [cs, hs, ws] = g.small;
+    let (cbg, csg, groups) = (g.cbg(), g.csg(), g.groups);
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let rows = phases(hb, kh, sh, g.padding[0]);
+    let cols = phases(wb, kw, sw, g.padding[1]);
+    let (top, bottom) = padding(&rows, hs);
+    let (left, right) = padding(&cols, ws);
+    let (hp, wp) = (top + hs + bottom, left + ws + right);
+    let plane = hp * wp;
+
+    // The phases with image rows, and each one's weights [G, Cb/G, Cs/G·Ty·Tx]:
+    // W_(ry,rx)[g, o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)].
+    let mut classes = Vec::new();
+    let mut w_len = 0;
+    // Image pixels no phase product writes (a phase without taps: kernel shorter than the stride).
+    let mut untouched = false;
+    for y in rows.iter().filter(|p| p.len > 0) {
+        for x in cols.iter().filter(|p| p.len > 0) {
+            if y.taps == 0 || x.taps == 0 {
+                untouched = true;
+                continue;
+            }
+            let depth = csg * y.taps * x.taps;
+            classes.push(Class {
+                y: *y,
+                x: *x,
+                depth,
+                w_at: w_len,
+            });
+            w_len += depth;
+        }
+    }
+
+    // Images per chunk: the smallest phase product at least CHUNK_MIN_COLS columns wide, the
+    // chunk's output (its phase products, before they are spread) at most OUT_CAP elements.
+    const CHUNK_MIN_COLS: usize = 4096;
+    const OUT_CAP: usize = 1 << 22;
+    let min_pixels = classes.iter().map(|c| c.y.len * c.x.len).min().unwrap_or(1);
+    let per_image = cb * hb * wb;
+    let nb = CHUNK_MIN_COLS
+        .div_ceil(min_pixels)
+        .min((OUT_CAP / per_image).max(1))
+        .clamp(1, g.batch.max(1));
+    let xp_len = nb * cs * plane;
+    let out_len = nb * per_image;
+
+    if classes.is_empty() {
+        big.fill(0.0);
+        return Ok(());
+    }
+    // The laid-out weights live in a scratch buffer of this thread (every element is written).
+    with_scratch(groups * cbg * w_len, |wr| {
+        phase_weights(g, w, &classes, w_len, wr);
+        let wr = &*wr;
+        big.par_chunks_mut(nb * per_image)
+            .zip(small.par_chunks(nb * cs * hs * ws))
+            .try_for_each(|(xs, ys)| {
+                let nbc = ys.len() / (cs * hs * ws);
+                with_scratch(xp_len + out_len, |scratch| -> Result<()> {
+                    let (xp, out) = scratch.split_at_mut(xp_len);
+                    let xp = &mut xp[..nbc * cs * plane];
+                    fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
+                    // Phase products one after the other, each `[nbc, Cb, Ly·Lx]` (straight
+                    // from the GEMM where it takes column blocks of Ly·Lx) or `[Cb, nbc·Ly·Lx]`.
+                    let mut at = 0;
+                    let mut starts = Vec::with_capacity(classes.len());
+                    for cl in &classes {
+                        let pixels = cl.y.len * cl.x.len;
+                        let n = nbc * pixels;
+                        let blocked = nbc > 1 && blocked_c_supported(pixels);
+                        starts.push(if blocked {
+                            PhaseOut {
+                                at,
+                                image: cb * pixels,
+                                channel: pixels,
+                            }
+                        } else {
+                            PhaseOut {
+                                at,
+                                image: pixels,
+                                channel: n,
+                            }
+                        });
+                        let tables = phase_tables(cl, csg, [top, left], [hp, wp], cs * plane, nbc);
+                        for grp in 0..groups {
+                            let b = Patches {
+                                xp: &xp[grp * csg * plane..],
+                                tables: &tables,
+                            };
+                            let a = MatRef::strided(
+                                &wr[grp * cbg * w_len + cl.w_at..],
+                                cbg,
+                                cl.depth,
+                                w_len,
+                                1,
+                            );
+                            let opts = GemmOptions::default();
+                            if blocked {
+                                let c = BlockedMatMut {
+                                    data: &mut out[at + grp * cbg * pixels..at + cb * n],
+                                    rows: cbg,
+                                    cols: n,
+                                    row_stride: pixels,
+                                    block: pixels,
+                                    block_stride: cb * pixels,
+                                };
+                                if !gemm_panels_blocked(a, &b, c, &opts)? {
+                                    return Err(Error::invalid(
+                                        "conv: the GEMM refused column blocks it said it takes",
+                                    ));
+                                }
+                            } else {
+                                let c = &mut out[at + grp * cbg * n..][..cbg * n];
+                                gemm_panels(a, &b, MatMut::row_major(c, cbg, n), &opts)?;
+                            }
+                        }
+                        at += cb * n;
+                    }
+                    let out = &out[..at];
+                    // Spread the phase products into the images, one image per task.
+                    xs.par_chunks_mut(per_image)
+                        .enumerate()
+                        .for_each(|(img, x)| {
+                            if untouched {
+                                x.fill(0.0);
+                            }
+                            spread_image(g, &classes, &starts, out, img, x);
+                        });
+                    Ok(())
+                })
+            })
+    })
+}
+
+/// Writes image `img` of the chunk's phase products `out` (phase `i` where `starts[i]` says)
+/// into its place `x` `[Cb, Hb, Wb]`: phase `(ry, rx)` row `i`, column `j`
+/// is image pixel `(first_y + sh·i, first_x + sw·j)`. With stride 2 along the width the two
+/// phases of a row are interleaved in one pass; otherwise each phase is a strided copy.
+#[allow(clippy::too_many_arguments)]
+fn spread_image(
+    g: &ConvGeometry,
+    classes: &[Class],
+    starts: &[PhaseOut],
+    out: &[f32],
+    img: usize,
+    x: &mut [f32],
+) {
+    let [cb, hb, wb] = g.big;
+    let [sh, sw] = g.stride;
+    let phase_rows = |k: usize, o: usize| {
+        let (ly, lx) = (classes[k].y.len, classes[k].x.len);
+        let s = &starts[k];
+        out[s.at + img * s.image + o * s.channel..][..ly * lx].chunks_exact(lx)
+    };
+    let mut k = 0;
+    while k < classes.len() {
+        let cl = &classes[k];
+        // The even and odd columns of the same rows, from two consecutive phases.
+        let pair = sw == 2
+            && k + 1 < classes.len()
+            && classes[k + 1].y == cl.y
+            && cl.x.first == 0
+            && classes[k + 1].x.first == 1;
+        for o in 0..cb {
+            let dst = &mut x[o * hb * wb..][..hb * wb];
+            if pair {
+                for (i, (even, odd)) in phase_rows(k, o).zip(phase_rows(k + 1, o)).enumerate() {
+                    let y = cl.y.first + sh * i;
+                    interleave2(&mut dst[y * wb..][..wb], even, odd);
+                }
+            } else {
+                for (i, row) in phase_rows(k, o).enumerate() {
+                    let y = cl.y.first + sh * i;
+                    let d = dst[y * wb + cl.x.first..].iter_mut().step_by(sw);
+                    for (d, v) in d.zip(row) {
+                        *d = *v;
+                    }
+                }
+            }
+        }
+        k += if pair { 2 } else { 1 };
+    }
+}
+
+/// `dst[2j] = even[j]`, `dst[2j + 1] = odd[j]` (`dst` is `even` and `odd` together; `even` may
+/// be one longer).
+fn interleave2(dst: &mut [f32], even: &[f32], odd: &[f32]) {
+    for (d, (e, o)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
+        d[0] = *e;
+        d[1] = *o;
+    }
+    if even.len() > odd.len() {
+        dst[2 * odd.len()] = even[odd.len()];
+    }
+}
+
+/// The weights of every phase side by side into `wr` `[G·Cb/G, Σ depth]`: row `(g, o)` holds
+/// row `o` of each phase's `W_(ry,rx)` of group `g` at that phase's `w_at`:
+/// `W_(ry,rx)[g, o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)]`.
+/// One task per block of `ROWS` rows: for each `c` it reads their taps, `ROWS·kh·kw`
+/// consecutive weights (going row by row instead read one line per 16 KB page at G2).
+fn phase_weights(g: &ConvGeometry, w: &[f32], classes: &[Class], row_len: usize, wr: &mut [f32]) {
+    const ROWS: usize = 16;
+    let (cbg, csg) = (g.cbg(), g.csg());
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let kk = kh * kw;
+    // For each phase, the kernel tap of each (u, v) in order.
+    let tap_of: Vec<Vec<usize>> = classes
+        .iter()
+        .map(|cl| {
+            let (ty, tx) = (cl.y.taps, cl.x.taps);
+            (0..ty * tx)
+                .map(|t| {
+                    let (u, v) = (t / tx, t % tx);
+                    (cl.y.r + sh * (ty - 1 - u)) * kw + cl.x.r + sw * (tx - 1 - v)
+                })
+                .collect()
+        })
+        .collect();
+    // Blocks never straddle two groups: split by group, then by row block.
+    let mut blocks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (grp, rows) in wr.chunks_mut(cbg * row_len).enumerate() {
+        for (b, block) in rows.chunks_mut(ROWS * row_len).enumerate() {
+            blocks.push((grp, b * ROWS, block));
+        }
+    }
+    blocks.par_iter_mut().for_each(|(grp, o0, block)| {
+        let n = block.len() / row_len;
+        for c in 0..csg {
+            let src = &w[((*grp * csg + c) * cbg + *o0) * kk..][..n * kk];
+            for (taps, row) in src.chunks_exact(kk).zip(block.chunks_exact_mut(row_len)) {
+                for (cl, tap_of) in classes.iter().zip(&tap_of) {
+                    let d = &mut row[cl.w_at + c * tap_of.len()..][..tap_of.len()];
+                    for (d, &t) in d.iter_mut().zip(tap_of) {
+                        *d = taps[t];
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The patch address tables of phase `cl` over `nb` padded patch-side images (`[nb, Cs, hp,
+/// wp]`, `image` elements apart, the patch side starting at row `top`, column `left`):
+/// row `(c, u, v)` → `c·hp·wp + u·wp + v`, column `(n, i, j)` → `n·image + (lo_y + top + i)·wp
+/// + lo_x + left + j`.
+fn phase_tables(
+    cl: &Class,
+    csg: usize,
+    [top, left]: [usize; 2],
+    [hp, wp]: [usize; 2],
+    image: usize,
+    nb: usize,
+) -> PatchTables {
+    let mut row_offset = Vec::with_capacity(cl.depth);
+    for c in 0..csg {
+        for u in 0..cl.y.taps {
+            for v in 0..cl.x.taps {
+                row_offset.push(c * hp * wp + u * wp + v);
+            }
+        }
+    }
+    // In bounds by construction of the padding: lo + before ≥ 0.
+    let y0 = (cl.y.lo + top as isize) as usize;
+    let x0 = (cl.x.lo + left as isize) as usize;
+    let mut col_offset = Vec::with_capacity(nb * cl.y.len * cl.x.len);
+    for n in 0..nb {
+        for i in 0..cl.y.len {
+            for j in 0..cl.x.len {
+                col_offset.push(n * image + (y0 + i) * wp + x0 + j);
+            }
+        }
+    }
+    PatchTables::from_offsets(row_offset, col_offset, 1)
+}
+
+/// `src` `[planes, h, w]` into `dst` `[planes, hp, wp]` at row `top`, column `left`, zeros
+/// around, in parallel over planes.
+fn fill_padded(
+    src: &[f32],
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    [hp, wp]: [usize; 2],
+    dst: &mut [f32],
+) {
+    if [h, w] == [hp, wp] {
+        dst.copy_from_slice(src);
+        return;
+    }
+    dst.par_chunks_exact_mut(hp * wp)
+        .zip(src.par_chunks_exact(h * w))
+        .with_min_len(16)
+        .for_each(|(plane, img)| {
+            plane.fill(0.0);
+            for (y, row) in img.chunks_exact(w).enumerate() {
+                plane[(top + y) * wp + left..][..w].copy_from_slice(row);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{padding, phases, Phase};
+
+    /// The phases of every axis partition the image rows, and every tap of every row is a
+    /// `(ki, oy)` pair of the index map `Y = oy·s − p + ki` with `oy` inside the padded range.
+    #[test]
+    fn phases_partition_the_rows() {
+        for big in 1..12 {
+            for k in 1..7 {
+                for s in 1..5 {
+                    for p in 0..6 {
+                        let ph = phases(big, k, s, p);
+                        let mut seen = vec![0; big];
+                        for Phase { first, len, .. } in &ph {
+                            for i in 0..*len {
+                                seen[first + s * i] += 1;
+                            }
+                        }
+                        assert!(seen.iter().all(|&c| c == 1), "{big} {k} {s} {p}");
+                        let small = (big + 2 * p).saturating_sub(k) / s + 1;
+                        let (before, after) = padding(&ph, small);
+                        for f in &ph {
+                            for i in 0..f.len {
+                                let y = f.first + s * i;
+                                for u in 0..f.taps {
+                                    let ki = f.r + s * (f.taps - 1 - u);
+                                    let oy = f.lo + (i + u) as isize;
+                                    assert!(oy >= -(before as isize));
+                                    assert!(oy < (small + after) as isize);
+                                    assert_eq!(
+                                        oy * s as isize - p as isize + ki as isize,
+                                        y as isize
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
