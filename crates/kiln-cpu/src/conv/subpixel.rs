@@ -21,8 +21,8 @@
 use super::implicit::{PatchTables, Patches};
 use super::{with_scratch, ConvGeometry};
 use crate::gemm::{
-    blocked_c_supported, gemm_panels, gemm_panels_blocked, BlockedMatMut, GemmOptions, MatMut,
-    MatRef,
+    blocked_c_supported, gemm_sources, gemm_sources_blocked, APanelSource, BlockedMatMut,
+    GemmOptions, MatMut,
 };
 use kiln_tensor::{Error, Result};
 use rayon::prelude::*;
@@ -105,8 +105,6 @@ struct Class {
     x: Phase,
     /// Depth of its product: `Cs/G · Ty · Tx`.
     depth: usize,
-    /// Where its weights start in each row of the laid-out weights.
-    w_at: usize,
 }
 
 /// `big = col2im(W_gᵀ · small)` by phases (see the module docs). Shapes as [`super::scatter`].
@@ -126,7 +124,6 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
     // The phases with image rows, and each one's weights [G, Cb/G, Cs/G·Ty·Tx]:
     // W_(ry,rx)[g, o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)].
     let mut classes = Vec::new();
-    let mut w_len = 0;
     // Image pixels no phase product writes (a phase without taps: kernel shorter than the stride).
     let mut untouched = false;
     for y in rows.iter().filter(|p| p.len > 0) {
@@ -140,9 +137,7 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
                 y: *y,
                 x: *x,
                 depth,
-                w_at: w_len,
             });
-            w_len += depth;
         }
     }
 
@@ -163,88 +158,96 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
         big.fill(0.0);
         return Ok(());
     }
-    // The laid-out weights live in a scratch buffer of this thread (every element is written).
-    with_scratch(groups * cbg * w_len, |wr| {
-        phase_weights(g, w, &classes, w_len, wr);
-        let wr = &*wr;
-        big.par_chunks_mut(nb * per_image)
-            .zip(small.par_chunks(nb * cs * hs * ws))
-            .try_for_each(|(xs, ys)| {
-                let nbc = ys.len() / (cs * hs * ws);
-                with_scratch(xp_len + out_len, |scratch| -> Result<()> {
-                    let (xp, out) = scratch.split_at_mut(xp_len);
-                    let xp = &mut xp[..nbc * cs * plane];
-                    fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
-                    // Phase products one after the other, each `[nbc, Cb, Ly·Lx]` (straight
-                    // from the GEMM where it takes column blocks of Ly·Lx) or `[Cb, nbc·Ly·Lx]`.
-                    let mut at = 0;
-                    let mut starts = Vec::with_capacity(classes.len());
-                    for cl in &classes {
-                        let pixels = cl.y.len * cl.x.len;
-                        let n = nbc * pixels;
-                        let blocked = nbc > 1 && blocked_c_supported(pixels);
-                        starts.push(if blocked {
-                            PhaseOut {
-                                at,
-                                image: cb * pixels,
-                                channel: pixels,
+    // For each phase, the kernel tap of each (u, v) in order.
+    let tap_of: Vec<Vec<usize>> = classes
+        .iter()
+        .map(|cl| {
+            let (ty, tx) = (cl.y.taps, cl.x.taps);
+            (0..ty * tx)
+                .map(|t| {
+                    let (u, v) = (t / tx, t % tx);
+                    (cl.y.r + sh * (ty - 1 - u)) * kw + cl.x.r + sw * (tx - 1 - v)
+                })
+                .collect()
+        })
+        .collect();
+    big.par_chunks_mut(nb * per_image)
+        .zip(small.par_chunks(nb * cs * hs * ws))
+        .try_for_each(|(xs, ys)| {
+            let nbc = ys.len() / (cs * hs * ws);
+            with_scratch(xp_len + out_len, |scratch| -> Result<()> {
+                let (xp, out) = scratch.split_at_mut(xp_len);
+                let xp = &mut xp[..nbc * cs * plane];
+                fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
+                // Phase products one after the other, each `[nbc, Cb, Ly·Lx]` (straight
+                // from the GEMM where it takes column blocks of Ly·Lx) or `[Cb, nbc·Ly·Lx]`.
+                let mut at = 0;
+                let mut starts = Vec::with_capacity(classes.len());
+                for (ci, cl) in classes.iter().enumerate() {
+                    let pixels = cl.y.len * cl.x.len;
+                    let n = nbc * pixels;
+                    let blocked = nbc > 1 && blocked_c_supported(pixels);
+                    starts.push(if blocked {
+                        PhaseOut {
+                            at,
+                            image: cb * pixels,
+                            channel: pixels,
+                        }
+                    } else {
+                        PhaseOut {
+                            at,
+                            image: pixels,
+                            channel: n,
+                        }
+                    });
+                    let tables = phase_tables(cl, csg, [top, left], [hp, wp], cs * plane, nbc);
+                    for grp in 0..groups {
+                        let b = Patches {
+                            xp: &xp[grp * csg * plane..],
+                            tables: &tables,
+                        };
+                        let a = PhaseWeights {
+                            w: &w[grp * csg * cbg * kh * kw..],
+                            cbg,
+                            csg,
+                            kk: kh * kw,
+                            taps: &tap_of[ci],
+                        };
+                        let opts = GemmOptions::default();
+                        if blocked {
+                            let c = BlockedMatMut {
+                                data: &mut out[at + grp * cbg * pixels..at + cb * n],
+                                rows: cbg,
+                                cols: n,
+                                row_stride: pixels,
+                                block: pixels,
+                                block_stride: cb * pixels,
+                            };
+                            if !gemm_sources_blocked(&a, &b, c, &opts)? {
+                                return Err(Error::invalid(
+                                    "conv: the GEMM refused column blocks it said it takes",
+                                ));
                             }
                         } else {
-                            PhaseOut {
-                                at,
-                                image: pixels,
-                                channel: n,
-                            }
-                        });
-                        let tables = phase_tables(cl, csg, [top, left], [hp, wp], cs * plane, nbc);
-                        for grp in 0..groups {
-                            let b = Patches {
-                                xp: &xp[grp * csg * plane..],
-                                tables: &tables,
-                            };
-                            let a = MatRef::strided(
-                                &wr[grp * cbg * w_len + cl.w_at..],
-                                cbg,
-                                cl.depth,
-                                w_len,
-                                1,
-                            );
-                            let opts = GemmOptions::default();
-                            if blocked {
-                                let c = BlockedMatMut {
-                                    data: &mut out[at + grp * cbg * pixels..at + cb * n],
-                                    rows: cbg,
-                                    cols: n,
-                                    row_stride: pixels,
-                                    block: pixels,
-                                    block_stride: cb * pixels,
-                                };
-                                if !gemm_panels_blocked(a, &b, c, &opts)? {
-                                    return Err(Error::invalid(
-                                        "conv: the GEMM refused column blocks it said it takes",
-                                    ));
-                                }
-                            } else {
-                                let c = &mut out[at + grp * cbg * n..][..cbg * n];
-                                gemm_panels(a, &b, MatMut::row_major(c, cbg, n), &opts)?;
-                            }
+                            let c = &mut out[at + grp * cbg * n..][..cbg * n];
+                            gemm_sources(&a, &b, MatMut::row_major(c, cbg, n), &opts)?;
                         }
-                        at += cb * n;
                     }
-                    let out = &out[..at];
-                    // Spread the phase products into the images, one image per task.
-                    xs.par_chunks_mut(per_image)
-                        .enumerate()
-                        .for_each(|(img, x)| {
-                            if untouched {
-                                x.fill(0.0);
-                            }
-                            spread_image(g, &classes, &starts, out, img, x);
-                        });
-                    Ok(())
-                })
+                    at += cb * n;
+                }
+                let out = &out[..at];
+                // Spread the phase products into the images, one image per task.
+                xs.par_chunks_mut(per_image)
+                    .enumerate()
+                    .for_each(|(img, x)| {
+                        if untouched {
+                            x.fill(0.0);
+                        }
+                        spread_image(g, &classes, &starts, out, img, x);
+                    });
+                Ok(())
             })
-    })
+        })
 }
 
 /// Writes image `img` of the chunk's phase products `out` (phase `i` where `starts[i]` says)
@@ -309,51 +312,57 @@ fn interleave2(dst: &mut [f32], even: &[f32], odd: &[f32]) {
     }
 }
 
-/// The weights of every phase side by side into `wr` `[G·Cb/G, Σ depth]`: row `(g, o)` holds
-/// row `o` of each phase's `W_(ry,rx)` of group `g` at that phase's `w_at`:
-/// `W_(ry,rx)[g, o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)]`.
-/// One task per block of `ROWS` rows: for each `c` it reads their taps, `ROWS·kh·kw`
-/// consecutive weights (going row by row instead read one line per 16 KB page at G2).
-fn phase_weights(g: &ConvGeometry, w: &[f32], classes: &[Class], row_len: usize, wr: &mut [f32]) {
-    const ROWS: usize = 16;
-    let (cbg, csg) = (g.cbg(), g.csg());
-    let [kh, kw] = g.kernel;
-    let [sh, sw] = g.stride;
-    let kk = kh * kw;
-    // For each phase, the kernel tap of each (u, v) in order.
-    let tap_of: Vec<Vec<usize>> = classes
-        .iter()
-        .map(|cl| {
-            let (ty, tx) = (cl.y.taps, cl.x.taps);
-            (0..ty * tx)
-                .map(|t| {
-                    let (u, v) = (t / tx, t % tx);
-                    (cl.y.r + sh * (ty - 1 - u)) * kw + cl.x.r + sw * (tx - 1 - v)
-                })
-                .collect()
-        })
-        .collect();
-    // Blocks never straddle two groups: split by group, then by row block.
-    let mut blocks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (grp, rows) in wr.chunks_mut(cbg * row_len).enumerate() {
-        for (b, block) in rows.chunks_mut(ROWS * row_len).enumerate() {
-            blocks.push((grp, b * ROWS, block));
-        }
+/// The weights of one phase of one group as the GEMM's A `[Cb/G, Cs/G·Ty·Tx]`, packed straight
+/// from the stored weight (no laid-out copy):
+/// `A[o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)]`.
+struct PhaseWeights<'a> {
+    /// The stored weight from the group's first patch channel on, `[Cs/G, Cb/G, kh·kw]`.
+    w: &'a [f32],
+    cbg: usize,
+    csg: usize,
+    /// `kh·kw`.
+    kk: usize,
+    /// The kernel tap (`ki·kw + kj`) of each `(u, v)` of the phase, in order.
+    taps: &'a [usize],
+}
+
+impl APanelSource for PhaseWeights<'_> {
+    fn rows(&self) -> usize {
+        self.cbg
     }
-    blocks.par_iter_mut().for_each(|(grp, o0, block)| {
-        let n = block.len() / row_len;
-        for c in 0..csg {
-            let src = &w[((*grp * csg + c) * cbg + *o0) * kk..][..n * kk];
-            for (taps, row) in src.chunks_exact(kk).zip(block.chunks_exact_mut(row_len)) {
-                for (cl, tap_of) in classes.iter().zip(&tap_of) {
-                    let d = &mut row[cl.w_at + c * tap_of.len()..][..tap_of.len()];
-                    for (d, &t) in d.iter_mut().zip(tap_of) {
-                        *d = taps[t];
-                    }
+
+    fn cols(&self) -> usize {
+        self.csg * self.taps.len()
+    }
+
+    /// `panel[p·mr + i] = w[(c·Cb/G + r0 + i)·kk + taps[t]]` for depth `p0 + p = c·T + t`. Depth
+    /// outer, panels inner: the rows of one channel `c` are `Cb/G·kk` consecutive weights (16 KB
+    /// at G2), read in order for each of its taps while the panels (`mc × kc`, sized for L2)
+    /// take one `mr`-run each; panel by panel instead walked a new page for every channel.
+    fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+        let (nt, kk) = (self.taps.len(), self.kk);
+        let panels = mc.div_ceil(mr);
+        let dst = &mut dst[..panels * mr * kc];
+        if !mc.is_multiple_of(mr) {
+            // The rows past m of the last panel stay zero (the loop below writes only rows < m).
+            dst[(panels - 1) * mr * kc..].fill(0.0);
+        }
+        let (mut c, mut t) = (p0 / nt, p0 % nt);
+        for p in 0..kc {
+            // Rows i0 .. i0 + mc of depth (c, t): kk apart.
+            let src = &self.w[(c * self.cbg + i0) * kk + self.taps[t]..][..(mc - 1) * kk + 1];
+            for (panel, rows) in dst.chunks_exact_mut(mr * kc).zip(src.chunks(mr * kk)) {
+                let out = &mut panel[p * mr..][..mr];
+                for (o, v) in out.iter_mut().zip(rows.iter().step_by(kk)) {
+                    *o = *v;
                 }
             }
+            t += 1;
+            if t == nt {
+                (c, t) = (c + 1, 0);
+            }
         }
-    });
+    }
 }
 
 /// The patch address tables of phase `cl` over `nb` padded patch-side images (`[nb, Cs, hp,

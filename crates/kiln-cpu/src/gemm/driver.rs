@@ -131,6 +131,53 @@ pub trait PanelSource: Sync {
     fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]);
 }
 
+/// An `m × k` A operand that writes its own packed panels: where A is a re-indexing of a stored
+/// array (a transposed convolution's per-phase weights), packing straight from that array saves
+/// laying A out as a matrix first.
+pub trait APanelSource: Sync {
+    /// Rows (`m`).
+    fn rows(&self) -> usize;
+    /// Columns (`k`).
+    fn cols(&self) -> usize;
+    /// Writes rows `i0 .. i0+mc`, depth `p0 .. p0+kc` as `⌈mc/mr⌉` consecutive micro-panels of
+    /// `mr × kc` in the layout of [`super::pack::pack_a`] (`panel[p·mr + i] = A[r0+i, p0+p]`),
+    /// zero-filling rows past `m`. `dst` holds `⌈mc/mr⌉·mr·kc` elements.
+    fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]);
+}
+
+/// Where the driver gets A's panels.
+#[derive(Clone, Copy)]
+pub enum ASource<'a> {
+    /// A strided view, packed by [`pack_a`].
+    View(MatRef<'a, f32>),
+    /// Panels packed by the source itself.
+    Panels(&'a dyn APanelSource),
+}
+
+impl ASource<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            ASource::View(a) => a.rows,
+            ASource::Panels(src) => src.rows(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            ASource::View(a) => a.cols,
+            ASource::Panels(src) => src.cols(),
+        }
+    }
+
+    /// Packs rows `i0 .. i0+mc`, depth `p0 .. p0+kc` into panels (a view or a panel source).
+    fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+        match self {
+            ASource::View(a) => pack_a(a, i0, mc, p0, kc, mr, dst),
+            ASource::Panels(src) => src.pack(i0, mc, p0, kc, mr, dst),
+        }
+    }
+}
+
 /// A [`PanelSource`] over a strided view: exactly [`pack_b`] (tests compare the two paths).
 pub struct ViewPanels<'a, TB>(pub MatRef<'a, TB>);
 
@@ -159,7 +206,7 @@ impl<TB: FloatElement> BSource<'_, TB> {
 
 /// Everything a task needs about the product, shared read-only.
 pub struct Product<'a, 'e, TB> {
-    pub a: MatRef<'a, f32>,
+    pub a: ASource<'a>,
     pub b: BSource<'a, TB>,
     pub c: CPtr,
     pub alpha: f32,
@@ -179,7 +226,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
     prod: &Product<'_, '_, TB>,
     threads: usize,
 ) {
-    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
+    let (m, k, n) = (prod.a.rows(), prod.a.cols(), prod.b.cols());
     debug_assert!(k > 0);
     let (mr, nr) = (kern.mr, kern.nr);
     let packs_b = !matches!(prod.b, BSource::Packed { .. });
@@ -259,7 +306,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 }
                 let mut apack = take_buffer(&A_PACK, mc * kcur);
                 let ap = &mut apack.as_mut_slice::<f32>()[..mcur.div_ceil(mr) * mr * kcur];
-                pack_a(&prod.a, i0, mcur, pc, kcur, mr, ap);
+                prod.a.pack(i0, mcur, pc, kcur, mr, ap);
                 let block = Block {
                     i0,
                     mcur,
@@ -318,7 +365,7 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     prod: &Product<'_, '_, TB>,
     threads: usize,
 ) {
-    let (m, k, n) = (prod.a.rows, prod.a.cols, prod.b.cols());
+    let (m, k, n) = (prod.a.rows(), prod.a.cols(), prod.b.cols());
     let (mr, nr) = (kern.mr, kern.nr);
     let panels = n.div_ceil(nr);
     // Two tasks per thread (whole panels), so an uneven split costs less.
@@ -341,10 +388,10 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                 .enumerate()
                 .for_each(|(ci, dst)| {
                     let i0 = ci * per;
-                    pack_a(&prod.a, i0, per.min(m - i0), pc, kcur, mr, dst);
+                    prod.a.pack(i0, per.min(m - i0), pc, kcur, mr, dst);
                 });
         } else {
-            pack_a(&prod.a, 0, m, pc, kcur, mr, ap);
+            prod.a.pack(0, m, pc, kcur, mr, ap);
         }
         let ap: &[f32] = ap;
         let task = |t: usize| {

@@ -31,7 +31,7 @@ pub mod gemv;
 pub mod micro;
 pub mod pack;
 
-pub use driver::{PanelSource, ViewPanels};
+pub use driver::{APanelSource, PanelSource, ViewPanels};
 
 /// An instruction set a microkernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -474,18 +474,85 @@ pub fn gemm_panels_blocked(
     c: BlockedMatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<bool> {
+    a.check("A")?;
+    blocked_from(driver::ASource::View(a), b, c, opts)
+}
+
+/// [`gemm_panels_blocked`] with A's panels also written by a source ([`APanelSource`]).
+pub fn gemm_sources_blocked(
+    a: &dyn APanelSource,
+    b: &dyn PanelSource,
+    c: BlockedMatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<bool> {
+    blocked_from(driver::ASource::Panels(a), b, c, opts)
+}
+
+/// [`gemm_panels`] with A's panels also written by a source ([`APanelSource`]): the loop nest,
+/// blocking and kernel calls are those of [`gemm_panels`], so for a source that packs what
+/// `pack_a` would, results are bitwise identical to it.
+pub fn gemm_sources(
+    a: &dyn APanelSource,
+    b: &dyn PanelSource,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    let (m, k, n) = (a.rows(), b.rows(), b.cols());
+    validate_source_dims([m, a.cols()], k, n, &c, opts, None)?;
+    let isa = Isa::best();
+    let Some(kern) = micro::Kernel::for_isa(isa) else {
+        return Err(Error::invalid(format!(
+            "gemm: the {} microkernel is not supported by this CPU",
+            isa.name()
+        )));
+    };
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        scale_only(c, opts);
+        return Ok(());
+    }
+    let cp = driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride);
+    // SAFETY: `c` was validated to lie inside `c.data` and not to overlap itself, and its
+    // exclusive borrow is held here for the whole call.
+    unsafe {
+        run_blis_into(
+            &kern,
+            isa.blocking(),
+            driver::ASource::Panels(a),
+            driver::BSource::<f32>::Panels(b),
+            cp,
+            c.cols,
+            opts,
+        )
+    };
+    Ok(())
+}
+
+/// [`gemm_panels_blocked`] for either kind of A (a view has been checked by the caller).
+fn blocked_from(
+    a: driver::ASource<'_>,
+    b: &dyn PanelSource,
+    c: BlockedMatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<bool> {
     let isa = Isa::best();
     let Some(kern) = micro::Kernel::for_isa(isa) else {
         return Ok(false);
     };
-    let (m, k, n) = (a.rows, b.rows(), b.cols());
-    if a.cols != k || c.rows != m || c.cols != n {
+    let (m, k, n) = (a.rows(), b.rows(), b.cols());
+    if a.cols() != k || c.rows != m || c.cols != n {
         return Err(Error::invalid(format!(
             "gemm: A is {}x{}, B is {}x{}, C is {}x{}",
-            a.rows, a.cols, k, n, c.rows, c.cols
+            m,
+            a.cols(),
+            k,
+            n,
+            c.rows,
+            c.cols
         )));
     }
-    a.check("A")?;
     let blocks = n.div_ceil(c.block.max(1));
     // Rows inside a block, blocks beyond each other: every element its own address.
     let disjoint = c.block >= 1
@@ -640,7 +707,7 @@ fn run_blis<TB: FloatElement>(
     let cp = driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride);
     // SAFETY: every caller validated `c` to lie inside `c.data` and not to overlap itself, and
     // its exclusive borrow is held here for the whole call.
-    unsafe { run_blis_into(kern, blk, a, b, cp, c.cols, opts) };
+    unsafe { run_blis_into(kern, blk, driver::ASource::View(a), b, cp, c.cols, opts) };
 }
 
 /// [`run_blis`] into C at `c` (`n` columns).
@@ -651,13 +718,13 @@ fn run_blis<TB: FloatElement>(
 unsafe fn run_blis_into<TB: FloatElement>(
     kern: &micro::Kernel,
     blk: blocking::Blocking,
-    a: MatRef<'_, f32>,
+    a: driver::ASource<'_>,
     b: driver::BSource<'_, TB>,
     c: driver::CPtr,
     n: usize,
     opts: &GemmOptions<'_>,
 ) {
-    let (m, k) = (a.rows, a.cols);
+    let (m, k) = (a.rows(), a.cols());
     let threads = if 2 * m * n * k < driver::PARALLEL_FLOPS {
         1
     } else {
@@ -802,13 +869,27 @@ fn validate_dims(
     c: &MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
-    if a.cols != k || a.rows != c.rows || n != c.cols {
+    validate_source_dims([a.rows, a.cols], k, n, c, opts, Some(a))
+}
+
+/// [`validate_dims`] for an A of `a_dims` `[m, k]`, checked as a view when there is one.
+fn validate_source_dims(
+    [m, ka]: [usize; 2],
+    k: usize,
+    n: usize,
+    c: &MatMut<'_>,
+    opts: &GemmOptions<'_>,
+    view: Option<&MatRef<'_, f32>>,
+) -> Result<()> {
+    if ka != k || m != c.rows || n != c.cols {
         return Err(Error::invalid(format!(
             "gemm: A is {}x{}, B is {}x{}, C is {}x{}",
-            a.rows, a.cols, k, n, c.rows, c.cols
+            m, ka, k, n, c.rows, c.cols
         )));
     }
-    a.check("A")?;
+    if let Some(a) = view {
+        a.check("A")?;
+    }
     c.check("C")?;
     if !disjoint_elements(c.rows, c.cols, c.row_stride, c.col_stride) {
         return Err(Error::invalid(format!(
