@@ -22,7 +22,7 @@ use super::implicit::{PatchTables, Patches};
 use super::{with_scratch, ConvGeometry};
 use crate::gemm::{
     blocked_c_supported, gemm_sources, gemm_sources_blocked, APanelSource, BlockedMatMut,
-    GemmOptions, MatMut,
+    GemmOptions, Isa, MatMut,
 };
 use kiln_tensor::{Error, Result};
 use rayon::prelude::*;
@@ -97,6 +97,8 @@ struct PhaseOut {
     at: usize,
     image: usize,
     channel: usize,
+    /// Written by the GEMM as column blocks (`[nbc, Cb, Ly·Lx]`).
+    blocked: bool,
 }
 
 /// One phase pair `(ry, rx)` with its GEMM shape.
@@ -171,6 +173,18 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
                 .collect()
         })
         .collect();
+    // Patch channels per block: one depth cut of the GEMM for these phase products.
+    let max_taps = classes
+        .iter()
+        .map(|c| c.y.taps * c.x.taps)
+        .max()
+        .unwrap_or(1);
+    let blocking = Isa::best().blocking();
+    let kc = blocking
+        .single_block(cbg, csg * max_taps)
+        .unwrap_or_else(|| blocking.for_depth(csg * max_taps))
+        .kc;
+    let block = (kc / max_taps).clamp(1, csg);
     big.par_chunks_mut(nb * per_image)
         .zip(small.par_chunks(nb * cs * hs * ws))
         .try_for_each(|(xs, ys)| {
@@ -183,57 +197,73 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
                 // from the GEMM where it takes column blocks of Ly·Lx) or `[Cb, nbc·Ly·Lx]`.
                 let mut at = 0;
                 let mut starts = Vec::with_capacity(classes.len());
-                for (ci, cl) in classes.iter().enumerate() {
+                for cl in &classes {
                     let pixels = cl.y.len * cl.x.len;
                     let n = nbc * pixels;
-                    let blocked = nbc > 1 && blocked_c_supported(pixels);
-                    starts.push(if blocked {
+                    starts.push(if nbc > 1 && blocked_c_supported(pixels) {
                         PhaseOut {
                             at,
                             image: cb * pixels,
                             channel: pixels,
+                            blocked: true,
                         }
                     } else {
                         PhaseOut {
                             at,
                             image: pixels,
                             channel: n,
+                            blocked: false,
                         }
                     });
-                    let tables = phase_tables(cl, csg, [top, left], [hp, wp], cs * plane, nbc);
-                    for grp in 0..groups {
-                        let b = Patches {
-                            xp: &xp[grp * csg * plane..],
-                            tables: &tables,
-                        };
-                        let a = PhaseWeights {
-                            w: &w[grp * csg * cbg * kh * kw..],
-                            cbg,
-                            csg,
-                            kk: kh * kw,
-                            taps: &tap_of[ci],
-                        };
-                        let opts = GemmOptions::default();
-                        if blocked {
-                            let c = BlockedMatMut {
-                                data: &mut out[at + grp * cbg * pixels..at + cb * n],
-                                rows: cbg,
-                                cols: n,
-                                row_stride: pixels,
-                                block: pixels,
-                                block_stride: cb * pixels,
+                    at += cb * n;
+                }
+                // Patch channels in blocks of one GEMM depth cut, every phase for one block
+                // before the next (C accumulates over the blocks, β = 1 after the first):
+                // the block's weights and patch planes are then read from memory once for
+                // all the phases instead of once per phase. Each block is one cut of the
+                // whole-depth product, so the sums are those of one call.
+                for c0 in (0..csg).step_by(block) {
+                    let chans = block.min(csg - c0);
+                    let opts = GemmOptions {
+                        beta: if c0 == 0 { 0.0 } else { 1.0 },
+                        ..Default::default()
+                    };
+                    for ((cl, taps), st) in classes.iter().zip(&tap_of).zip(&starts) {
+                        let (pixels, n) = (cl.y.len * cl.x.len, nbc * cl.y.len * cl.x.len);
+                        let tables =
+                            phase_tables(cl, chans, [top, left], [hp, wp], cs * plane, nbc);
+                        for grp in 0..groups {
+                            let b = Patches {
+                                xp: &xp[(grp * csg + c0) * plane..],
+                                tables: &tables,
                             };
-                            if !gemm_sources_blocked(&a, &b, c, &opts)? {
-                                return Err(Error::invalid(
-                                    "conv: the GEMM refused column blocks it said it takes",
-                                ));
+                            let a = PhaseWeights {
+                                w: &w[(grp * csg + c0) * cbg * kh * kw..],
+                                cbg,
+                                csg: chans,
+                                kk: kh * kw,
+                                taps,
+                            };
+                            if st.blocked {
+                                let c = BlockedMatMut {
+                                    data: &mut out[st.at + grp * cbg * pixels..st.at + cb * n],
+                                    rows: cbg,
+                                    cols: n,
+                                    row_stride: pixels,
+                                    block: pixels,
+                                    block_stride: cb * pixels,
+                                };
+                                if !gemm_sources_blocked(&a, &b, c, &opts)? {
+                                    return Err(Error::invalid(
+                                        "conv: the GEMM refused column blocks it said it takes",
+                                    ));
+                                }
+                            } else {
+                                let c = &mut out[st.at + grp * cbg * n..][..cbg * n];
+                                gemm_sources(&a, &b, MatMut::row_major(c, cbg, n), &opts)?;
                             }
-                        } else {
-                            let c = &mut out[at + grp * cbg * n..][..cbg * n];
-                            gemm_sources(&a, &b, MatMut::row_major(c, cbg, n), &opts)?;
                         }
                     }
-                    at += cb * n;
                 }
                 let out = &out[..at];
                 // Spread the phase products into the images, one image per task.
