@@ -14,8 +14,9 @@
 use half::{bf16, f16};
 use kiln_cpu::gemm::{
     gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute, gemm_packed,
-    gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_with_isa, BlockedMatMut, Epilogue,
-    GemmOptions, Isa, MatMut, MatRef, PackedB, ViewPanels,
+    gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_sources, gemm_sources_blocked,
+    gemm_with_isa, APanelSource, BlockedMatMut, Epilogue, GemmOptions, Isa, MatMut, MatRef,
+    PackedB, ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -742,6 +743,110 @@ fn blocked_c_matches_plain_c() {
     assert!(bad(&mut data[..127], 64).is_err());
     assert!(bad(&mut data, 64).unwrap());
     assert!(data.iter().all(|&v| v == 3.0));
+}
+
+/// An A that packs its own panels (`pack_a` of a view), with or without the whole matrix
+/// already packed for the driver to read in place.
+struct ViewA<'a> {
+    a: MatRef<'a, f32>,
+    /// `pack_a(a, 0, m, 0, k, mr)` and its `mr`, when offered.
+    whole: Option<(Vec<f32>, usize)>,
+}
+
+impl APanelSource for ViewA<'_> {
+    fn rows(&self) -> usize {
+        self.a.rows
+    }
+    fn cols(&self) -> usize {
+        self.a.cols
+    }
+    fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+        kiln_cpu::gemm::pack::pack_a(&self.a, i0, mc, p0, kc, mr, dst)
+    }
+    fn prepacked(&self, mr: usize) -> Option<&[f32]> {
+        self.whole
+            .as_ref()
+            .filter(|(_, wmr)| *wmr == mr)
+            .map(|(d, _)| d.as_slice())
+    }
+}
+
+/// `gemm_sources[_blocked]` (A's panels from a source, packed per block or read in place from
+/// a whole prepacked A) give bitwise the C of `gemm_panels` with a view: depths inside one
+/// depth cut and beyond it, row counts inside one row block and beyond, 1 and 2 threads.
+#[test]
+fn a_panel_sources_match_views() {
+    let (p1, p2) = (pool(1), pool(2));
+    let mut rng = Rng(23);
+    let mr = Isa::best().tile().0;
+    for &(m, n, k) in &[
+        (7, 40, 5),
+        (256, 96, 512),
+        (130, 224, 600),
+        (1500, 64, 300),
+        (33, 17, 2100),
+    ] {
+        let a: Vec<f32> = random(m * k, &mut rng);
+        let b: Vec<f32> = random(k * n, &mut rng);
+        let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
+        let opts = GemmOptions {
+            beta: 0.25,
+            ..Default::default()
+        };
+        let c0: Vec<f32> = random(m * n, &mut rng);
+        let mut whole = vec![0f32; m.div_ceil(mr) * mr * k];
+        kiln_cpu::gemm::pack::pack_a(&av, 0, m, 0, k, mr, &mut whole);
+        for p in [&p1, &p2] {
+            let mut want = c0.clone();
+            p.install(|| {
+                gemm_panels(
+                    av,
+                    &ViewPanels(bv),
+                    MatMut::row_major(&mut want, m, n),
+                    &opts,
+                )
+            })
+            .unwrap();
+            for src in [
+                ViewA { a: av, whole: None },
+                ViewA {
+                    a: av,
+                    whole: Some((whole.clone(), mr)),
+                },
+            ] {
+                let mut got = c0.clone();
+                p.install(|| {
+                    gemm_sources(
+                        &src,
+                        &ViewPanels(bv),
+                        MatMut::row_major(&mut got, m, n),
+                        &opts,
+                    )
+                })
+                .unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{m}x{n}x{k}");
+                // The same as column blocks of 16 (a multiple of every kernel's NR) when n is.
+                if n % 32 == 0 {
+                    let mut data = c0.clone();
+                    let c = BlockedMatMut {
+                        data: &mut data,
+                        rows: m,
+                        cols: n,
+                        row_stride: n,
+                        block: n,
+                        block_stride: m * n,
+                    };
+                    let done = p
+                        .install(|| gemm_sources_blocked(&src, &ViewPanels(bv), c, &opts))
+                        .unwrap();
+                    if done {
+                        assert_eq!(bits(&data), bits(&want), "blocked {m}x{n}x{k}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A pre-packed B gives bitwise the same C as packing per call, for every kernel, dtype, layout

@@ -185,12 +185,18 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
         .unwrap_or_else(|| blocking.for_depth(csg * max_taps))
         .kc;
     let block = (kc / max_taps).clamp(1, csg);
+    // The packed weights of one channel block, every phase: panels of the microkernel's rows.
+    let mr = Isa::best().tile().0;
+    let panels = cbg.div_ceil(mr);
+    let taps_total: usize = classes.iter().map(|c| c.y.taps * c.x.taps).sum();
+    let wpack_len = panels * mr * block * taps_total;
     big.par_chunks_mut(nb * per_image)
         .zip(small.par_chunks(nb * cs * hs * ws))
         .try_for_each(|(xs, ys)| {
             let nbc = ys.len() / (cs * hs * ws);
-            with_scratch(xp_len + out_len, |scratch| -> Result<()> {
-                let (xp, out) = scratch.split_at_mut(xp_len);
+            with_scratch(xp_len + out_len + wpack_len, |scratch| -> Result<()> {
+                let (xp, rest) = scratch.split_at_mut(xp_len);
+                let (out, wpack) = rest.split_at_mut(out_len);
                 let xp = &mut xp[..nbc * cs * plane];
                 fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
                 // Phase products one after the other, each `[nbc, Cb, Ly·Lx]` (straight
@@ -228,21 +234,33 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
                         beta: if c0 == 0 { 0.0 } else { 1.0 },
                         ..Default::default()
                     };
-                    for ((cl, taps), st) in classes.iter().zip(&tap_of).zip(&starts) {
-                        let (pixels, n) = (cl.y.len * cl.x.len, nbc * cl.y.len * cl.x.len);
-                        let tables =
-                            phase_tables(cl, chans, [top, left], [hp, wp], cs * plane, nbc);
-                        for grp in 0..groups {
+                    for grp in 0..groups {
+                        let wpk = &mut wpack[..panels * mr * chans * taps_total];
+                        pack_phase_weights(
+                            &w[(grp * csg + c0) * cbg * kh * kw..],
+                            cbg,
+                            chans,
+                            kh * kw,
+                            &tap_of,
+                            mr,
+                            wpk,
+                        );
+                        let mut w_at = 0;
+                        for ((cl, taps), st) in classes.iter().zip(&tap_of).zip(&starts) {
+                            let (pixels, n) = (cl.y.len * cl.x.len, nbc * cl.y.len * cl.x.len);
+                            let depth = chans * taps.len();
+                            let a = PackedPhase {
+                                data: &wpk[w_at..][..panels * mr * depth],
+                                rows: cbg,
+                                cols: depth,
+                                mr,
+                            };
+                            w_at += panels * mr * depth;
+                            let tables =
+                                phase_tables(cl, chans, [top, left], [hp, wp], cs * plane, nbc);
                             let b = Patches {
                                 xp: &xp[(grp * csg + c0) * plane..],
                                 tables: &tables,
-                            };
-                            let a = PhaseWeights {
-                                w: &w[(grp * csg + c0) * cbg * kh * kw..],
-                                cbg,
-                                csg: chans,
-                                kk: kh * kw,
-                                taps,
                             };
                             if st.blocked {
                                 let c = BlockedMatMut {
@@ -342,56 +360,134 @@ fn interleave2(dst: &mut [f32], even: &[f32], odd: &[f32]) {
     }
 }
 
-/// The weights of one phase of one group as the GEMM's A `[Cb/G, Cs/G·Ty·Tx]`, packed straight
-/// from the stored weight (no laid-out copy):
-/// `A[o, (c, u, v)] = W[g·Csg + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)]`.
-struct PhaseWeights<'a> {
-    /// The stored weight from the group's first patch channel on, `[Cs/G, Cb/G, kh·kw]`.
-    w: &'a [f32],
+/// Packs the weights of every phase for one group and one block of `chans` patch channels in
+/// one pass over the stored weight, each phase as the GEMM's A `[Cb/G, chans·Ty·Tx]` in the
+/// microkernel's panel layout (`⌈Cb/G / mr⌉` panels of `mr × depth`, depth `(c, u, v)`):
+///
+/// ```text
+/// A_(ry,rx)[o, (c, u, v)] = W[g·Csg + c0 + c, o, ry + sh·(Ty−1−u), rx + sw·(Tx−1−v)]
+/// ```
+///
+/// `w` starts at the block's first channel (`[chans, Cb/G, kh·kw]`), `taps[q]` lists phase `q`'s
+/// kernel taps in `(u, v)` order, and phase `q`'s panels follow phase `q − 1`'s in `dst`. Each
+/// `(c, o)` row of `kh·kw` taps (one cache line for a 4 × 4 kernel) is read once for all
+/// phases; packing each phase by itself read every weight line once per phase.
+#[allow(clippy::too_many_arguments)]
+fn pack_phase_weights(
+    w: &[f32],
     cbg: usize,
-    csg: usize,
-    /// `kh·kw`.
+    chans: usize,
     kk: usize,
-    /// The kernel tap (`ki·kw + kj`) of each `(u, v)` of the phase, in order.
-    taps: &'a [usize],
+    taps: &[Vec<usize>],
+    mr: usize,
+    dst: &mut [f32],
+) {
+    let panels = cbg.div_ceil(mr);
+    // Each panel of each phase, grouped by panel so that a task owns one panel of every phase.
+    let mut by_panel: Vec<Vec<&mut [f32]>> = (0..panels).map(|_| Vec::new()).collect();
+    let mut rest = dst;
+    for t in taps {
+        let (region, tail) = std::mem::take(&mut rest).split_at_mut(panels * mr * chans * t.len());
+        rest = tail;
+        for (ip, panel) in region.chunks_exact_mut(mr * chans * t.len()).enumerate() {
+            by_panel[ip].push(panel);
+        }
+    }
+    // Rows past Cb/G are zeros.
+    if let Some(last) = by_panel.last_mut().filter(|_| !cbg.is_multiple_of(mr)) {
+        last.iter_mut().for_each(|p| p.fill(0.0));
+    }
+    // A task per range of panels; channel by channel, its rows of one channel are consecutive
+    // weights (read in order), written as one run of T·mr per phase and panel.
+    let per_task = panels.div_ceil(2 * rayon::current_num_threads()).max(4);
+    by_panel
+        .par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(ti, task_panels)| {
+            let p0 = ti * per_task;
+            let rows = (cbg - p0 * mr).min(task_panels.len() * mr);
+            for c in 0..chans {
+                let src = &w[(c * cbg + p0 * mr) * kk..][..rows * kk];
+                for (phase_panels, panel_rows) in task_panels.iter_mut().zip(src.chunks(mr * kk)) {
+                    for (panel, t) in phase_panels.iter_mut().zip(taps) {
+                        // Depth (c, j) of row i: panel[(c·T + j)·mr + i].
+                        let run = &mut panel[c * t.len() * mr..][..t.len() * mr];
+                        match mr {
+                            6 if panel_rows.len() == 6 * kk => {
+                                gather_run::<6>(panel_rows, kk, t, run)
+                            }
+                            12 if panel_rows.len() == 12 * kk => {
+                                gather_run::<12>(panel_rows, kk, t, run)
+                            }
+                            _ => {
+                                for (i, row_taps) in panel_rows.chunks_exact(kk).enumerate() {
+                                    for (j, &tap) in t.iter().enumerate() {
+                                        run[j * mr + i] = row_taps[tap];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
 }
 
-impl APanelSource for PhaseWeights<'_> {
+/// `run[j·MR + i] = rows[i·kk + taps[j]]`: one full panel's `MR` rows of `kk` weights, the
+/// phase's taps of each, row index fastest (the panel layout). Fixed `MR` so the row loop is
+/// unrolled and its bounds are checked once per tap.
+fn gather_run<const MR: usize>(rows: &[f32], kk: usize, taps: &[usize], run: &mut [f32]) {
+    let rows = &rows[..MR * kk];
+    for (&tap, out) in taps.iter().zip(run.chunks_exact_mut(MR)) {
+        let col = &rows[tap..=tap + (MR - 1) * kk];
+        let out: &mut [f32; MR] = out.try_into().expect("chunks of MR");
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = col[i * kk];
+        }
+    }
+}
+
+/// One phase's weights as packed by [`pack_phase_weights`]: the GEMM reads the panels in place
+/// where its depth cut is the whole depth (as the channel blocks are chosen), else copies.
+struct PackedPhase<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    mr: usize,
+}
+
+impl APanelSource for PackedPhase<'_> {
     fn rows(&self) -> usize {
-        self.cbg
+        self.rows
     }
 
     fn cols(&self) -> usize {
-        self.csg * self.taps.len()
+        self.cols
     }
 
-    /// `panel[p·mr + i] = w[(c·Cb/G + r0 + i)·kk + taps[t]]` for depth `p0 + p = c·T + t`. Depth
-    /// outer, panels inner: the rows of one channel `c` are `Cb/G·kk` consecutive weights (16 KB
-    /// at G2), read in order for each of its taps while the panels (`mc × kc`, sized for L2)
-    /// take one `mr`-run each; panel by panel instead walked a new page for every channel.
+    /// A cut the whole-depth panels do not serve in place: element by element from them.
     fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
-        let (nt, kk) = (self.taps.len(), self.kk);
-        let panels = mc.div_ceil(mr);
-        let dst = &mut dst[..panels * mr * kc];
-        if !mc.is_multiple_of(mr) {
-            // The rows past m of the last panel stay zero (the loop below writes only rows < m).
-            dst[(panels - 1) * mr * kc..].fill(0.0);
-        }
-        let (mut c, mut t) = (p0 / nt, p0 % nt);
-        for p in 0..kc {
-            // Rows i0 .. i0 + mc of depth (c, t): kk apart.
-            let src = &self.w[(c * self.cbg + i0) * kk + self.taps[t]..][..(mc - 1) * kk + 1];
-            for (panel, rows) in dst.chunks_exact_mut(mr * kc).zip(src.chunks(mr * kk)) {
-                let out = &mut panel[p * mr..][..mr];
-                for (o, v) in out.iter_mut().zip(rows.iter().step_by(kk)) {
-                    *o = *v;
+        let (pmr, cols) = (self.mr, self.cols);
+        for (ip, panel) in dst
+            .chunks_exact_mut(mr * kc)
+            .take(mc.div_ceil(mr))
+            .enumerate()
+        {
+            for (p, out) in panel.chunks_exact_mut(mr).enumerate() {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let r = i0 + ip * mr + i;
+                    *o = if r < (i0 + mc).min(self.rows) {
+                        self.data[r / pmr * pmr * cols + (p0 + p) * pmr + r % pmr]
+                    } else {
+                        0.0
+                    };
                 }
             }
-            t += 1;
-            if t == nt {
-                (c, t) = (c + 1, 0);
-            }
         }
+    }
+
+    fn prepacked(&self, mr: usize) -> Option<&[f32]> {
+        (mr == self.mr).then_some(self.data)
     }
 }
 

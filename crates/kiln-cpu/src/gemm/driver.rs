@@ -143,6 +143,14 @@ pub trait APanelSource: Sync {
     /// `mr × kc` in the layout of [`super::pack::pack_a`] (`panel[p·mr + i] = A[r0+i, p0+p]`),
     /// zero-filling rows past `m`. `dst` holds `⌈mc/mr⌉·mr·kc` elements.
     fn pack(&self, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, dst: &mut [f32]);
+
+    /// The whole of A already packed for this `mr` (what `pack(0, m, 0, k, mr, ..)` would
+    /// write), if the source has it: where the driver's depth cut is all of `k` it then reads
+    /// these panels in place instead of packing.
+    fn prepacked(&self, mr: usize) -> Option<&[f32]> {
+        let _ = mr;
+        None
+    }
 }
 
 /// Where the driver gets A's panels.
@@ -167,6 +175,19 @@ impl ASource<'_> {
             ASource::View(a) => a.cols,
             ASource::Panels(src) => src.cols(),
         }
+    }
+
+    /// Rows `i0 .. i0+mc` (`i0` a multiple of `mr`) of a prepacked A whose depth is all in one
+    /// block of `kc` (see [`APanelSource::prepacked`]).
+    fn prepacked(&self, i0: usize, mc: usize, kc: usize, mr: usize) -> Option<&[f32]> {
+        let ASource::Panels(src) = self else {
+            return None;
+        };
+        if kc != src.cols() || !i0.is_multiple_of(mr) {
+            return None;
+        }
+        let data = src.prepacked(mr)?;
+        data.get(i0 * kc..(i0 + mc.div_ceil(mr) * mr) * kc)
     }
 
     /// Packs rows `i0 .. i0+mc`, depth `p0 .. p0+kc` into panels (a view or a panel source).
@@ -304,9 +325,16 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 if p0 == p1 {
                     return;
                 }
-                let mut apack = take_buffer(&A_PACK, mc * kcur);
-                let ap = &mut apack.as_mut_slice::<f32>()[..mcur.div_ceil(mr) * mr * kcur];
-                prod.a.pack(i0, mcur, pc, kcur, mr, ap);
+                let mut apack = None;
+                let ap: &[f32] = match prod.a.prepacked(i0, mcur, kcur, mr) {
+                    Some(pre) => pre,
+                    None => {
+                        let buf = apack.insert(take_buffer(&A_PACK, mc * kcur));
+                        let ap = &mut buf.as_mut_slice::<f32>()[..mcur.div_ceil(mr) * mr * kcur];
+                        prod.a.pack(i0, mcur, pc, kcur, mr, ap);
+                        ap
+                    }
+                };
                 let block = Block {
                     i0,
                     mcur,
@@ -322,7 +350,9 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 // columns jc .. jc+ncur (tasks are distinct (ib, ns) pairs); the caller vouches
                 // for the rest.
                 unsafe { macro_kernel(kern, ap, bp, prod, &block) };
-                put_buffer(&A_PACK, apack);
+                if let Some(buf) = apack {
+                    put_buffer(&A_PACK, buf);
+                }
             };
             let tasks = mblocks * nsplit;
             if threads > 1 && tasks > 1 {
@@ -379,21 +409,27 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     for pc in (0..k).step_by(blk.kc) {
         let kcur = blk.kc.min(k - pc);
         let (first, last) = (pc == 0, pc + kcur == k);
-        let ap = &mut apack.as_mut_slice::<f32>()[..m.div_ceil(mr) * mr * kcur];
-        if tasks > 1 && m >= 8 * mr {
-            // Packed in parallel, a range of MR panels per worker (serial, packing a conv
-            // weight was a few % of a 2-thread product). The packed values are the same.
-            let per = m.div_ceil(mr).div_ceil(2 * threads) * mr;
-            ap.par_chunks_mut(per * kcur)
-                .enumerate()
-                .for_each(|(ci, dst)| {
-                    let i0 = ci * per;
-                    prod.a.pack(i0, per.min(m - i0), pc, kcur, mr, dst);
-                });
-        } else {
-            prod.a.pack(0, m, pc, kcur, mr, ap);
-        }
-        let ap: &[f32] = ap;
+        let ap: &[f32] = match prod.a.prepacked(0, m, kcur, mr) {
+            Some(pre) => pre,
+            None => {
+                let ap = &mut apack.as_mut_slice::<f32>()[..m.div_ceil(mr) * mr * kcur];
+                if tasks > 1 && m >= 8 * mr {
+                    // Packed in parallel, a range of MR panels per worker (serial, packing a
+                    // conv weight was a few % of a 2-thread product). The packed values are
+                    // the same.
+                    let per = m.div_ceil(mr).div_ceil(2 * threads) * mr;
+                    ap.par_chunks_mut(per * kcur)
+                        .enumerate()
+                        .for_each(|(ci, dst)| {
+                            let i0 = ci * per;
+                            prod.a.pack(i0, per.min(m - i0), pc, kcur, mr, dst);
+                        });
+                } else {
+                    prod.a.pack(0, m, pc, kcur, mr, ap);
+                }
+                ap
+            }
+        };
         let task = |t: usize| {
             let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
             let mut bbuf = take_buffer(&B_PANEL, slab * nr * kcur);
