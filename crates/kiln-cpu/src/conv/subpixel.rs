@@ -322,15 +322,21 @@ fn spread_image(
     while k < classes.len() {
         let cl = &classes[k];
         // The even and odd columns of the same rows, from two consecutive phases.
+        // (Phase r of the width starts at column 0 or 1 depending on the padding, so the
+        // even columns may come from either of the two.)
         let pair = sw == 2
             && k + 1 < classes.len()
             && classes[k + 1].y == cl.y
-            && cl.x.first == 0
-            && classes[k + 1].x.first == 1;
+            && cl.x.first + classes[k + 1].x.first == 1;
+        let (ke, ko) = if cl.x.first == 0 {
+            (k, k + 1)
+        } else {
+            (k + 1, k)
+        };
         for o in 0..cb {
             let dst = &mut x[o * hb * wb..][..hb * wb];
             if pair {
-                for (i, (even, odd)) in phase_rows(k, o).zip(phase_rows(k + 1, o)).enumerate() {
+                for (i, (even, odd)) in phase_rows(ke, o).zip(phase_rows(ko, o)).enumerate() {
                     let y = cl.y.first + sh * i;
                     interleave2(&mut dst[y * wb..][..wb], even, odd);
                 }
