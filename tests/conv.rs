@@ -365,9 +365,9 @@ fn conv_transpose2d_matches_naive_f64() {
     assert!(ran >= cases().len() - 2);
 }
 
-/// Strided shapes with at least 16 image channels per group, where the image side is made by
-/// output phases (one stride-1 product per phase, no col2im): the transposed-conv forward and
-/// the conv input gradient. Kernels that the stride divides and does not, a kernel shorter than
+/// Shapes with at least 16 image channels per group, where the image side is made by output
+/// phases (one stride-1 product per phase, no col2im; stride 1 is one phase): the
+/// transposed-conv forward and the conv input gradient. Kernels that the stride divides and does not, a kernel shorter than
 /// the stride, paddings beyond the kernel, output padding, groups, phase products whose
 /// pixels are and are not a multiple of the microkernel's width.
 #[test]
@@ -430,6 +430,30 @@ fn phase_route_matches_naive() {
             [4, 4],
             params([2, 2], [1, 1], [1, 1], 1, [0, 0]),
         ),
+        (
+            2,
+            17,
+            20,
+            [9, 7],
+            [3, 3],
+            params([1, 1], [1, 1], [1, 1], 1, [0, 0]),
+        ),
+        (
+            3,
+            16,
+            16,
+            [6, 6],
+            [5, 3],
+            params([1, 1], [2, 0], [1, 1], 1, [0, 0]),
+        ),
+        (
+            2,
+            32,
+            32,
+            [5, 5],
+            [3, 3],
+            params([1, 2], [0, 1], [1, 1], 2, [0, 1]),
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -461,7 +485,7 @@ fn phase_route_matches_naive() {
             ran += 1;
         }
     }
-    assert!(ran >= 12, "{ran}");
+    assert!(ran >= 18, "{ran}");
 }
 
 #[test]

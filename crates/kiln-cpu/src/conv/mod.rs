@@ -14,8 +14,8 @@
 //! the adjoint (transpose) of `im2col`. `im2col` is never stored: [`correlate`] and
 //! [`weight_grad`] gather its GEMM panels straight from the images (implicit GEMM, in
 //! `implicit.rs`); [`scatter`] stores the GEMM's `col` block and scatter-adds it with `col2im`,
-//! or, for strided shapes without dilation, computes each output phase (every `s`-th row and
-//! column) as its own stride-1 implicit GEMM with no `col2im` (`subpixel.rs`).
+//! or, without dilation, computes each output phase (every `s`-th row and column; the whole
+//! image at stride 1) as its own stride-1 implicit GEMM with no `col2im` (`subpixel.rs`).
 //! With them, three routines cover all six directions:
 //!
 //! | routine | math (per group g) | conv2d | conv_transpose2d |
