@@ -563,7 +563,74 @@ fn fill_padded(
 
 #[cfg(test)]
 mod tests {
-    use super::{padding, phases, Phase};
+    use super::{pack_phase_weights, padding, phases, PackedPhase, Phase};
+    use crate::gemm::APanelSource;
+
+    /// The one-pass packing of every phase's weights is, phase by phase, the panel layout of the
+    /// definition `A[o, (c, t)] = w[(c·Cb + o)·kk + taps[t]]` (rows past Cb zero), for row counts
+    /// on and off a multiple of MR; and a `PackedPhase` asked for any sub-block (the copy path,
+    /// for a depth cut shorter than the whole depth) returns those panels' values.
+    #[test]
+    fn phase_weights_pack_as_defined() {
+        let kk = 16;
+        let taps: Vec<Vec<usize>> = vec![vec![15, 13, 7, 5], vec![14, 12], vec![11], vec![0, 2, 8]];
+        for (cbg, chans, mr) in [
+            (13usize, 5usize, 6usize),
+            (12, 3, 6),
+            (25, 4, 12),
+            (1, 2, 6),
+        ] {
+            let w: Vec<f32> = (0..chans * cbg * kk).map(|i| i as f32).collect();
+            let panels = cbg.div_ceil(mr);
+            let total: usize = taps.iter().map(|t| panels * mr * chans * t.len()).sum();
+            let mut dst = vec![f32::NAN; total];
+            pack_phase_weights(&w, cbg, chans, kk, &taps, mr, &mut dst);
+            let mut at = 0;
+            for t in &taps {
+                let depth = chans * t.len();
+                let data = &dst[at..at + panels * mr * depth];
+                at += data.len();
+                let a = |o: usize, p: usize| {
+                    if o < cbg {
+                        w[((p / t.len()) * cbg + o) * kk + t[p % t.len()]]
+                    } else {
+                        0.0
+                    }
+                };
+                for o in 0..panels * mr {
+                    for p in 0..depth {
+                        assert_eq!(data[(o / mr) * mr * depth + p * mr + o % mr], a(o, p));
+                    }
+                }
+                let src = PackedPhase {
+                    data,
+                    rows: cbg,
+                    cols: depth,
+                    mr,
+                };
+                assert_eq!(src.prepacked(mr), Some(data));
+                assert_eq!(src.prepacked(mr + 1), None);
+                // Any block, packed for this MR or another one.
+                for (i0, mc, p0, kc, pmr) in [
+                    (0, cbg, 0, depth, mr),
+                    (mr, cbg.saturating_sub(mr), 1, depth - 1, mr),
+                    (0, cbg, 2.min(depth - 1), 1, 4),
+                ] {
+                    if mc == 0 {
+                        continue;
+                    }
+                    let mut got = vec![f32::NAN; mc.div_ceil(pmr) * pmr * kc];
+                    src.pack(i0, mc, p0, kc, pmr, &mut got);
+                    for r in 0..mc.div_ceil(pmr) * pmr {
+                        for p in 0..kc {
+                            let want = if r < mc { a(i0 + r, p0 + p) } else { 0.0 };
+                            assert_eq!(got[(r / pmr) * pmr * kc + p * pmr + r % pmr], want);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// The phases of every axis partition the image rows, and every tap of every row is a
     /// `(ki, oy)` pair of the index map `Y = oy·s − p + ki` with `oy` inside the padded range.
