@@ -107,12 +107,10 @@ struct PhaseOut {
     blocked: bool,
 }
 
-/// One phase pair `(ry, rx)` with its GEMM shape.
+/// One phase pair `(ry, rx)`: its product has `Ly·Lx` pixels per image and depth `Cs/G·Ty·Tx`.
 struct Class {
     y: Phase,
     x: Phase,
-    /// Depth of its product: `Cs/G · Ty · Tx`.
-    depth: usize,
 }
 
 /// `big = col2im(W_gᵀ · small)` by phases (see the module docs). Shapes as [`super::scatter`].
@@ -140,12 +138,7 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
                 untouched = true;
                 continue;
             }
-            let depth = csg * y.taps * x.taps;
-            classes.push(Class {
-                y: *y,
-                x: *x,
-                depth,
-            });
+            classes.push(Class { y: *y, x: *x });
         }
     }
 
@@ -503,10 +496,10 @@ impl APanelSource for PackedPhase<'_> {
     }
 }
 
-/// The patch address tables of phase `cl` over `nb` padded patch-side images (`[nb, Cs, hp,
-/// wp]`, `image` elements apart, the patch side starting at row `top`, column `left`):
-/// row `(c, u, v)` → `c·hp·wp + u·wp + v`, column `(n, i, j)` → `n·image + (lo_y + top + i)·wp
-/// + lo_x + left + j`.
+/// The patch address tables of phase `cl`, `csg` patch channels deep, over `nb` padded
+/// patch-side images (`[nb, Cs, hp, wp]`, `image` elements apart, the patch side starting at
+/// row `top`, column `left`): row `(c, u, v)` → `c·hp·wp + u·wp + v`, column `(n, i, j)` →
+/// `n·image + (lo_y + top + i)·wp + lo_x + left + j`.
 fn phase_tables(
     cl: &Class,
     csg: usize,
@@ -515,7 +508,7 @@ fn phase_tables(
     image: usize,
     nb: usize,
 ) -> PatchTables {
-    let mut row_offset = Vec::with_capacity(cl.depth);
+    let mut row_offset = Vec::with_capacity(csg * cl.y.taps * cl.x.taps);
     for c in 0..csg {
         for u in 0..cl.y.taps {
             for v in 0..cl.x.taps {
