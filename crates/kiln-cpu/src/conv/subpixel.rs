@@ -356,9 +356,19 @@ fn spread_image(
 /// `dst[2j] = even[j]`, `dst[2j + 1] = odd[j]` (`dst` is `even` and `odd` together; `even` may
 /// be one longer).
 fn interleave2(dst: &mut [f32], even: &[f32], odd: &[f32]) {
-    for (d, (e, o)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-        d[0] = *e;
-        d[1] = *o;
+    // Four pairs at a time as fixed arrays (one unpack-low/high and two stores), then the rest.
+    let quads = odd.len() / 4;
+    for ((d, e), o) in dst
+        .chunks_exact_mut(8)
+        .zip(even.chunks_exact(4))
+        .zip(odd.chunks_exact(4))
+    {
+        let d: &mut [f32; 8] = d.try_into().expect("chunks of 8");
+        *d = [e[0], o[0], e[1], o[1], e[2], o[2], e[3], o[3]];
+    }
+    for j in 4 * quads..odd.len() {
+        dst[2 * j] = even[j];
+        dst[2 * j + 1] = odd[j];
     }
     if even.len() > odd.len() {
         dst[2 * odd.len()] = even[odd.len()];
@@ -621,6 +631,23 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// `interleave2` for every length pair it is given (equal, even one longer).
+    #[test]
+    fn interleave2_matches_definition() {
+        for odd_len in 0..20 {
+            for extra in [0, 1] {
+                let even: Vec<f32> = (0..odd_len + extra).map(|i| (2 * i) as f32).collect();
+                let odd: Vec<f32> = (0..odd_len).map(|i| (2 * i + 1) as f32).collect();
+                let mut dst = vec![f32::NAN; even.len() + odd.len()];
+                super::interleave2(&mut dst, &even, &odd);
+                assert!(
+                    dst.iter().enumerate().all(|(i, &v)| v == i as f32),
+                    "{odd_len} {extra}"
+                );
             }
         }
     }
