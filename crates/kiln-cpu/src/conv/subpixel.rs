@@ -342,9 +342,13 @@ fn spread_image(
             } else {
                 for (i, row) in phase_rows(k, o).enumerate() {
                     let y = cl.y.first + sh * i;
-                    let d = dst[y * wb + cl.x.first..].iter_mut().step_by(sw);
-                    for (d, v) in d.zip(row) {
-                        *d = *v;
+                    let d = &mut dst[y * wb + cl.x.first..];
+                    if sw == 1 {
+                        d[..row.len()].copy_from_slice(row);
+                    } else {
+                        for (d, v) in d.iter_mut().step_by(sw).zip(row) {
+                            *d = *v;
+                        }
                     }
                 }
             }
