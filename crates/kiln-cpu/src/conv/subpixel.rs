@@ -152,7 +152,11 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
         .div_ceil(min_pixels)
         .min((OUT_CAP / per_image).max(1))
         .clamp(1, g.batch.max(1));
-    let xp_len = nb * cs * plane;
+    let xp_len = if [hp, wp] == [hs, ws] {
+        0
+    } else {
+        nb * cs * plane
+    };
     let out_len = nb * per_image;
 
     if classes.is_empty() {
@@ -196,8 +200,14 @@ pub(super) fn scatter(g: &ConvGeometry, small: &[f32], w: &[f32], big: &mut [f32
             with_scratch(xp_len + out_len + wpack_len, |scratch| -> Result<()> {
                 let (xp, rest) = scratch.split_at_mut(xp_len);
                 let (out, wpack) = rest.split_at_mut(out_len);
-                let xp = &mut xp[..nbc * cs * plane];
-                fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
+                // The patch side itself when no phase reads outside it, else a padded copy.
+                let xp: &[f32] = if [hp, wp] == [hs, ws] {
+                    ys
+                } else {
+                    let xp = &mut xp[..nbc * cs * plane];
+                    fill_padded(ys, [hs, ws], [top, left], [hp, wp], xp);
+                    xp
+                };
                 // Phase products one after the other, each `[nbc, Cb, Ly·Lx]` (straight
                 // from the GEMM where it takes column blocks of Ly·Lx) or `[Cb, nbc·Ly·Lx]`.
                 let mut at = 0;
@@ -553,10 +563,6 @@ fn fill_padded(
     [hp, wp]: [usize; 2],
     dst: &mut [f32],
 ) {
-    if [h, w] == [hp, wp] {
-        dst.copy_from_slice(src);
-        return;
-    }
     dst.par_chunks_exact_mut(hp * wp)
         .zip(src.par_chunks_exact(h * w))
         .with_min_len(16)
