@@ -84,17 +84,21 @@ fn padding(phases: &[Phase], small: usize) -> (usize, usize) {
 }
 
 /// Whether [`scatter`] takes `g` (the caller has handled the dense and depthwise shapes). It
-/// needs dilation 1, taps that overlap (not a 1×1 kernel at stride 1, where col2im is a plain
+/// needs dilation 1 and taps that overlap (not a 1×1 kernel at stride 1, where col2im is a plain
 /// copy and the phase is the whole image: the direct product wins, 7.8 against 11.4 ms for
-/// `64 → 64` on 32 × 32), and enough image channels per group to fill the microkernel's rows
-/// (below that, `W_gᵀ·small` with its `Cb/G·kh·kw` rows is the better shaped product: DCGAN's
-/// `64 → 3` generator layer). Stride 1 is one phase, the correlation with the reversed kernel;
-/// measured against the col2im route, forward 1t: k3 p1 `64 → 64` on 32 × 32 1.11×,
-/// `16 → 16` on 64 × 64 1.43×, k5 p2 `64 → 32` on 32 × 32 1.12×.
+/// `64 → 64` on 32 × 32). Then the choice is between two GEMM shapes: the phases' `Cb/G` rows
+/// deep `Cs/G·kh·kw/(sh·sw)`, each gathered patch panel used by `Cb/G` rows only, against
+/// `W_gᵀ·small`'s `Cb/G·kh·kw` rows deep `Cs/G` plus the col2im. Measured on a Zen 3 core,
+/// forward, phases / col2im time: with at least 64 image channels per group the phases win or
+/// tie (G2–G4 of DCGAN 0.93–0.96, `512 → 64` on 8 × 8 0.99); with 16–32 they win while the patch
+/// side has at most twice the image side's channels (`64 → 32` 0.94, `32 → 16` 0.94, k3 s1
+/// `16 → 16` 0.65) and lose beyond (`64 → 16` 1.12, `128 → 24` 1.05, `256 → 32` 1.07, k3 s1
+/// `64 → 16` 1.14); with fewer than 16 they lose by 30–60 % (`64 → 8`, `64 → 3`). Stride 1 is one
+/// phase, the correlation with the reversed kernel.
 pub(super) fn applies(g: &ConvGeometry) -> bool {
-    const MIN_IMAGE_CHANNELS: usize = 16;
     let pointwise = g.kernel == [1, 1] && g.stride == [1, 1];
-    g.dilation == [1, 1] && !pointwise && g.cbg() >= MIN_IMAGE_CHANNELS
+    let (cbg, csg) = (g.cbg(), g.csg());
+    g.dilation == [1, 1] && !pointwise && cbg >= 16 && (cbg >= 64 || csg <= 2 * cbg)
 }
 
 /// Where a phase product lies in the chunk output: image `n`, channel `o` starts at
