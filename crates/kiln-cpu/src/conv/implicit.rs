@@ -587,11 +587,13 @@ mod x86 {
         let len = runs.first().map_or(0, |r| r.len);
         if step == 1 && edge.is_none() && runs.iter().all(|r| r.len == len) {
             // SAFETY: every run has length `len`; the rest is this function's contract.
-            match len {
-                4 => return unsafe { pack_equal_runs::<4>(dst, nr, rows, runs, xp) },
-                8 => return unsafe { pack_equal_runs::<8>(dst, nr, rows, runs, xp) },
-                16 => return unsafe { pack_equal_runs::<16>(dst, nr, rows, runs, xp) },
-                _ => {}
+            unsafe {
+                match len {
+                    4 => return pack_equal_runs::<4>(dst, nr, rows, runs, xp),
+                    8 => return pack_equal_runs::<8>(dst, nr, rows, runs, xp),
+                    16 => return pack_equal_runs::<16>(dst, nr, rows, runs, xp),
+                    _ => {}
+                }
             }
         }
         let body = |out: *mut f32, start: usize, len: usize| {

@@ -450,9 +450,9 @@ fn scatter_add(src: &[f32], dst: &mut [f32], start: usize, step: usize) {
         // The element after the last target (an odd lane, written back unchanged) lets every
         // block of eight use whole vectors when dst has it.
         let end = (start + 2 * len).min(dst.len());
-        // SAFETY: dst[start ..] holds at least 2·len − 1 elements (the slice below would panic
-        // otherwise, and `end` is checked inside); AVX2 is present.
         assert!(start + 2 * len - 1 <= dst.len());
+        // SAFETY: dst[start ..] holds at least 2·len − 1 elements (asserted above; `end` is
+        // checked inside); AVX2 is present.
         unsafe { x86::scatter_add_step2(src, &mut dst[start..end]) };
         return;
     }
@@ -1349,18 +1349,22 @@ mod tests {
     use super::{col2im, tap_table, taps, Col2im, Conv2dParams, ConvGeometry, NarrowCol2im};
     use super::{scatter_add, scatter_by, subpixel};
 
+    /// xorshift32: uniform values in [-0.5, 0.5), deterministic from `seed`.
+    fn uniform(mut state: u32) -> impl FnMut() -> f32 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        }
+    }
+
     /// The narrow col2im (residue-split scratch rows) and the table one are bitwise the
     /// per-segment col2im into a zeroed plane: every pixel receives its taps in the same order. Strides 1–3, dilations,
     /// paddings up to beyond the kernel's reach, output paddings, odd sizes.
     #[test]
     fn narrow_col2im_matches_segments() {
-        let mut state = 0x9e37_79b9_u32;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = uniform(0x9e37_79b9);
         let mut cases = 0;
         for (h, w) in [(1, 1), (4, 4), (3, 7), (8, 8), (5, 2), (2, 13), (16, 16)] {
             for k in [1, 3, 4, 5] {
@@ -1419,13 +1423,7 @@ mod tests {
     /// the stride, paddings beyond the kernel, output paddings, groups and odd sizes.
     #[test]
     fn phase_route_matches_col2im_route() {
-        let mut state = 0x1234_5677_u32;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = uniform(0x1234_5677);
         let mut cases = 0;
         for (n, h, w) in [(1, 1, 1), (2, 4, 4), (3, 3, 7), (1, 5, 2), (2, 6, 6)] {
             for (kh, kw) in [(1, 1), (2, 3), (3, 3), (4, 4), (5, 4)] {

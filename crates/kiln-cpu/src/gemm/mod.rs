@@ -420,13 +420,25 @@ pub fn gemm_panels_with_isa(
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
     validate_dims(&a, b.rows(), b.cols(), &c, opts)?;
+    panels_from(isa, driver::ASource::View(a), b, c, opts)
+}
+
+/// The product of [`gemm_panels_with_isa`] and [`gemm_sources`] once the operands are
+/// validated: either kind of A, B from a panel source, a plain C.
+fn panels_from(
+    isa: Isa,
+    a: driver::ASource<'_>,
+    b: &dyn PanelSource,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
     let Some(kern) = micro::Kernel::for_isa(isa) else {
         return Err(Error::invalid(format!(
             "gemm: the {} microkernel is not supported by this CPU",
             isa.name()
         )));
     };
-    let (m, k, n) = (a.rows, b.rows(), b.cols());
+    let (m, k, n) = (a.rows(), b.rows(), b.cols());
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -434,14 +446,20 @@ pub fn gemm_panels_with_isa(
         scale_only(c, opts);
         return Ok(());
     }
-    run_blis::<f32>(
-        &kern,
-        isa.blocking(),
-        a,
-        driver::BSource::Panels(b),
-        c,
-        opts,
-    );
+    let cp = driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride);
+    // SAFETY: the caller validated `c` to lie inside `c.data` and not to overlap itself, and
+    // its exclusive borrow is held here for the whole call.
+    unsafe {
+        run_blis_into(
+            &kern,
+            isa.blocking(),
+            a,
+            driver::BSource::<f32>::Panels(b),
+            cp,
+            n,
+            opts,
+        )
+    };
     Ok(())
 }
 
@@ -497,37 +515,8 @@ pub fn gemm_sources(
     c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
-    let (m, k, n) = (a.rows(), b.rows(), b.cols());
-    validate_source_dims([m, a.cols()], k, n, &c, opts, None)?;
-    let isa = Isa::best();
-    let Some(kern) = micro::Kernel::for_isa(isa) else {
-        return Err(Error::invalid(format!(
-            "gemm: the {} microkernel is not supported by this CPU",
-            isa.name()
-        )));
-    };
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        scale_only(c, opts);
-        return Ok(());
-    }
-    let cp = driver::CPtr::strided(c.data.as_mut_ptr(), c.row_stride, c.col_stride);
-    // SAFETY: `c` was validated to lie inside `c.data` and not to overlap itself, and its
-    // exclusive borrow is held here for the whole call.
-    unsafe {
-        run_blis_into(
-            &kern,
-            isa.blocking(),
-            driver::ASource::Panels(a),
-            driver::BSource::<f32>::Panels(b),
-            cp,
-            c.cols,
-            opts,
-        )
-    };
-    Ok(())
+    validate_source_dims([a.rows(), a.cols()], b.rows(), b.cols(), &c, opts, None)?;
+    panels_from(Isa::best(), driver::ASource::Panels(a), b, c, opts)
 }
 
 /// [`gemm_panels_blocked`] for either kind of A (a view has been checked by the caller).
