@@ -3,13 +3,16 @@
 //! `[768, 3072]`, `[3072, 768]`, row-major, 12 layers), then the logits `x·wteᵀ`
 //! (`wte` `[50257, 768]`). Prints the median GB/s of each kind of weight, the median step time
 //! and, for scale, the rate of a plain sequential read of 64 MiB timed after each step.
-//! `ONLY=i` replaces every layer weight by the i-th shape (to time one shape alone).
+//! `ONLY=i` replaces every layer weight by the i-th shape (to time one shape alone);
+//! `LAYOUT=panels` lays every weight out in column panels first (`PanelMatrix`, the layout
+//! `kiln gpt2` uses for 16-bit weights; `wteᵀ` as the `[768, 50257]` panel matrix), `LAYOUT=stored`
+//! (the default) streams them as stored.
 //!
 //! ```sh
 //! cargo run --release --example decode_gemv -- [f32|bf16|f16] [threads] [steps]
 //! ```
 use half::{bf16, f16};
-use kiln::cpu::gemm::{gemm, GemmOptions, MatMut, MatRef};
+use kiln::cpu::gemm::{gemm, gemm_panel_matrix, GemmOptions, MatMut, MatRef, PanelMatrix};
 use kiln_tensor::FloatElement;
 use std::time::Instant;
 
@@ -37,6 +40,17 @@ fn run<TB: FloatElement>(steps: usize) {
         }
     }
     let wte = fill(50257 * 768, 99);
+    let panels = std::env::var("LAYOUT").is_ok_and(|v| v == "panels");
+    let layer_panels: Vec<PanelMatrix<TB>> = if panels {
+        layers
+            .iter()
+            .map(|(k, n, w)| PanelMatrix::from_view(&MatRef::row_major(w, *k, *n)).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let wte_panels = panels
+        .then(|| PanelMatrix::<TB>::from_view(&MatRef::row_major(&wte, 50257, 768).t()).unwrap());
     let x = vec![0.01f32; 3072];
     let rd = vec![1.0f32; 16 << 20];
     let mut y = vec![0f32; 50257];
@@ -48,22 +62,26 @@ fn run<TB: FloatElement>(steps: usize) {
         let mut kt = [0f64; 7];
         for (i, (k, n, w)) in layers.iter().enumerate() {
             let t = Instant::now();
-            gemm(
+            let (xr, yr) = (
                 MatRef::row_major(&x[..*k], 1, *k),
-                MatRef::row_major(w, *k, *n),
                 MatMut::row_major(&mut y[..*n], 1, *n),
-                &opts,
-            )
+            );
+            match layer_panels.get(i) {
+                Some(pm) => gemm_panel_matrix(xr, pm, yr, &opts),
+                None => gemm(xr, MatRef::row_major(w, *k, *n), yr, &opts),
+            }
             .unwrap();
             kt[i % 4] += t.elapsed().as_secs_f64();
         }
         let t = Instant::now();
-        gemm(
+        let (xr, yr) = (
             MatRef::row_major(&x[..768], 1, 768),
-            MatRef::row_major(&wte, 50257, 768).t(),
             MatMut::row_major(&mut y, 1, 50257),
-            &opts,
-        )
+        );
+        match &wte_panels {
+            Some(pm) => gemm_panel_matrix(xr, pm, yr, &opts),
+            None => gemm(xr, MatRef::row_major(&wte, 50257, 768).t(), yr, &opts),
+        }
         .unwrap();
         kt[4] += t.elapsed().as_secs_f64();
         kt[5] = t_step.elapsed().as_secs_f64();

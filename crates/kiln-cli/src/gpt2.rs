@@ -75,6 +75,10 @@ pub struct GenerateArgs {
     /// Weight dtype in memory: f32, bf16 or f16 (default: the checkpoint's, used without copy).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Keep 16-bit linear weights as the checkpoint stores them (`[in, out]`, zero-copy when the
+    /// dtype is the file's) instead of laying them out in column panels for decode.
+    #[arg(long)]
+    pub stored_layout: bool,
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -324,6 +328,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &a.model,
         &LoadOptions {
             dtype,
+            panels: !a.stored_layout,
             ..Default::default()
         },
     )?;

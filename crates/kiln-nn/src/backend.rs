@@ -13,16 +13,20 @@ use kiln_cpu::elementwise::add::add_inplace;
 use kiln_cpu::elementwise::embedding::embedding_forward;
 use kiln_cpu::elementwise::gelu::gelu_inplace;
 use kiln_cpu::elementwise::softmax::softmax_rows_inplace;
-use kiln_cpu::gemm::{self, Epilogue, GemmOptions, MatMut, MatRef};
+use kiln_cpu::gemm::{self, Epilogue, GemmOptions, MatMut, MatRef, PanelMatrix};
 use kiln_cpu::norm::layer_norm::layer_norm_forward;
 use kiln_tensor::{DType, Error, Result, Tensor};
 
-/// The elements of a weight matrix in one of the float storage dtypes.
+/// The elements of a weight matrix in one of the float storage dtypes: a plain slice (indexed
+/// through the view's strides), or a 16-bit matrix in column panels ([`PanelMatrix`], indexed
+/// as its row-major `[k, n]`: element `i` is `(i / n, i % n)`).
 #[derive(Clone, Copy, Debug)]
 pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    PanelsBF16(&'a PanelMatrix<bf16>),
+    PanelsF16(&'a PanelMatrix<f16>),
 }
 
 impl WeightData<'_> {
@@ -31,6 +35,8 @@ impl WeightData<'_> {
             WeightData::F32(s) => s.len(),
             WeightData::F16(s) => s.len(),
             WeightData::BF16(s) => s.len(),
+            WeightData::PanelsBF16(p) => p.rows() * p.cols(),
+            WeightData::PanelsF16(p) => p.rows() * p.cols(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -39,8 +45,8 @@ impl WeightData<'_> {
     pub fn dtype(&self) -> DType {
         match self {
             WeightData::F32(_) => DType::F32,
-            WeightData::F16(_) => DType::F16,
-            WeightData::BF16(_) => DType::BF16,
+            WeightData::F16(_) | WeightData::PanelsF16(_) => DType::F16,
+            WeightData::BF16(_) | WeightData::PanelsBF16(_) => DType::BF16,
         }
     }
     /// Element `i` as f32.
@@ -50,6 +56,108 @@ impl WeightData<'_> {
             WeightData::F32(s) => s[i],
             WeightData::F16(s) => s[i].to_f32(),
             WeightData::BF16(s) => s[i].to_f32(),
+            WeightData::PanelsBF16(p) => p.get(i / p.cols(), i % p.cols()),
+            WeightData::PanelsF16(p) => p.get(i / p.cols(), i % p.cols()),
+        }
+    }
+
+    /// The panel matrix's `(k, n)`, when the data is one.
+    fn panel_dims(&self) -> Option<(usize, usize)> {
+        match self {
+            WeightData::PanelsBF16(p) => Some((p.rows(), p.cols())),
+            WeightData::PanelsF16(p) => Some((p.rows(), p.cols())),
+            _ => None,
+        }
+    }
+}
+
+/// A linear layer's weight `[in, out]` as a model keeps it: a tensor as the checkpoint stores
+/// it (possibly borrowed from the memory map), or 16-bit weights laid out in column panels for
+/// streaming (see `kiln_cpu::gemm::panels`: the M = 1 product of a decode step reads them as a
+/// few long sequential streams).
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    PanelsBF16(PanelMatrix<bf16>),
+    PanelsF16(PanelMatrix<f16>),
+}
+
+impl LinearWeight {
+    /// `t` (`[in, out]`, any float dtype) converted to `dtype` (bf16 or f16; other dtypes are
+    /// an error) and laid out in column panels: one pass over `t`, in parallel over panels.
+    pub fn panels(t: &Tensor, dtype: DType) -> Result<Self> {
+        let v = WeightView::from_tensor(t)?;
+        let (k, n) = (v.rows, v.cols);
+        fn build<T: kiln_tensor::FloatElement>(
+            v: &WeightView<'_>,
+            k: usize,
+            n: usize,
+        ) -> Result<PanelMatrix<T>> {
+            match v.data {
+                WeightData::F32(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
+                WeightData::F16(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
+                WeightData::BF16(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
+                _ => Err(Error::invalid("a tensor view is never a panel matrix")),
+            }
+        }
+        match dtype {
+            DType::BF16 => Ok(LinearWeight::PanelsBF16(build(&v, k, n)?)),
+            DType::F16 => Ok(LinearWeight::PanelsF16(build(&v, k, n)?)),
+            other => Err(Error::invalid(format!(
+                "column panels hold bf16 or f16 weights, not {other}"
+            ))),
+        }
+    }
+
+    /// The weight as a view for [`Backend::linear`].
+    pub fn view(&self) -> Result<WeightView<'_>> {
+        match self {
+            LinearWeight::Dense(t) => WeightView::from_tensor(t),
+            LinearWeight::PanelsBF16(p) => Ok(WeightView::panels(WeightData::PanelsBF16(p))),
+            LinearWeight::PanelsF16(p) => Ok(WeightView::panels(WeightData::PanelsF16(p))),
+        }
+    }
+
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            LinearWeight::Dense(t) => match t.dims() {
+                [r, c] => [*r, *c],
+                _ => [0, 0],
+            },
+            LinearWeight::PanelsBF16(p) => [p.rows(), p.cols()],
+            LinearWeight::PanelsF16(p) => [p.rows(), p.cols()],
+        }
+    }
+
+    /// The element dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            LinearWeight::Dense(t) => t.dtype(),
+            LinearWeight::PanelsBF16(_) => DType::BF16,
+            LinearWeight::PanelsF16(_) => DType::F16,
+        }
+    }
+
+    /// Bytes of the `in × out` elements: what one product streams.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(t) => t.size_in_bytes(),
+            LinearWeight::PanelsBF16(p) => p.matrix_bytes(),
+            LinearWeight::PanelsF16(p) => p.matrix_bytes(),
+        }
+    }
+
+    /// Whether the weight borrows the checkpoint's bytes (zero-copy).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self, LinearWeight::Dense(t) if t.is_borrowed())
+    }
+
+    /// The tensor, when the weight is kept as one.
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Some(t),
+            _ => None,
         }
     }
 }
@@ -77,6 +185,14 @@ impl<'a> WeightView<'a> {
             row_stride: cols,
             col_stride: 1,
         }
+    }
+
+    /// A view of a panel matrix (`data` is [`WeightData::PanelsBF16`] or
+    /// [`WeightData::PanelsF16`]) as its `[k, n]`; it can be used by [`Backend::linear`] as it is,
+    /// not transposed.
+    pub fn panels(data: WeightData<'a>) -> Self {
+        let (k, n) = data.panel_dims().unwrap_or((0, 0));
+        Self::row_major(data, k, n)
     }
 
     /// A view of a contiguous 2-D float tensor (no copy).
@@ -120,6 +236,15 @@ impl<'a> WeightView<'a> {
 
     /// Checks that every element lies inside the data.
     fn check(&self, what: &str) -> Result<()> {
+        if let Some((k, n)) = self.data.panel_dims() {
+            if (self.rows, self.cols, self.row_stride, self.col_stride) != (k, n, n, 1) {
+                return Err(Error::invalid(format!(
+                    "{what}: a {k}x{n} panel matrix can only be used as it is (not transposed or \
+                     re-strided)"
+                )));
+            }
+            return Ok(());
+        }
         if self.rows == 0 || self.cols == 0 {
             return Ok(());
         }
@@ -332,6 +457,8 @@ impl Backend for CpuBackend {
             WeightData::F32(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::F16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::BF16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
+            WeightData::PanelsBF16(p) => gemm::gemm_panel_matrix(a, p, c, &opts),
+            WeightData::PanelsF16(p) => gemm::gemm_panel_matrix(a, p, c, &opts),
         }?;
         Ok(())
     }

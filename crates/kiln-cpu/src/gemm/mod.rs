@@ -30,8 +30,10 @@ pub mod driver;
 pub mod gemv;
 pub mod micro;
 pub mod pack;
+pub mod panels;
 
 pub use driver::{APanelSource, PanelSource, ViewPanels};
+pub use panels::{gemm_panel_matrix, gemm_panel_matrix_with_isa, PanelMatrix};
 
 /// An instruction set a microkernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -761,14 +763,23 @@ fn gemm_few_rows<TB: FloatElement>(
     if !gemv::gemv_rows_batch(isa, &xs, b, &mut ys) {
         return false;
     }
-    for (i, y) in ys.iter_mut().enumerate() {
+    store_rows(&ys, c, opts);
+    true
+}
+
+/// Row `i` of C from the plain product row `ys[i]`: `C[i, j] = alpha·ys[i][j] + beta·C[i, j]`,
+/// then the epilogue, as the M = 1 path writes a row (scale, then the row epilogue, when C's row
+/// is contiguous and not read).
+fn store_rows(ys: &[Vec<f32>], c: &mut MatMut<'_>, opts: &GemmOptions<'_>) {
+    for (i, y) in ys.iter().enumerate() {
+        let n = y.len();
         if c.col_stride == 1 && opts.beta == 0.0 {
-            // As the M = 1 path writes a contiguous row: scale, then the row epilogue.
+            let row = &mut c.data[i * c.row_stride..i * c.row_stride + n];
+            row.copy_from_slice(y);
             if opts.alpha != 1.0 {
-                y.iter_mut().for_each(|v| *v *= opts.alpha);
+                row.iter_mut().for_each(|v| *v *= opts.alpha);
             }
-            apply_epilogue_row(y, 0, &opts.epilogue);
-            c.data[i * c.row_stride..i * c.row_stride + n].copy_from_slice(y);
+            apply_epilogue_row(row, 0, &opts.epilogue);
         } else {
             for (j, &acc) in y.iter().enumerate() {
                 let p = &mut c.data[i * c.row_stride + j * c.col_stride];
@@ -781,7 +792,6 @@ fn gemm_few_rows<TB: FloatElement>(
             }
         }
     }
-    true
 }
 
 /// The M = 1 product `c[j·cs] = alpha·(x·B)[j] + beta·c[j·cs]`, then the epilogue, for A a

@@ -226,7 +226,7 @@ impl Gpt2Model {
             be.linear(
                 h,
                 rows,
-                view(&b.c_attn_w)?,
+                b.c_attn_w.view()?,
                 Some(&b.c_attn_b),
                 Activation::None,
                 qkv,
@@ -235,7 +235,7 @@ impl Gpt2Model {
             be.linear(
                 att,
                 rows,
-                view(&b.attn_proj_w)?,
+                b.attn_proj_w.view()?,
                 Some(&b.attn_proj_b),
                 Activation::None,
                 h,
@@ -246,7 +246,7 @@ impl Gpt2Model {
             be.linear(
                 h,
                 rows,
-                view(&b.fc_w)?,
+                b.fc_w.view()?,
                 Some(&b.fc_b),
                 Activation::GeluTanh,
                 mlp,
@@ -254,7 +254,7 @@ impl Gpt2Model {
             be.linear(
                 mlp,
                 rows,
-                view(&b.mlp_proj_w)?,
+                b.mlp_proj_w.view()?,
                 Some(&b.mlp_proj_b),
                 Activation::None,
                 h,

@@ -12,28 +12,29 @@
 use super::config::Gpt2Config;
 use half::{bf16, f16};
 use kiln_io::SafeTensors;
-use kiln_nn::backend::WeightView;
+use kiln_nn::backend::{LinearWeight, WeightView};
 use kiln_tensor::{convert, DType, Error, FloatElement, Result, Tensor};
 use rayon::prelude::*;
 
-/// One transformer block. Conv1D weights are `[in, out]`, as the checkpoint stores them.
+/// One transformer block. Conv1D weights are `[in, out]`: as the checkpoint stores them, or
+/// (16-bit weights, by default) the same matrix in column panels.
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
     pub ln_1_w: Vec<f32>,
     pub ln_1_b: Vec<f32>,
     /// `[C, 3C]`: queries, keys, values side by side.
-    pub c_attn_w: Tensor,
+    pub c_attn_w: LinearWeight,
     pub c_attn_b: Vec<f32>,
     /// `[C, C]`.
-    pub attn_proj_w: Tensor,
+    pub attn_proj_w: LinearWeight,
     pub attn_proj_b: Vec<f32>,
     pub ln_2_w: Vec<f32>,
     pub ln_2_b: Vec<f32>,
     /// `[C, F]`.
-    pub fc_w: Tensor,
+    pub fc_w: LinearWeight,
     pub fc_b: Vec<f32>,
     /// `[F, C]`.
-    pub mlp_proj_w: Tensor,
+    pub mlp_proj_w: LinearWeight,
     pub mlp_proj_b: Vec<f32>,
 }
 
@@ -57,6 +58,8 @@ pub struct Gpt2Weights {
 struct Reader<'a> {
     st: &'a SafeTensors,
     dtype: DType,
+    /// 16-bit linear weights in column panels.
+    panels: bool,
 }
 
 impl Reader<'_> {
@@ -95,6 +98,15 @@ impl Reader<'_> {
         convert(&self.raw(name, dims)?, self.dtype)
     }
 
+    /// A linear layer's weight: in column panels when asked for and the weight dtype is 16-bit
+    /// (one conversion pass straight from the file's bytes), otherwise as [`Reader::matrix`].
+    fn linear(&self, name: &str, dims: &[usize]) -> Result<LinearWeight> {
+        if self.panels && matches!(self.dtype, DType::BF16 | DType::F16) {
+            return LinearWeight::panels(&self.raw(name, dims)?, self.dtype);
+        }
+        Ok(LinearWeight::Dense(self.matrix(name, dims)?))
+    }
+
     /// A vector converted to f32.
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.raw(name, &[len])?.to_f32_vec()
@@ -103,14 +115,25 @@ impl Reader<'_> {
 
 impl Gpt2Weights {
     /// Loads and checks every tensor `cfg` calls for; matrices end up in `dtype`
-    /// (f32, f16 or bf16).
+    /// (f32, f16 or bf16), 16-bit linear weights in column panels ([`Gpt2Weights::load_with`]).
     pub fn load(st: &SafeTensors, cfg: &Gpt2Config, dtype: DType) -> Result<Self> {
+        Self::load_with(st, cfg, dtype, true)
+    }
+
+    /// [`Gpt2Weights::load`]; with `panels` false every matrix is kept as the file stores it
+    /// (zero-copy when `dtype` is the file's).
+    pub fn load_with(
+        st: &SafeTensors,
+        cfg: &Gpt2Config,
+        dtype: DType,
+        panels: bool,
+    ) -> Result<Self> {
         if !dtype.is_float() {
             return Err(Error::invalid(format!(
                 "weight dtype must be f32, f16 or bf16, not {dtype}"
             )));
         }
-        let r = Reader { st, dtype };
+        let r = Reader { st, dtype, panels };
         let (c, f, v, p) = (cfg.n_embd, cfg.mlp_dim(), cfg.vocab_size, cfg.n_positions);
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
@@ -118,15 +141,15 @@ impl Gpt2Weights {
             blocks.push(BlockWeights {
                 ln_1_w: r.vector(&n("ln_1.weight"), c)?,
                 ln_1_b: r.vector(&n("ln_1.bias"), c)?,
-                c_attn_w: r.matrix(&n("attn.c_attn.weight"), &[c, 3 * c])?,
+                c_attn_w: r.linear(&n("attn.c_attn.weight"), &[c, 3 * c])?,
                 c_attn_b: r.vector(&n("attn.c_attn.bias"), 3 * c)?,
-                attn_proj_w: r.matrix(&n("attn.c_proj.weight"), &[c, c])?,
+                attn_proj_w: r.linear(&n("attn.c_proj.weight"), &[c, c])?,
                 attn_proj_b: r.vector(&n("attn.c_proj.bias"), c)?,
                 ln_2_w: r.vector(&n("ln_2.weight"), c)?,
                 ln_2_b: r.vector(&n("ln_2.bias"), c)?,
-                fc_w: r.matrix(&n("mlp.c_fc.weight"), &[c, f])?,
+                fc_w: r.linear(&n("mlp.c_fc.weight"), &[c, f])?,
                 fc_b: r.vector(&n("mlp.c_fc.bias"), f)?,
-                mlp_proj_w: r.matrix(&n("mlp.c_proj.weight"), &[f, c])?,
+                mlp_proj_w: r.linear(&n("mlp.c_proj.weight"), &[f, c])?,
                 mlp_proj_b: r.vector(&n("mlp.c_proj.bias"), c)?,
             });
         }
@@ -167,11 +190,15 @@ impl Gpt2Weights {
         blocks + self.lm_head().size_in_bytes()
     }
 
-    /// Every tensor kept, matrices first.
+    /// Every matrix kept as a tensor.
     fn all_matrices(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.wte, &self.wpe];
         for b in &self.blocks {
-            v.extend([&b.c_attn_w, &b.attn_proj_w, &b.fc_w, &b.mlp_proj_w]);
+            v.extend(
+                [&b.c_attn_w, &b.attn_proj_w, &b.fc_w, &b.mlp_proj_w]
+                    .into_iter()
+                    .filter_map(LinearWeight::as_tensor),
+            );
         }
         v.extend(self.lm_head.as_ref());
         v
