@@ -109,6 +109,33 @@ impl LinearWeight {
         }
     }
 
+    /// The transpose of `t` (`[rows, cols]` → `[cols, rows]`) converted to `dtype` (bf16 or f16)
+    /// in column panels: a token table `[V, C]` becomes its output projection `[C, V]`, each
+    /// panel 32 contiguous rows of `t`.
+    pub fn panels_of_transpose(t: &Tensor, dtype: DType) -> Result<Self> {
+        let v = WeightView::from_tensor(t)?.t();
+        let (k, n) = (v.rows, v.cols);
+        fn build<T: kiln_tensor::FloatElement>(
+            v: &WeightView<'_>,
+            k: usize,
+            n: usize,
+        ) -> Result<PanelMatrix<T>> {
+            match v.data {
+                WeightData::F32(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
+                WeightData::F16(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
+                WeightData::BF16(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
+                _ => Err(Error::invalid("a tensor view is never a panel matrix")),
+            }
+        }
+        match dtype {
+            DType::BF16 => Ok(LinearWeight::PanelsBF16(build(&v, k, n)?)),
+            DType::F16 => Ok(LinearWeight::PanelsF16(build(&v, k, n)?)),
+            other => Err(Error::invalid(format!(
+                "column panels hold bf16 or f16 weights, not {other}"
+            ))),
+        }
+    }
+
     /// The weight as a view for [`Backend::linear`].
     pub fn view(&self) -> Result<WeightView<'_>> {
         match self {
@@ -412,6 +439,63 @@ pub trait Backend: Send + Sync {
     fn softmax(&self, x: &mut [f32], cols: usize) -> Result<()>;
 }
 
+/// `out[t] = wte[ids[t]] + wpe[pos_start + t]` where the token table `[V, C]` is the transpose of
+/// a `[C, V]` panel matrix (the tied output projection kept in column panels): each row is a
+/// column gather. `positions` must be dense and row-major.
+fn embedding_from_panels(
+    ids: &[u32],
+    tokens: WeightView<'_>,
+    k: usize,
+    n: usize,
+    positions: WeightView<'_>,
+    pos_start: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    if (
+        tokens.rows,
+        tokens.cols,
+        tokens.row_stride,
+        tokens.col_stride,
+    ) != (n, k, 1, n)
+    {
+        return Err(Error::invalid(
+            "embedding: a panel token table must be the transpose of its [C, V] panel matrix",
+        ));
+    }
+    positions.check("embedding: position table")?;
+    let dense = positions.col_stride == 1 && positions.row_stride == positions.cols;
+    if positions.cols != k || !dense || positions.data.panel_dims().is_some() {
+        return Err(Error::invalid(format!(
+            "embedding: the position table must be a dense row-major [P, {k}]"
+        )));
+    }
+    if out.len() != ids.len() * k {
+        return Err(Error::shape(
+            "embedding: out",
+            &[ids.len(), k],
+            &[out.len()],
+        ));
+    }
+    for (t, (&id, o)) in ids.iter().zip(out.chunks_exact_mut(k.max(1))).enumerate() {
+        let pos = pos_start + t;
+        if id as usize >= n || pos >= positions.rows {
+            return Err(Error::invalid(format!(
+                "embedding: token {id} at position {pos} is outside the tables ({n} tokens, {} positions)",
+                positions.rows
+            )));
+        }
+        match tokens.data {
+            WeightData::PanelsBF16(p) => p.column(id as usize, o),
+            WeightData::PanelsF16(p) => p.column(id as usize, o),
+            _ => unreachable!("checked to be panels"),
+        }
+        for (c, v) in o.iter_mut().enumerate() {
+            *v += positions.data.get(pos * k + c);
+        }
+    }
+    Ok(())
+}
+
 /// The CPU backend: every op runs a `kiln-cpu` kernel on the current rayon pool.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -523,6 +607,9 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) -> Result<()> {
         let dim = tokens.cols;
+        if let Some((k, n)) = tokens.data.panel_dims() {
+            return embedding_from_panels(ids, tokens, k, n, positions, pos_start, out);
+        }
         tokens.check("embedding: token table")?;
         positions.check("embedding: position table")?;
         if positions.cols != dim {
@@ -567,5 +654,83 @@ impl Backend for CpuBackend {
             )));
         }
         softmax_rows_inplace(x, x.len() / cols, cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.max(1);
+        (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                s as f32 / u32::MAX as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// A `[V, C]` token table held as its transpose in column panels embeds exactly as the
+    /// dense table, and serves as the output projection `[C, V]` of `linear`.
+    #[test]
+    fn panel_token_table_embeds_and_projects_as_the_dense_one() {
+        let (v, c, p) = (70, 24, 9);
+        let wte: Vec<bf16> = table(v, c, 3).into_iter().map(bf16::from_f32).collect();
+        let wpe: Vec<bf16> = table(p, c, 4).into_iter().map(bf16::from_f32).collect();
+        let t = Tensor::from_slice(&wte, vec![v, c]).unwrap();
+        let panels = LinearWeight::panels_of_transpose(&t, DType::BF16).unwrap();
+        assert_eq!(panels.dims(), [c, v]);
+        let dense_rows = WeightView::row_major(WeightData::BF16(&wte), v, c);
+        let pos = WeightView::row_major(WeightData::BF16(&wpe), p, c);
+        let ids = [0u32, 69, 5, 31, 32, 64];
+        let be = CpuBackend;
+        let mut want = vec![0f32; ids.len() * c];
+        be.embedding(&ids, dense_rows, pos, 2, &mut want).unwrap();
+        let mut got = vec![f32::NAN; ids.len() * c];
+        be.embedding(&ids, panels.view().unwrap().t(), pos, 2, &mut got)
+            .unwrap();
+        assert_eq!(got, want);
+        // Out of range: token, position; a panel table not transposed.
+        assert!(be
+            .embedding(&[70], panels.view().unwrap().t(), pos, 0, &mut got[..c])
+            .is_err());
+        assert!(be
+            .embedding(&[1], panels.view().unwrap().t(), pos, 9, &mut got[..c])
+            .is_err());
+        assert!(be
+            .embedding(&[1], panels.view().unwrap(), pos, 0, &mut got[..c])
+            .is_err());
+        // The projection: x·wteᵀ from panels equals the dense transposed view.
+        let x = table(3, c, 5);
+        let mut a = vec![0f32; 3 * v];
+        let mut b = vec![0f32; 3 * v];
+        be.linear(&x, 3, dense_rows.t(), None, Activation::None, &mut a)
+            .unwrap();
+        be.linear(
+            &x,
+            3,
+            panels.view().unwrap(),
+            None,
+            Activation::None,
+            &mut b,
+        )
+        .unwrap();
+        for (g, w) in b.iter().zip(&a) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        // A transposed panel view is refused by linear.
+        assert!(be
+            .linear(
+                &x[..v],
+                1,
+                panels.view().unwrap().t(),
+                None,
+                Activation::None,
+                &mut b[..c]
+            )
+            .is_err());
     }
 }

@@ -109,6 +109,35 @@ impl<T: FloatElement> PanelMatrix<T> {
             // of every source row (converted in one call) and writes whole panel rows.
             let per = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
             let dst = data.as_mut_slice::<T>();
+            if b.row_stride == 1 && b.col_stride != 1 {
+                // Column-major (the transpose of a row-major table, `wteᵀ`): each panel is 32
+                // contiguous source columns, converted whole and transposed into panel rows.
+                dst.par_chunks_mut(k * PANEL)
+                    .enumerate()
+                    .for_each(|(q, panel)| {
+                        let j0 = q * PANEL;
+                        let w = PANEL.min(n - j0);
+                        // The 32 columns converted whole, then transposed row by row.
+                        let mut cols = vec![T::from_f32(0.0); w * k];
+                        for (j, col) in cols.chunks_exact_mut(k).enumerate() {
+                            let s = (j0 + j) * b.col_stride;
+                            convert_into(&b.data[s..s + k], col);
+                        }
+                        let mut run = [T::from_f32(0.0); PANEL];
+                        for (p, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+                            for (j, r) in run.iter_mut().enumerate().take(w) {
+                                *r = cols[j * k + p];
+                            }
+                            store_row(&run[..w], row, &slots);
+                        }
+                    });
+                return Ok(PanelMatrix {
+                    k,
+                    n,
+                    data,
+                    _elem: PhantomData,
+                });
+            }
             dst.par_chunks_mut(per * k * PANEL)
                 .enumerate()
                 .for_each(|(g, group)| {
@@ -127,9 +156,7 @@ impl<T: FloatElement> PanelMatrix<T> {
                         }
                         for (q, chunk) in run.chunks(PANEL).enumerate() {
                             let row = &mut group[q * k * PANEL + p * PANEL..][..PANEL];
-                            for (&v, &sl) in chunk.iter().zip(&slots) {
-                                row[sl] = v;
-                            }
+                            store_row(chunk, row, &slots);
                         }
                     }
                 });
@@ -178,6 +205,20 @@ impl<T: FloatElement> PanelMatrix<T> {
         assert!(p < self.k && j < self.n, "panel matrix index out of range");
         let q = j / PANEL;
         self.panel(q)[p * PANEL + slot(T::DTYPE, j % PANEL)].to_f32()
+    }
+
+    /// Column `j` of B (`k` elements) as f32 into `out`: a gather at a stride of one panel row.
+    /// Panics when `j` or `out`'s length is out of range.
+    pub fn column(&self, j: usize, out: &mut [f32]) {
+        assert!(
+            j < self.n && out.len() == self.k,
+            "panel column out of range"
+        );
+        let panel = self.panel(j / PANEL);
+        let sl = slot(T::DTYPE, j % PANEL);
+        for (o, row) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
+            *o = row[sl].to_f32();
+        }
     }
 
     /// `y = x·B` (`x` of length k, `y` of length n, overwritten), the M = 1 product: every
@@ -341,6 +382,31 @@ impl<T: FloatElement> PanelSource for PanelMatrix<T> {
                 }
             }
         }
+    }
+}
+
+/// One panel row from up to 32 elements in column order: bf16 in [`slot`] order (a full row is
+/// two 16-bit interleaves of its halves), others as they are.
+#[inline]
+fn store_row<T: FloatElement>(src: &[T], row: &mut [T], slots: &[usize; PANEL]) {
+    if let (Ok(src), Ok(row)) = (
+        <&[T; PANEL]>::try_from(src),
+        <&mut [T; PANEL]>::try_from(&mut *row),
+    ) {
+        if T::DTYPE == DType::BF16 {
+            for h in 0..2 {
+                for i in 0..8 {
+                    row[16 * h + 2 * i] = src[16 * h + i];
+                    row[16 * h + 2 * i + 1] = src[16 * h + 8 + i];
+                }
+            }
+        } else {
+            *row = *src;
+        }
+        return;
+    }
+    for (&v, &sl) in src.iter().zip(slots) {
+        row[sl] = v;
     }
 }
 

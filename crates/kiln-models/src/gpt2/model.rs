@@ -189,7 +189,7 @@ impl Gpt2Model {
         let mlp = scratch(mlp, t * f);
 
         // x = wte[ids] + wpe[pos0 .. pos0 + T]
-        be.embedding(ids, view(&w.wte)?, view(&w.wpe)?, pos0, x)?;
+        be.embedding(ids, w.wte.rows_view()?, view(&w.wpe)?, pos0, x)?;
 
         self.blocks(x, h, qkv, att, mlp, t, |l, qkv, att| {
             be.attention(qkv, t, &mut caches[l], att)
@@ -274,7 +274,7 @@ impl Gpt2Model {
         be.linear(
             hs,
             rows,
-            view(w.lm_head())?.t(),
+            w.lm_head().projection_view()?,
             None,
             Activation::None,
             logits,
@@ -328,7 +328,7 @@ impl Gpt2Model {
         for (b, s) in states.iter().enumerate() {
             be.embedding(
                 &ids[b..b + 1],
-                view(&w.wte)?,
+                w.wte.rows_view()?,
                 view(&w.wpe)?,
                 s.len(),
                 &mut x[b * c..(b + 1) * c],

@@ -38,18 +38,68 @@ pub struct BlockWeights {
     pub mlp_proj_b: Vec<f32>,
 }
 
+/// A token table `[V, C]` (`wte`, or an untied `lm_head`) that also serves as the output
+/// projection `[C, V]` of the logits.
+#[derive(Debug, Clone)]
+pub enum TokenTable {
+    /// As the checkpoint stores it (zero-copy when the dtype is the file's).
+    Stored(Tensor),
+    /// The projection `[C, V]` in column panels (16-bit weights, the default): the logits of a
+    /// decode step stream it; embedding rows are gathered from its columns.
+    Panels(LinearWeight),
+}
+
+impl TokenTable {
+    /// The table as `[V, C]` (for the embedding).
+    pub fn rows_view(&self) -> Result<WeightView<'_>> {
+        match self {
+            TokenTable::Stored(t) => WeightView::from_tensor(t),
+            TokenTable::Panels(p) => Ok(p.view()?.t()),
+        }
+    }
+
+    /// The output projection `[C, V]` (the table transposed).
+    pub fn projection_view(&self) -> Result<WeightView<'_>> {
+        match self {
+            TokenTable::Stored(t) => Ok(WeightView::from_tensor(t)?.t()),
+            TokenTable::Panels(p) => p.view(),
+        }
+    }
+
+    /// Bytes of the `V × C` elements.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            TokenTable::Stored(t) => t.size_in_bytes(),
+            TokenTable::Panels(p) => p.size_in_bytes(),
+        }
+    }
+
+    /// The tensor, when the table is kept as stored.
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            TokenTable::Stored(t) => Some(t),
+            TokenTable::Panels(_) => None,
+        }
+    }
+
+    /// Whether the table borrows the checkpoint's bytes.
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self, TokenTable::Stored(t) if t.is_borrowed())
+    }
+}
+
 /// All weights of a GPT-2 language model.
 #[derive(Debug, Clone)]
 pub struct Gpt2Weights {
-    /// Token embeddings `[V, C]`.
-    pub wte: Tensor,
+    /// Token embeddings `[V, C]`, also the tied output projection.
+    pub wte: TokenTable,
     /// Position embeddings `[P, C]`.
     pub wpe: Tensor,
     pub blocks: Vec<BlockWeights>,
     pub ln_f_w: Vec<f32>,
     pub ln_f_b: Vec<f32>,
     /// An untied output projection `[V, C]`; `None` means tied to `wte`.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<TokenTable>,
     /// The dtype of the matrices in memory.
     pub dtype: DType,
 }
@@ -107,6 +157,18 @@ impl Reader<'_> {
         Ok(LinearWeight::Dense(self.matrix(name, dims)?))
     }
 
+    /// A token table `[V, C]`: its transpose in column panels when asked for and the weight
+    /// dtype is 16-bit, otherwise as [`Reader::matrix`].
+    fn table(&self, name: &str, dims: &[usize]) -> Result<TokenTable> {
+        if self.panels && matches!(self.dtype, DType::BF16 | DType::F16) {
+            let raw = self.raw(name, dims)?;
+            return Ok(TokenTable::Panels(LinearWeight::panels_of_transpose(
+                &raw, self.dtype,
+            )?));
+        }
+        Ok(TokenTable::Stored(self.matrix(name, dims)?))
+    }
+
     /// A vector converted to f32.
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.raw(name, &[len])?.to_f32_vec()
@@ -154,12 +216,12 @@ impl Gpt2Weights {
             });
         }
         let lm_head = if st.contains("lm_head.weight") {
-            Some(r.matrix("lm_head.weight", &[v, c])?)
+            Some(r.table("lm_head.weight", &[v, c])?)
         } else {
             None
         };
         Ok(Gpt2Weights {
-            wte: r.matrix("wte.weight", &[v, c])?,
+            wte: r.table("wte.weight", &[v, c])?,
             wpe: r.matrix("wpe.weight", &[p, c])?,
             blocks,
             ln_f_w: r.vector("ln_f.weight", c)?,
@@ -169,8 +231,8 @@ impl Gpt2Weights {
         })
     }
 
-    /// The output projection `[V, C]` (lm_head, or wte when tied).
-    pub fn lm_head(&self) -> &Tensor {
+    /// The output projection's table `[V, C]` (lm_head, or wte when tied).
+    pub fn lm_head(&self) -> &TokenTable {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
@@ -192,7 +254,8 @@ impl Gpt2Weights {
 
     /// Every matrix kept as a tensor.
     fn all_matrices(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.wte, &self.wpe];
+        let mut v: Vec<&Tensor> = self.wte.as_tensor().into_iter().collect();
+        v.push(&self.wpe);
         for b in &self.blocks {
             v.extend(
                 [&b.c_attn_w, &b.attn_proj_w, &b.fc_w, &b.mlp_proj_w]
@@ -200,7 +263,7 @@ impl Gpt2Weights {
                     .filter_map(LinearWeight::as_tensor),
             );
         }
-        v.extend(self.lm_head.as_ref());
+        v.extend(self.lm_head.as_ref().and_then(TokenTable::as_tensor));
         v
     }
 
