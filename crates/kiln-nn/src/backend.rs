@@ -86,50 +86,30 @@ impl LinearWeight {
     /// `t` (`[in, out]`, any float dtype) converted to `dtype` (bf16 or f16; other dtypes are
     /// an error) and laid out in column panels: one pass over `t`, in parallel over panels.
     pub fn panels(t: &Tensor, dtype: DType) -> Result<Self> {
-        let v = WeightView::from_tensor(t)?;
-        let (k, n) = (v.rows, v.cols);
-        fn build<T: kiln_tensor::FloatElement>(
-            v: &WeightView<'_>,
-            k: usize,
-            n: usize,
-        ) -> Result<PanelMatrix<T>> {
-            match v.data {
-                WeightData::F32(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
-                WeightData::F16(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
-                WeightData::BF16(d) => PanelMatrix::from_view(&MatRef::row_major(d, k, n)),
-                _ => Err(Error::invalid("a tensor view is never a panel matrix")),
-            }
-        }
-        match dtype {
-            DType::BF16 => Ok(LinearWeight::PanelsBF16(build(&v, k, n)?)),
-            DType::F16 => Ok(LinearWeight::PanelsF16(build(&v, k, n)?)),
-            other => Err(Error::invalid(format!(
-                "column panels hold bf16 or f16 weights, not {other}"
-            ))),
-        }
+        Self::from_view(WeightView::from_tensor(t)?, dtype)
     }
 
     /// The transpose of `t` (`[rows, cols]` → `[cols, rows]`) converted to `dtype` (bf16 or f16)
     /// in column panels: a token table `[V, C]` becomes its output projection `[C, V]`, each
     /// panel 32 contiguous rows of `t`.
     pub fn panels_of_transpose(t: &Tensor, dtype: DType) -> Result<Self> {
-        let v = WeightView::from_tensor(t)?.t();
-        let (k, n) = (v.rows, v.cols);
-        fn build<T: kiln_tensor::FloatElement>(
-            v: &WeightView<'_>,
-            k: usize,
-            n: usize,
-        ) -> Result<PanelMatrix<T>> {
+        Self::from_view(WeightView::from_tensor(t)?.t(), dtype)
+    }
+
+    /// The matrix `v` (a dense view, any strides) converted to `dtype` in column panels.
+    fn from_view(v: WeightView<'_>, dtype: DType) -> Result<Self> {
+        fn build<T: kiln_tensor::FloatElement>(v: &WeightView<'_>) -> Result<PanelMatrix<T>> {
+            let (k, n, rs, cs) = (v.rows, v.cols, v.row_stride, v.col_stride);
             match v.data {
-                WeightData::F32(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
-                WeightData::F16(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
-                WeightData::BF16(d) => PanelMatrix::from_view(&MatRef::row_major(d, n, k).t()),
+                WeightData::F32(d) => PanelMatrix::from_view(&MatRef::strided(d, k, n, rs, cs)),
+                WeightData::F16(d) => PanelMatrix::from_view(&MatRef::strided(d, k, n, rs, cs)),
+                WeightData::BF16(d) => PanelMatrix::from_view(&MatRef::strided(d, k, n, rs, cs)),
                 _ => Err(Error::invalid("a tensor view is never a panel matrix")),
             }
         }
         match dtype {
-            DType::BF16 => Ok(LinearWeight::PanelsBF16(build(&v, k, n)?)),
-            DType::F16 => Ok(LinearWeight::PanelsF16(build(&v, k, n)?)),
+            DType::BF16 => Ok(LinearWeight::PanelsBF16(build(&v)?)),
+            DType::F16 => Ok(LinearWeight::PanelsF16(build(&v)?)),
             other => Err(Error::invalid(format!(
                 "column panels hold bf16 or f16 weights, not {other}"
             ))),

@@ -776,10 +776,7 @@ fn store_rows(ys: &[Vec<f32>], c: &mut MatMut<'_>, opts: &GemmOptions<'_>) {
         if c.col_stride == 1 && opts.beta == 0.0 {
             let row = &mut c.data[i * c.row_stride..i * c.row_stride + n];
             row.copy_from_slice(y);
-            if opts.alpha != 1.0 {
-                row.iter_mut().for_each(|v| *v *= opts.alpha);
-            }
-            apply_epilogue_row(row, 0, &opts.epilogue);
+            finish_row(row, opts);
         } else {
             for (j, &acc) in y.iter().enumerate() {
                 let p = &mut c.data[i * c.row_stride + j * c.col_stride];
@@ -792,6 +789,15 @@ fn store_rows(ys: &[Vec<f32>], c: &mut MatMut<'_>, opts: &GemmOptions<'_>) {
             }
         }
     }
+}
+
+/// `row = alpha·row`, then the row epilogue: a contiguous row of C holding the plain product,
+/// finished as the M = 1 path finishes it (C not read).
+fn finish_row(row: &mut [f32], opts: &GemmOptions<'_>) {
+    if opts.alpha != 1.0 {
+        row.iter_mut().for_each(|v| *v *= opts.alpha);
+    }
+    apply_epilogue_row(row, 0, &opts.epilogue);
 }
 
 /// The M = 1 product `c[j·cs] = alpha·(x·B)[j] + beta·c[j·cs]`, then the epilogue, for A a
@@ -827,11 +833,7 @@ fn gemm_m1<TA: FloatElement, TB: FloatElement>(
     }
     if in_place && !transposed {
         // A contiguous row, as a tile row of the blocked path.
-        let row = &mut c[..n];
-        if opts.alpha != 1.0 {
-            row.iter_mut().for_each(|v| *v *= opts.alpha);
-        }
-        apply_epilogue_row(row, 0, &opts.epilogue);
+        finish_row(&mut c[..n], opts);
     } else if in_place {
         for (j, v) in c[..n].iter_mut().enumerate() {
             *v = apply_epilogue(opts.alpha * *v, col(j), &opts.epilogue);

@@ -704,6 +704,13 @@ pub fn gemm_panel_matrix_with_isa<T: FloatElement>(
                     .collect()
             })
             .collect();
+        if m == 1 && c.col_stride == 1 && opts.beta == 0.0 {
+            // A decode step: the product straight into C's row (no buffer, no copy).
+            let row = &mut c.data[..n];
+            b.gemv(isa, &xs[0], row)?;
+            super::finish_row(row, opts);
+            return Ok(());
+        }
         let mut ys = vec![vec![0f32; n]; m];
         if m == 1 {
             b.gemv(isa, &xs[0], &mut ys[0])?;
