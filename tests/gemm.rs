@@ -419,6 +419,11 @@ fn one_and_two_threads_bitwise_equal() {
             ..Case::plain(1, 4099, 768)
         },
         Case::plain(1, 4099, 768),
+        // Column-major GEMV: three streams per thread, a depth tail, w mod 3 = 1 per thread.
+        Case {
+            lb: Lay::Col(0),
+            ..Case::plain(1, 1000, 131)
+        },
         // Longer than the 16-bit GEMV's column block: blocks and a partial block per thread.
         Case::plain(1, 20011, 64),
         Case {

@@ -8,8 +8,9 @@
 //!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`; short 16-bit rows
 //!   (`two_streams`) are summed as two halves of the depth instead, `y = y0 + y1`, one half per
 //!   thread when there are two;
-//! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product, taken in
-//!   order (one sequential stream), four 8-lane accumulators summed by a fixed tree.
+//! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product, four
+//!   8-lane accumulators summed by a fixed tree; each thread reads three runs of its columns side
+//!   by side (three sequential streams, [`COL_STREAMS`]).
 //!
 //! Each output's arithmetic is independent of how columns (or the two halves) are split among
 //! threads, so results are bitwise identical for any thread count.
@@ -55,7 +56,7 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
         if row_major {
             gemv_rows(isa, x, b, j0, yc);
         } else {
-            gemv_cols(isa, x, b, j0, yc, threads == 1);
+            gemv_cols(isa, x, b, j0, yc);
         }
     };
     if threads > 1 {
@@ -103,7 +104,7 @@ pub fn gemv_rows_batch<TB: FloatElement>(
                 if row_major {
                     gemv_rows(isa, x, b, j0, &mut yc);
                 } else {
-                    gemv_cols(isa, x, b, j0, &mut yc, false);
+                    gemv_cols(isa, x, b, j0, &mut yc);
                 }
                 yc
             })
@@ -232,15 +233,7 @@ fn gemv_halves<TB: FloatElement>(
 }
 
 /// Column-major B: `yc[j] = Σ_p x[p]·B[p, j0 + j]`, a contiguous dot product per column.
-/// `alone`: this call is the only one reading B (one thread), see [`x86::ColsFn`].
-fn gemv_cols<TB: FloatElement>(
-    isa: Isa,
-    x: &[f32],
-    b: &MatRef<'_, TB>,
-    j0: usize,
-    yc: &mut [f32],
-    alone: bool,
-) {
+fn gemv_cols<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usize, yc: &mut [f32]) {
     let k = b.rows;
     let w = yc.len();
     #[cfg(target_arch = "x86_64")]
@@ -258,7 +251,6 @@ fn gemv_cols<TB: FloatElement>(
                     b.col_stride,
                     yc.as_mut_ptr(),
                     w,
-                    alone,
                 )
             };
         } else {
@@ -282,6 +274,19 @@ fn gemv_cols<TB: FloatElement>(
         *y = acc;
     }
 }
+
+/// Sequential streams (runs of columns far apart) that one call of the column-major kernel reads
+/// side by side, 32 elements of each in turn. One stream per column run ends before the hardware
+/// prefetcher is far ahead (a 3 KiB f32 or 1.5 KiB bf16 column); several interleaved keep more
+/// lines in flight. Measured on a Zen 3 core, `wteᵀ` (`1 × 50257 × 768`) in a decode-sized
+/// sequence of weights: f32, one thread, 1 stream 17.2, 2: 19.5, 3: 22.7, 4: 23.9 GB/s (a probe,
+/// medians of 7); in `examples/decode_gemv` against the kernel before (two streams taken a whole
+/// column at a time on one thread, one stream with 8 KiB hints per thread on two), as a ratio
+/// to the same run's `[768, 2304]` figure: f32 1t 1.13–1.16 (4 streams 1.15–1.19) against
+/// 0.87–0.99; f32 2t 1.20–1.38 against 1.10–1.11; bf16 1t 21–22 against 12–15 GB/s; bf16 2t
+/// 1.37–1.54 against 1.16–1.23. Three, not four: four need 16 accumulators and spill.
+#[cfg(target_arch = "x86_64")]
+const COL_STREAMS: usize = 3;
 
 /// 16-bit rows of at most this many bytes are read as two streams ([`two_streams`]).
 const SHORT_ROW_BYTES: usize = 2048;
@@ -376,8 +381,8 @@ mod x86 {
         pick::<TB, HalvesFn>(isa, [halves_f32, halves_bf16, halves_f16])
     }
 
-    /// `(k, x, b, stride, y, w, alone)`: see `gemv_cols` and `cols_bf16`.
-    pub type ColsFn = unsafe fn(usize, *const f32, *const u8, usize, *mut f32, usize, bool);
+    /// `(k, x, b, stride, y, w)`: see `gemv_cols` and `cols_f32`.
+    pub type ColsFn = unsafe fn(usize, *const f32, *const u8, usize, *mut f32, usize);
 
     /// The AVX2 column-major kernel for `TB`, when the CPU runs it.
     pub fn cols_fn<TB: FloatElement>(isa: Isa) -> Option<ColsFn> {
@@ -469,7 +474,7 @@ mod x86 {
     }
 
     macro_rules! gemv_kernels {
-        ($rows:ident, $rows_halves:ident, $group:ident, $cols:ident, $dot:ident, $t:tt, $elem:ty) => {
+        ($rows:ident, $rows_halves:ident, $group:ident, $cols:ident, $dots:ident, $t:tt, $elem:ty) => {
             /// `y[j] += Σ_{q<R} x[q]·B[q, j]` for the R rows at `b`, `b + rs`, …, each `y[j]`
             /// receiving its FMAs in order of q. y is loaded and stored once per R FMAs. With
             /// `ahead > 0`, every 32-column step also hints `row + ahead + j` of each row into L1
@@ -680,9 +685,9 @@ mod x86 {
 
             /// Column-major: `y[j] = Σ_p x[p]·B[p, j]`, column `j` contiguous at `b + j·cs`.
             /// Columns are taken one after the other, so with `cs = k` (`wteᵀ`) B is read as
-            /// one sequential stream; with `alone` (one thread reads B), as
-            /// two: the columns of the two halves of `0..w` alternately, without software
-            /// prefetch. Each column's dot product is the same either way (bitwise).
+            /// [`super::COL_STREAMS`] sequential streams summed side by side (with `cs = k`,
+            /// `wteᵀ`, each a run of whole columns), without software prefetch. Each column's
+            /// dot product does not depend on which stream reads it (bitwise).
             ///
             /// # Safety
             /// B columns `j < w`, rows `p < k` readable; `x` has `k`, `y` has `w` elements;
@@ -695,107 +700,88 @@ mod x86 {
                 cs: usize,
                 y: *mut f32,
                 w: usize,
-                alone: bool,
             ) {
                 let b = b as *const $elem;
-                if alone && w >= 2 {
-                    // Two streams, no hints. Measured on a Zen 3 core, bf16 `wteᵀ`
-                    // (`1 × 50257 × 768`) in a decode-sized weight sequence, interleaved in one
-                    // process: 9.4–10.5 against 8.7–9.0 GB/s for one stream with the hints below
-                    // (4 streams: 8.1–9.9; one stream without hints: 8.2); f32 (alternate
-                    // steps of one process, four runs): 15.0–16.6 → 15.9–17.9 GB/s. With two
-                    // threads (one stream each) a second stream per thread gained nothing.
-                    let h = w.div_ceil(2);
-                    for j in 0..h {
-                        // SAFETY: columns j < h ≤ w and h + j < w, as the contract says.
-                        unsafe {
-                            *y.add(j) = $dot(k, x, b.add(j * cs));
-                            if h + j < w {
-                                *y.add(h + j) = $dot(k, x, b.add((h + j) * cs));
-                            }
-                        }
+                // COL_STREAMS sequential streams far apart (columns j, j + h, j + 2h, …),
+                // summed side by side 32 elements at a time, no hints; the last w mod
+                // COL_STREAMS columns one at a time.
+                let h = w / super::COL_STREAMS;
+                for j in 0..h {
+                    let cols = std::array::from_fn(|s| b.wrapping_add((s * h + j) * cs));
+                    // SAFETY: columns s·h + j < w, as the contract says.
+                    let v = unsafe { $dots::<{ super::COL_STREAMS }>(k, x, cols) };
+                    for (s, v) in v.into_iter().enumerate() {
+                        // SAFETY: s·h + j < w.
+                        unsafe { *y.add(s * h + j) = v };
                     }
-                    return;
                 }
-                // 16-bit weights: the column about 8 KiB ahead is requested while this one is
-                // summed (the dot product of a 1.5 KiB bf16 column is too short for the hardware
-                // prefetcher to run far enough ahead). Measured, 1 × 50257 × 768 bf16 `wteᵀ`, one
-                // thread: 3.1–3.3 ms without, 2.1–2.7 ms with. f32 gained nothing (4.5–5.1 ms
-                // either way), so it goes without.
-                let bytes = k * std::mem::size_of::<$elem>();
-                let ahead = if std::mem::size_of::<$elem>() == 2 {
-                    (8192usize).div_ceil(bytes.max(1)).max(1)
-                } else {
-                    0
-                };
-                for j in 0..w {
-                    if ahead > 0 && j + ahead < w {
-                        let next = b.wrapping_add((j + ahead) * cs) as *const i8;
-                        for o in (0..bytes).step_by(64) {
-                            // A hint only (never faults); column j + ahead < w is inside B.
-                            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(o));
-                        }
-                    }
+                for j in super::COL_STREAMS * h..w {
                     // SAFETY: column j < w, as the contract says.
-                    unsafe { *y.add(j) = $dot(k, x, b.add(j * cs)) };
+                    unsafe { *y.add(j) = $dots::<1>(k, x, [b.add(j * cs)])[0] };
                 }
             }
 
-            /// The dot product of `x` with one contiguous column: four 8-lane accumulators
-            /// (depth blocks of 32), a fixed reduction tree, then the depth tail in order.
+            /// The dot products of `x` with S contiguous columns, side by side (S sequential
+            /// streams). Each column's arithmetic is that of a single one: four 8-lane
+            /// accumulators (depth blocks of 32), a fixed reduction tree, then the depth tail in
+            /// order, so a column's result does not depend on S.
             ///
             /// # Safety
-            /// The column has `k` readable elements, `x` has `k`.
+            /// Each column has `k` readable elements, `x` has `k`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $dot(k: usize, x: *const f32, col: *const $elem) -> f32 {
+            unsafe fn $dots<const S: usize>(
+                k: usize,
+                x: *const f32,
+                cols: [*const $elem; S],
+            ) -> [f32; S] {
                 // SAFETY: accesses are at p < k.
                 unsafe {
-                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut acc = [[_mm256_setzero_ps(); 4]; S];
                     let mut p = 0;
                     while p + 32 <= k {
-                        for (q, a) in acc.iter_mut().enumerate() {
+                        for q in 0..4 {
                             let o = p + 8 * q;
-                            *a = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(x.add(o)),
-                                load8!($t, col.add(o)),
-                                *a,
-                            );
+                            let xv = _mm256_loadu_ps(x.add(o));
+                            for s in 0..S {
+                                acc[s][q] =
+                                    _mm256_fmadd_ps(xv, load8!($t, cols[s].add(o)), acc[s][q]);
+                            }
                         }
                         p += 32;
                     }
                     while p + 8 <= k {
-                        acc[0] = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(x.add(p)),
-                            load8!($t, col.add(p)),
-                            acc[0],
-                        );
+                        let xv = _mm256_loadu_ps(x.add(p));
+                        for s in 0..S {
+                            acc[s][0] = _mm256_fmadd_ps(xv, load8!($t, cols[s].add(p)), acc[s][0]);
+                        }
                         p += 8;
                     }
-                    let s =
-                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-                    let mut v = _mm_cvtss_f32(h);
-                    while p < k {
-                        v = (*x.add(p)).mul_add(load1!($t, col.add(p)), v);
-                        p += 1;
-                    }
-                    v
+                    std::array::from_fn(|s| {
+                        let a = &acc[s];
+                        let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+                        let h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+                        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                        let mut v = _mm_cvtss_f32(h);
+                        for q in p..k {
+                            v = (*x.add(q)).mul_add(load1!($t, cols[s].add(q)), v);
+                        }
+                        v
+                    })
                 }
             }
         };
     }
 
-    gemv_kernels!(rows_f32, halves_f32, group_f32, cols_f32, dot_f32, f32, f32);
+    gemv_kernels!(rows_f32, halves_f32, group_f32, cols_f32, dots_f32, f32, f32);
     gemv_kernels!(
         rows_bf16,
         halves_bf16,
         group_bf16,
         cols_bf16,
-        dot_bf16,
+        dots_bf16,
         bf16,
         u16
     );
-    gemv_kernels!(rows_f16, halves_f16, group_f16, cols_f16, dot_f16, f16, u16);
+    gemv_kernels!(rows_f16, halves_f16, group_f16, cols_f16, dots_f16, f16, u16);
 }
