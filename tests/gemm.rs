@@ -431,10 +431,11 @@ fn one_and_two_threads_bitwise_equal() {
             ..Case::plain(2000, 1, 300)
         },
         Case::plain(7, 3001, 129),
-        // 16-bit rows of at most 2 KiB, B of 1 MiB or more: the two-stream GEMV, one half of
-        // the depth per thread (odd depth: halves of 601 and 600 rows; a row stride wider than
-        // the rows).
+        // Rows of at most 4 KiB, B of 1 MiB or more: the depth-stream GEMV, four runs of the
+        // depth, two per thread (depth 1201: runs of 301, 301, 301 and 298 rows; 257: 65, 65,
+        // 65, 62; a row stride wider than the rows).
         Case::plain(1, 768, 3072),
+        Case::plain(1, 1024, 257),
         Case::plain(1, 1000, 1201),
         Case {
             lb: Lay::Row(5),
@@ -971,7 +972,7 @@ fn few_rows_equal_single_rows() {
             (2, 300, 70, false),
             (3, 9000, 64, true),
             (4, 20011, 33, false),
-            // Short 16-bit rows: the two-stream GEMV, threaded by halves of the depth.
+            // Short rows: the depth-stream GEMV, two runs of the depth per thread.
             (2, 768, 1531, false),
             (4, 1000, 1201, false),
         ] {

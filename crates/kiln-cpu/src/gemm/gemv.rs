@@ -5,14 +5,14 @@
 //! Two layouts are streamed directly:
 //! * row-major B (`[k, n]`, a Conv1D weight): each thread owns a run of columns; for every depth
 //!   step `p` (four at a time) the row run `B[p, j0..j1]` is read contiguously and
-//!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`; short 16-bit rows
-//!   (`two_streams`) are summed as two halves of the depth instead, `y = y0 + y1`, one half per
-//!   thread when there are two;
+//!   `y[j] = fma(x[p], B[p, j], y[j])` is applied in order of `p`; short rows
+//!   (`depth_streams`) are summed as four runs of the depth read side by side instead,
+//!   `y = ((y0 + y1) + y2) + y3`, two runs per thread when there are two;
 //! * column-major B (`wteᵀ` for the logits): each column is a contiguous dot product, four
 //!   8-lane accumulators summed by a fixed tree; each thread reads three runs of its columns side
 //!   by side (three sequential streams, [`COL_STREAMS`]).
 //!
-//! Each output's arithmetic is independent of how columns (or the two halves) are split among
+//! Each output's arithmetic is independent of how columns (or the depth runs) are split among
 //! threads, so results are bitwise identical for any thread count.
 use super::pack::convert_run;
 use super::{Isa, MatRef};
@@ -39,7 +39,7 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
         1
     };
     #[cfg(target_arch = "x86_64")]
-    if threads > 1 && row_major && n > 1 && gemv_halves(isa, x, b, 0, y, true) {
+    if threads > 1 && row_major && n > 1 && gemv_depth_streams(isa, x, b, 0, y, true) {
         return true;
     }
     // One run of columns per thread: longer row runs stream better from DRAM than finer,
@@ -128,7 +128,7 @@ fn gemv_rows<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usiz
     let k = b.rows;
     let w = yc.len();
     #[cfg(target_arch = "x86_64")]
-    if gemv_halves(isa, x, b, j0, yc, false) {
+    if gemv_depth_streams(isa, x, b, j0, yc, false) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -177,12 +177,13 @@ fn gemv_rows<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usiz
     }
 }
 
-/// Row-major B through the two-stream kernel when [`two_streams`] says so (else false, `yc`
-/// untouched): `yc[j] = y0[j] + y1[j]`, the sums over the two halves of the depth. With
-/// `threads`, one half per thread (each a single-stream call), otherwise both halves read in turn
-/// on this thread; each half's arithmetic is the same either way.
+/// Row-major B through the depth-stream kernel when [`depth_streams`] says so (else false, `yc`
+/// untouched): the depth cut into [`DEPTH_STREAMS`] runs of `⌈k / DEPTH_STREAMS⌉` rows, run `s`
+/// summed into its own `y_s`, then `yc[j] = ((y_0[j] + y_1[j]) + y_2[j]) + y_3[j]`. With
+/// `threads`, two runs per thread (two streams each), otherwise all four read side by side on
+/// this thread; each run's arithmetic is the same either way.
 #[cfg(target_arch = "x86_64")]
-fn gemv_halves<TB: FloatElement>(
+fn gemv_depth_streams<TB: FloatElement>(
     isa: Isa,
     x: &[f32],
     b: &MatRef<'_, TB>,
@@ -191,43 +192,46 @@ fn gemv_halves<TB: FloatElement>(
     threads: bool,
 ) -> bool {
     let (k, w, rs) = (b.rows, yc.len(), b.row_stride);
-    let Some(f) = x86::halves_fn::<TB>(isa).filter(|_| two_streams::<TB>(k, b.cols)) else {
+    let Some(f) = x86::streams_fn::<TB>(isa).filter(|_| depth_streams::<TB>(k, b.cols)) else {
         return false;
     };
-    let (h, ahead) = (k.div_ceil(2), stream_ahead::<TB>(rs));
+    let rows = k.div_ceil(DEPTH_STREAMS);
     // The view was validated: every (p, j) with p < k, j < n is inside b.data.
     assert!((k - 1) * rs + j0 + w <= b.data.len() && x.len() >= k);
-    let (mut y0, mut y1) = (vec![0f32; w], vec![0f32; w]);
-    // Rows p0 .. p0+rows into `out` (and rows p0+hh .. p0+rows into `out1` when hh < rows).
-    let run = |p0: usize, rows: usize, hh: usize, out: &mut [f32], out1: *mut f32| {
-        let (xs, bs) = (&x[p0..], &b.data[p0 * rs + j0..]);
-        // SAFETY: rows p0 .. p0+rows ≤ k at stride rs, columns j0 .. j0+w are inside b.data
-        // (checked above), x has k elements, `out` (and `out1` when used) w; `halves_fn` only
+    let mut ys = vec![vec![0f32; w]; DEPTH_STREAMS];
+    // Runs s0 .. s0 + ys.len() into `ys`.
+    let run = |s0: usize, ys: &mut [Vec<f32>]| {
+        let p0 = (s0 * rows).min(k);
+        let kk = (k - p0).min(ys.len() * rows);
+        let outs: [*mut f32; DEPTH_STREAMS] = std::array::from_fn(|s| {
+            ys.get_mut(s)
+                .map_or(std::ptr::null_mut(), |y| y.as_mut_ptr())
+        });
+        let (xs, bs) = (&x[p0..], &b.data[(p0 * rs + j0).min(b.data.len())..]);
+        // SAFETY: rows p0 .. p0+kk ≤ k at stride rs, columns j0 .. j0+w are inside b.data
+        // (checked above), x has k elements, each of the ys.len() outputs w; `streams_fn` only
         // returns a kernel whose CPU features are present.
         unsafe {
             f(
+                kk,
                 rows,
-                hh,
-                ahead,
                 xs.as_ptr(),
                 bs.as_ptr() as *const u8,
                 rs,
-                out.as_mut_ptr(),
-                out1,
+                outs.as_ptr(),
+                ys.len(),
                 w,
             )
         }
     };
     if threads {
-        rayon::join(
-            || run(0, h, h, &mut y0, std::ptr::null_mut()),
-            || run(h, k - h, k - h, &mut y1, std::ptr::null_mut()),
-        );
+        let (lo, hi) = ys.split_at_mut(DEPTH_STREAMS / 2);
+        rayon::join(|| run(0, lo), || run(DEPTH_STREAMS / 2, hi));
     } else {
-        run(0, k, h, &mut y0, y1.as_mut_ptr());
+        run(0, &mut ys);
     }
-    for ((y, a), c) in yc.iter_mut().zip(&y0).zip(&y1) {
-        *y = a + c;
+    for (j, y) in yc.iter_mut().enumerate() {
+        *y = ys.iter().skip(1).fold(ys[0][j], |acc, part| acc + part[j]);
     }
     true
 }
@@ -288,35 +292,39 @@ fn gemv_cols<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, j0: usiz
 #[cfg(target_arch = "x86_64")]
 const COL_STREAMS: usize = 3;
 
-/// 16-bit rows of at most this many bytes are read as two streams ([`two_streams`]).
-const SHORT_ROW_BYTES: usize = 2048;
+/// Rows of at most this many bytes are read as depth streams ([`depth_streams`]).
+#[cfg(target_arch = "x86_64")]
+const SHORT_ROW_BYTES: usize = 4096;
 
-/// Whether a row-major `k × n` B goes through the two-stream kernel (`halves_*`): 16-bit
-/// weights whose rows are short (GPT-2's `[768, 768]` and `[3072, 768]` in bf16 have 1.5 KiB
-/// rows). The eight-row groups of the default kernel then read eight streams of 24 lines each,
-/// too short for the hardware prefetcher, and the next-group hint does not make up for it.
-/// Reading the two halves of the depth one whole row at a time instead gives two long
-/// sequential streams (each hinted a few rows ahead), summed at the end. Measured on a Zen 3
-/// core, a decode-sized sequence of bf16 weights interleaved in one process: `[768, 768]` and
-/// `[3072, 768]` 7.1–7.4 → 9.8–10.3 GB/s; the long rows (`[768, 2304]`, `[768, 3072]`) lost
-/// 13 % this way (10.6 → 9.2), and f32 rows of 768 gained nothing, so both keep the groups.
+/// Runs of the depth that the depth-stream kernel reads side by side (fixed, whatever the
+/// thread count, so that the result is too).
+#[cfg(target_arch = "x86_64")]
+const DEPTH_STREAMS: usize = 4;
+
+/// Whether a row-major `k × n` B goes through the depth-stream kernel (`streams_*`): rows of
+/// at most [`SHORT_ROW_BYTES`] (GPT-2's `[768, 768]` and `[3072, 768]`: 3 KiB rows in f32,
+/// 1.5 KiB in bf16). The eight-row groups of the default kernel then read eight streams of 24–48
+/// lines each, too short for the hardware prefetcher. Reading [`DEPTH_STREAMS`] runs of the
+/// depth one whole row at a time instead, 32 columns of each run in turn, gives four long
+/// sequential streams, summed at the end. Measured on a Zen 3 core, a decode-sized sequence of
+/// f32 weights (a probe, medians of 7, one thread): `[768, 768]` and `[3072, 768]` 15.0–16.3 →
+/// 18.4–19.2 GB/s (three runs: 18.0–19.0, two: 17.8–18.1); the long rows (`[768, 2304]`,
+/// `[768, 3072]`) lose this way (18.7–20.2 → 17.1–18.0), so they keep the groups. (bf16, the
+/// two halves one whole row at a time, before: `[768, 768]` and `[3072, 768]` 7.1–7.4 → 9.8–10.3.)
 /// The price is paid when B is read from cache: one FMA per row and output (y loaded and stored
 /// per row) runs well under the eight-row groups there (`1 × 768 × 768` bf16 hot in L3: 35 →
-/// 66 µs), so B smaller than [`TWO_STREAM_MIN_BYTES`] (a small model's weights, likely to stay
+/// 66 µs), so B smaller than [`DEPTH_STREAM_MIN_BYTES`] (a small model's weights, likely to stay
 /// cached between calls) keeps the groups. The split depends on `k` and `n` only, never on
 /// threads.
-fn two_streams<TB: FloatElement>(k: usize, n: usize) -> bool {
+#[cfg(target_arch = "x86_64")]
+fn depth_streams<TB: FloatElement>(k: usize, n: usize) -> bool {
     let elem = std::mem::size_of::<TB>();
-    elem == 2 && n * elem <= SHORT_ROW_BYTES && n >= 16 && k * n * elem >= TWO_STREAM_MIN_BYTES
+    n * elem <= SHORT_ROW_BYTES && n >= 16 && k * n * elem >= DEPTH_STREAM_MIN_BYTES
 }
 
-/// The smallest B (bytes) read as two streams.
-const TWO_STREAM_MIN_BYTES: usize = 1 << 20;
-
-/// Rows ahead that a stream of the two-stream kernel hints: about 8 KiB.
-fn stream_ahead<TB: FloatElement>(row_stride: usize) -> usize {
-    8192usize.div_ceil((row_stride * std::mem::size_of::<TB>()).max(1))
-}
+/// The smallest B (bytes) read as depth streams.
+#[cfg(target_arch = "x86_64")]
+const DEPTH_STREAM_MIN_BYTES: usize = 1 << 20;
 
 /// Columns per block of the row-major kernels for elements of `elem` bytes. 16-bit weights
 /// prefetch the next group of eight rows at the same columns, so a group's sweep (8 rows of the
@@ -372,13 +380,13 @@ mod x86 {
         pick::<TB, GemvFn>(isa, [rows_f32, rows_bf16, rows_f16])
     }
 
-    /// `(k, h, ahead, x, b, stride, y0, y1, w)`: see `halves_bf16`.
-    pub type HalvesFn =
-        unsafe fn(usize, usize, usize, *const f32, *const u8, usize, *mut f32, *mut f32, usize);
+    /// `(k, rows, x, b, stride, ys, streams, w)`: see `streams_f32`.
+    pub type StreamsFn =
+        unsafe fn(usize, usize, *const f32, *const u8, usize, *const *mut f32, usize, usize);
 
-    /// The AVX2 two-stream row-major kernel for `TB`, when the CPU runs it.
-    pub fn halves_fn<TB: FloatElement>(isa: Isa) -> Option<HalvesFn> {
-        pick::<TB, HalvesFn>(isa, [halves_f32, halves_bf16, halves_f16])
+    /// The AVX2 depth-stream row-major kernel for `TB`, when the CPU runs it.
+    pub fn streams_fn<TB: FloatElement>(isa: Isa) -> Option<StreamsFn> {
+        pick::<TB, StreamsFn>(isa, [streams_f32, streams_bf16, streams_f16])
     }
 
     /// `(k, x, b, stride, y, w)`: see `gemv_cols` and `cols_f32`.
@@ -474,7 +482,7 @@ mod x86 {
     }
 
     macro_rules! gemv_kernels {
-        ($rows:ident, $rows_halves:ident, $group:ident, $cols:ident, $dots:ident, $t:tt, $elem:ty) => {
+        ($rows:ident, $rows_streams:ident, $group:ident, $cols:ident, $dots:ident, $t:tt, $elem:ty) => {
             /// `y[j] += Σ_{q<R} x[q]·B[q, j]` for the R rows at `b`, `b + rs`, …, each `y[j]`
             /// receiving its FMAs in order of q. y is loaded and stored once per R FMAs. With
             /// `ahead > 0`, every 32-column step also hints `row + ahead + j` of each row into L1
@@ -629,55 +637,60 @@ mod x86 {
                 }
             }
 
-            /// Row-major, as two halves of the depth: `y0[j] = Σ_{p<h} x[p]·B[p, j]` and
-            /// `y1[j] = Σ_{h≤p<k} x[p]·B[p, j]` (`k − h ≤ h`), one row of each half in turn, so
-            /// B is read as two sequential streams, each hinted `ahead` rows early (see
-            /// [`super::two_streams`]). Every `y[j]` of a half receives its FMAs in order of p,
-            /// one row at a time, whoever runs it: the halves may also be computed by two
-            /// threads (each a call with `h == k` on its own half), bitwise the same. `y1` is
-            /// untouched when `h == k`.
+            /// Row-major, as `streams ≤ DEPTH_STREAMS` runs of the depth read side by side: run
+            /// `s` covers rows `s·rows .. min((s + 1)·rows, k)` and is summed into `ys[s]`,
+            /// `ys[s][j] = Σ_{p in run s} x[p]·B[p, j]`, one row at a time, each `y[j]` receiving
+            /// its FMAs in order of p (see [`super::depth_streams`]). 32 columns of each run's
+            /// current row are taken in turn, so B is read as `streams` sequential streams. A
+            /// run's arithmetic does not depend on which call reads it: two threads may each take
+            /// two runs (a call each, `x` and `b` at the first row of its first run), bitwise the
+            /// same.
             ///
             /// # Safety
-            /// B rows `p < k`, columns `j < w` readable; `x` has `k` elements, `y0` has `w`,
-            /// and so has `y1` when `h < k`; the CPU has AVX2, FMA (and F16C for f16).
-            // A raw kernel entry (pointers and sizes, as `HalvesFn`), not an API.
+            /// B rows `p < k`, columns `j < w` readable; `x` has `k` elements; `ys` holds
+            /// `streams` pointers to `w` writable elements each; the CPU has AVX2, FMA (and F16C
+            /// for f16).
+            // A raw kernel entry (pointers and sizes, as `StreamsFn`), not an API.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $rows_halves(
+            pub unsafe fn $rows_streams(
                 k: usize,
-                h: usize,
-                ahead: usize,
+                rows: usize,
                 x: *const f32,
                 b: *const u8,
                 rs: usize,
-                y0: *mut f32,
-                y1: *mut f32,
+                ys: *const *mut f32,
+                streams: usize,
                 w: usize,
             ) {
                 let b = b as *const $elem;
-                // SAFETY (whole body): row p < k of B, `y0`/`y1` of w elements (the contract).
+                // SAFETY (whole body): rows p < k of B, `streams` outputs of w elements (the
+                // contract above).
                 unsafe {
-                    for j in 0..w {
-                        *y0.add(j) = 0.0;
-                        if h < k {
-                            *y1.add(j) = 0.0;
+                    let ys = std::slice::from_raw_parts(ys, streams);
+                    for &y in ys {
+                        for j in 0..w {
+                            *y.add(j) = 0.0;
                         }
                     }
-                    for t in 0..h {
-                        // The hint stays inside the half: past its end it would only fetch
-                        // lines the other stream reads anyway, or nothing (a hint never faults).
-                        let a0 = if t + ahead < h { ahead * rs } else { 0 };
-                        $group::<1>(x.add(t), b.add(t * rs), rs, a0, y0, w);
-                        let p = h + t;
-                        if p < k {
-                            let a1 = if p + ahead < k { ahead * rs } else { 0 };
-                            $group::<1>(x.add(p), b.add(p * rs), rs, a1, y1, w);
+                    for t in 0..rows {
+                        // Runs still going at this row (a prefix: only the last may be shorter).
+                        let live = (0..streams).take_while(|s| s * rows + t < k).count();
+                        let mut j = 0;
+                        while j < w {
+                            // Chunks of 32 (the last shorter): each row's columns go through
+                            // `$group` exactly as one call over the whole row would take them.
+                            let wc = 32.min(w - j);
+                            for (s, &y) in ys.iter().enumerate().take(live) {
+                                let p = s * rows + t;
+                                $group::<1>(x.add(p), b.add(p * rs + j), rs, 0, y.add(j), wc);
+                            }
+                            j += wc;
                         }
                     }
                     if split16!($t) {
-                        interleave16(y0, w);
-                        if h < k {
-                            interleave16(y1, w);
+                        for &y in ys {
+                            interleave16(y, w);
                         }
                     }
                 }
@@ -773,15 +786,31 @@ mod x86 {
         };
     }
 
-    gemv_kernels!(rows_f32, halves_f32, group_f32, cols_f32, dots_f32, f32, f32);
+    gemv_kernels!(
+        rows_f32,
+        streams_f32,
+        group_f32,
+        cols_f32,
+        dots_f32,
+        f32,
+        f32
+    );
     gemv_kernels!(
         rows_bf16,
-        halves_bf16,
+        streams_bf16,
         group_bf16,
         cols_bf16,
         dots_bf16,
         bf16,
         u16
     );
-    gemv_kernels!(rows_f16, halves_f16, group_f16, cols_f16, dots_f16, f16, u16);
+    gemv_kernels!(
+        rows_f16,
+        streams_f16,
+        group_f16,
+        cols_f16,
+        dots_f16,
+        f16,
+        u16
+    );
 }
