@@ -16,8 +16,8 @@
 //! `{"op":"amx_peak","skip":"..."}` and exits successfully.
 use half::bf16;
 use kiln::cpu::gemm::amx::{
-    amx_available, amx_peak_gflops_one_core, amx_unavailable_reason, gemm_bf16_amx_packed_with,
-    gemm_bf16_amx_with, AmxConfig, AmxPackedB,
+    amx_peak_gflops_one_core, amx_unavailable_reason, bf16_dot_peak_gflops_one_core,
+    gemm_bf16_amx_packed_with, gemm_bf16_amx_with, AmxConfig, AmxPackedB, TileKernel,
 };
 use kiln::cpu::gemm::{GemmOptions, MatMut, MatRef};
 use serde_json::json;
@@ -59,20 +59,24 @@ fn main() {
 
     let (cfg, peak, dtype) = if emulated {
         (AmxConfig::emulated(), f64::NAN, "bf16-emulated")
-    } else if amx_available() {
-        let peak = amx_peak_gflops_one_core().expect("AMX available");
-        (AmxConfig::hardware().expect("AMX available"), peak, "bf16")
+    } else if let Some(cfg) = AmxConfig::native() {
+        let peak = match cfg.tiles {
+            TileKernel::Amx => amx_peak_gflops_one_core().expect("AMX available"),
+            _ => bf16_dot_peak_gflops_one_core().expect("AVX512-BF16 available"),
+        };
+        (cfg, peak, "bf16")
     } else {
         let why = amx_unavailable_reason().unwrap_or("unknown");
         println!(
             "{}",
-            json!({"op": "amx_peak", "skip": format!("no AMX: {why}")})
+            json!({"op": "amx_peak", "skip": format!("no AMX ({why}) and no AVX512-BF16")})
         );
         return;
     };
+    let kernel = format!("{:?}", cfg.tiles);
     println!(
         "{}",
-        json!({"op": "amx_peak", "threads": 1, "gflops": peak, "dtype": dtype})
+        json!({"op": "amx_peak", "threads": 1, "gflops": peak, "dtype": dtype, "kernel": kernel})
     );
 
     let shapes: Vec<_> = if emulated {
@@ -147,6 +151,7 @@ fn main() {
                         "op": op,
                         "shape": [m, n, k],
                         "dtype": dtype,
+                        "kernel": kernel,
                         "threads": threads,
                         "median_ms": ms,
                         "gflops": gflops,

@@ -13,10 +13,10 @@
 //! `8·u·|gelu| + 1e-7`.
 use half::{bf16, f16};
 use kiln_cpu::gemm::{
-    gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute, gemm_packed,
-    gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_sources, gemm_sources_blocked,
-    gemm_with_isa, APanelSource, BlockedMatMut, Epilogue, GemmOptions, Isa, MatMut, MatRef,
-    PackedB, ViewPanels,
+    blocked_c_supported, gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute,
+    gemm_packed, gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_sources,
+    gemm_sources_blocked, gemm_with_isa, APanelSource, BlockedMatMut, Epilogue, GemmOptions, Isa,
+    MatMut, MatRef, PackedB, ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -726,28 +726,30 @@ fn blocked_c_matches_plain_c() {
             assert!(data.iter().all(|v| v.is_nan()), "padding written");
         }
     }
-    // Blocks that overlap each other, and a buffer one element short.
-    let (a, b) = (vec![1f32; 4 * 3], vec![1f32; 3 * 32]);
-    let mut data = vec![0f32; 2 * 4 * 16];
+    // Blocks that overlap each other, and a buffer one element short. Blocks of 32 columns
+    // suit every microkernel (NR = 32 for AVX-512, 16 otherwise).
+    assert!(blocked_c_supported(32));
+    let (a, b) = (vec![1f32; 4 * 3], vec![1f32; 3 * 64]);
+    let mut data = vec![0f32; 2 * 4 * 32];
     let bad = |data: &mut [f32], bs: usize| {
         let c = BlockedMatMut {
             data,
             rows: 4,
-            cols: 32,
-            row_stride: 16,
-            block: 16,
+            cols: 64,
+            row_stride: 32,
+            block: 32,
             block_stride: bs,
         };
         gemm_panels_blocked(
             MatRef::row_major(&a, 4, 3),
-            &ViewPanels(MatRef::row_major(&b, 3, 32)),
+            &ViewPanels(MatRef::row_major(&b, 3, 64)),
             c,
             &GemmOptions::default(),
         )
     };
-    assert!(bad(&mut data, 48).is_err());
-    assert!(bad(&mut data[..127], 64).is_err());
-    assert!(bad(&mut data, 64).unwrap());
+    assert!(bad(&mut data, 96).is_err());
+    assert!(bad(&mut data[..255], 128).is_err());
+    assert!(bad(&mut data, 128).unwrap());
     assert!(data.iter().all(|&v| v == 3.0));
 }
 

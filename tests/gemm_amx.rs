@@ -7,14 +7,16 @@
 //! `tol = (k + 3)·2⁻²³·S`, plus 16 ulps of the result for the bias and GELU epilogues.
 //!
 //! Every configuration this machine runs is forced: the software tile model (any machine) with
-//! the scalar and the AVX2 packer, and the AMX tiles where the CPU and OS provide them (tests
-//! that need AMX print `SKIP <name>: no AMX` otherwise).
+//! the scalar and the AVX2 packer, the AVX512-BF16 kernel (`vdpbf16ps`) where the CPU has it,
+//! and the AMX tiles where the CPU and OS provide them (tests that need AMX print
+//! `SKIP <name>: no AMX` otherwise).
 use half::bf16;
 use kiln::cpu::gemm::amx::{
-    amx_available, amx_peak_gflops_one_core, gemm_bf16_amx, gemm_bf16_amx_packed_with,
-    gemm_bf16_amx_with, AmxConfig, AmxPackedB, PackKernel, TileKernel,
+    amx_available, amx_peak_gflops_one_core, bf16_dot_available, bf16_dot_peak_gflops_one_core,
+    gemm_bf16_amx, gemm_bf16_amx_packed_with, gemm_bf16_amx_panels_with, gemm_bf16_amx_with,
+    AmxConfig, AmxPackedB, PackKernel, TileKernel,
 };
-use kiln::cpu::gemm::{Epilogue, GemmOptions, MatMut, MatRef};
+use kiln::cpu::gemm::{Epilogue, GemmOptions, MatMut, MatRef, PanelMatrix};
 
 struct Rng(u64);
 impl Rng {
@@ -221,15 +223,21 @@ fn configs() -> Vec<AmxConfig> {
             pack: PackKernel::Avx2,
         });
     }
+    if bf16_dot_available() {
+        v.push(AmxConfig {
+            tiles: TileKernel::Avx512Bf16,
+            pack: PackKernel::best(),
+        });
+    }
     if amx_available() {
         v.push(AmxConfig::hardware().unwrap());
     }
     v
 }
 
-/// The fastest configuration: AMX when present, else the software model.
+/// The fastest configuration: native bf16 arithmetic when present, else the software model.
 fn best() -> AmxConfig {
-    AmxConfig::hardware().unwrap_or_else(|_| AmxConfig::emulated())
+    AmxConfig::native().unwrap_or_else(AmxConfig::emulated)
 }
 
 #[test]
@@ -358,8 +366,14 @@ fn variants_and_packers_are_bitwise_equal() {
     assert_eq!((p.k(), p.n()), (45, 70));
     // The two packers feed the same tile kernel bit-identical panels.
     if PackKernel::Avx2.is_available() {
-        for tiles in [TileKernel::Emulated, TileKernel::Amx] {
-            if tiles == TileKernel::Amx && !amx_available() {
+        for tiles in [
+            TileKernel::Emulated,
+            TileKernel::Avx512Bf16,
+            TileKernel::Amx,
+        ] {
+            if (tiles == TileKernel::Amx && !amx_available())
+                || (tiles == TileKernel::Avx512Bf16 && !bf16_dot_available())
+            {
                 continue;
             }
             let scalar = AmxConfig {
@@ -395,9 +409,7 @@ fn one_and_two_threads_bitwise_equal() {
     };
     let (p1, p2) = (pool(1), pool(2));
     let mut cfgs = vec![AmxConfig::emulated()];
-    if amx_available() {
-        cfgs.push(AmxConfig::hardware().unwrap());
-    }
+    cfgs.extend(AmxConfig::native());
     for cfg in cfgs {
         for cs in [case(130, 300, 600), case(300, 70, 1100)] {
             let one = p1.install(|| run_case(&cfg, cs, Via::F32, 3));
@@ -496,4 +508,68 @@ fn bad_input_is_an_error() {
         assert!(amx_peak_gflops_one_core().is_err());
         println!("SKIP bad_input_is_an_error (AMX part): no AMX");
     }
+}
+
+/// B packed from a bf16 panel matrix (the decode layout) gives the same tile lines as B packed
+/// from the dense matrix, so products through the panels are bitwise the dense products; for
+/// odd and padded sizes, both packers, every kernel this machine runs.
+#[test]
+fn panel_matrix_packs_like_the_dense_matrix() {
+    let mut rng = Rng(31);
+    for &(k, n) in &[
+        (1, 1),
+        (7, 33),
+        (33, 7),
+        (64, 64),
+        (257, 100),
+        (768, 70),
+        (95, 257),
+    ] {
+        let b: Vec<bf16> = (0..k * n).map(|_| bf16::from_f32(rng.unit())).collect();
+        let dense = MatRef::row_major(&b[..], k, n);
+        let panels = PanelMatrix::<bf16>::from_view(&dense).unwrap();
+        let mut packers = vec![PackKernel::Scalar];
+        if PackKernel::Avx2.is_available() {
+            packers.push(PackKernel::Avx2);
+        }
+        for pack in packers {
+            assert_eq!(
+                AmxPackedB::pack_panels_with(&panels, pack).unwrap(),
+                AmxPackedB::pack_with(dense, PackKernel::Scalar).unwrap(),
+                "k {k} n {n} {pack:?}"
+            );
+        }
+        for cfg in [AmxConfig::emulated()]
+            .into_iter()
+            .chain(AmxConfig::native())
+        {
+            let m = 37;
+            let a: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
+            let opts = GemmOptions {
+                epilogue: Epilogue::BiasGelu(&bias),
+                ..Default::default()
+            };
+            let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let av = MatRef::row_major(&a[..], m, k);
+            gemm_bf16_amx_with(&cfg, av, dense, MatMut::row_major(&mut x, m, n), &opts).unwrap();
+            gemm_bf16_amx_panels_with(&cfg, av, &panels, MatMut::row_major(&mut y, m, n), &opts)
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&x), bits(&y), "{cfg:?} k {k} n {n}");
+        }
+    }
+}
+
+#[test]
+fn bf16_dot_peak_probe() {
+    if !bf16_dot_available() {
+        println!("SKIP bf16_dot_peak_probe: no AVX512-BF16");
+        assert!(bf16_dot_peak_gflops_one_core().is_err());
+        return;
+    }
+    let g = bf16_dot_peak_gflops_one_core().unwrap();
+    // 64 flops per instruction: anything from one instruction per few cycles to several per
+    // cycle at a few GHz.
+    assert!(g > 10.0 && g < 5000.0, "{g}");
 }

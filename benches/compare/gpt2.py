@@ -6,7 +6,9 @@ folder does not exist), the same 128-token prompt, greedy decoding of 128 new to
 threads, each configuration in its own process so that peak resident memory is its own:
 
 * kiln f32 and bf16 weights: `kiln gpt2 generate --json` (prefill_ms, decode_tokens_per_s,
-  load_ms, peak_rss_mb from the process's VmHWM);
+  load_ms, peak_rss_mb from the process's VmHWM); `kiln-bf16-bf16mm` is bf16 weights with
+  `--matmul-precision bf16` (the prefill on AMX or AVX512-BF16 with bf16 activations, as PyTorch's
+  bf16 model computes, where the CPU has them);
 * PyTorch f32 and bf16: `GPT2LMHeadModel` (eager attention) with the same loop: one forward
   over the prompt (prefill, which also picks the first token), then 127 single-token steps with
   the KV cache; peak RSS is the process's ru_maxrss.
@@ -95,9 +97,9 @@ def child_env(threads):
     return env
 
 
-def run_kiln(kiln, model_dir, text, dtype, threads, new):
+def run_kiln(kiln, model_dir, text, dtype, threads, new, precision="f32"):
     cmd = [kiln, "gpt2", "generate", "--model", model_dir, "--prompt", text, "--max-new-tokens", str(new),
-           "--greedy", "--dtype", dtype, "--threads", str(threads), "--json"]
+           "--greedy", "--dtype", dtype, "--threads", str(threads), "--json", "--matmul-precision", precision]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads))
     if out.returncode != 0:
         sys.exit(f"kiln failed: {out.stderr.strip()}")
@@ -134,7 +136,7 @@ def main():
                     help="new tokens for PyTorch bf16, which is very slow on CPUs without native bf16 "
                          "(decode tokens/s is a rate, so fewer tokens measure it too)")
     ap.add_argument("--torch-bf16-repeats", type=int, default=1)
-    ap.add_argument("--engines", nargs="+", default=["torch-f32", "torch-bf16", "kiln-f32", "kiln-bf16"])
+    ap.add_argument("--engines", nargs="+", default=["torch-f32", "torch-bf16", "kiln-f32", "kiln-bf16", "kiln-bf16-bf16mm"])
     ap.add_argument("--json", help="also write one JSON object per configuration to this file")
     args = ap.parse_args()
 
@@ -168,8 +170,9 @@ def main():
             runs = []
             slow = eng == "torch-bf16"
             for _ in range(args.torch_bf16_repeats if slow else args.repeats):
-                kind, dtype = eng.split("-")
-                r = (run_kiln(args.kiln, args.model, text, dtype, threads, args.new) if kind == "kiln"
+                kind, dtype, *rest = eng.split("-")
+                precision = "bf16" if rest == ["bf16mm"] else "f32"
+                r = (run_kiln(args.kiln, args.model, text, dtype, threads, args.new, precision) if kind == "kiln"
                      else run_torch(args.model, ids, dtype, threads, args.torch_bf16_new if slow else args.new))
                 runs.append(r)
             res[eng] = best(runs)
@@ -181,7 +184,7 @@ def main():
             # Against what this many threads can read: one core cannot pull the whole triad.
             bw_t = triad.get(threads)
             r["roofline_fraction_threads"] = r["gb_per_s"] / bw_t if bw_t else None
-            print(f"threads={threads} {eng:<10} decode {r['decode_tokens_per_s']:7.1f} tok/s "
+            print(f"threads={threads} {eng:<16} decode {r['decode_tokens_per_s']:7.1f} tok/s "
                   f"({r['gb_per_s']:5.1f} GB/s)  prefill {r['prefill_ms']:7.1f} ms  load {r['load_ms']:6.0f} ms  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
         if "kiln-f32" in res and "torch-f32" in res:

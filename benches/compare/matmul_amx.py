@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""kiln's AMX bf16 GEMM against PyTorch's bf16 matmul (oneDNN), side by side in one run.
+"""kiln's native bf16 GEMM (AMX tiles, or AVX512-BF16 `vdpbf16ps` on CPUs without AMX) against
+PyTorch's bf16 matmul (oneDNN), side by side in one run.
 
 Runs `cargo run --release --example amx_bench` (JSON lines, see examples/amx_bench.rs), then
 torch.matmul on bf16 tensors of the same shapes at the same thread counts, and prints GFLOP/s,
-kiln's fraction of the measured AMX peak (one core's tdpbf16ps throughput × threads) and the
-ratio kiln / torch.
+kiln's fraction of the measured peak of the kernel it runs (one core's tdpbf16ps or vdpbf16ps
+throughput × threads) and the ratio kiln / torch.
 
     python3 benches/compare/matmul_amx.py            # all shapes
     python3 benches/compare/matmul_amx.py --quick    # fewer repetitions
@@ -65,7 +66,7 @@ def main():
     if emulated:
         print("kiln: SOFTWARE TILE MODEL (--emulated): kiln figures are not AMX performance")
     else:
-        print(f"kiln: measured AMX peak {peak['gflops']:.0f} GFLOP/s per core")
+        print(f"kiln: kernel {peak.get('kernel', 'Amx')}, measured peak {peak['gflops']:.0f} GFLOP/s per core")
     for r in records:
         if r["op"].startswith("amx_pack_b"):
             k, n = r["shape"]

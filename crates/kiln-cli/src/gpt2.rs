@@ -7,7 +7,7 @@ use crate::bench::with_threads;
 use clap::{Args, Subcommand};
 use kiln_models::gpt2::{
     init_checkpoint, ContextPolicy, GenerateOptions, Generation, Gpt2, Gpt2Config, LoadOptions,
-    SamplerConfig,
+    MatmulPrecision, SamplerConfig,
 };
 use kiln_models::tokenizer::Gpt2Tokenizer;
 use kiln_tensor::{DType, Error, Result, Tensor};
@@ -75,6 +75,11 @@ pub struct GenerateArgs {
     /// Weight dtype in memory: f32, bf16 or f16 (default: the checkpoint's, used without copy).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Arithmetic of products with bf16 weights: f32 (default: activations stay f32) or bf16
+    /// (a prompt's prefill rounds activations to bf16 and runs on AMX or AVX512-BF16 where the
+    /// CPU has them, as PyTorch's bf16 model does; decode steps stay f32).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub matmul_precision: String,
     /// Keep 16-bit linear weights as the checkpoint stores them (`[in, out]`, zero-copy when the
     /// dtype is the file's) instead of laying them out in column panels for decode.
     #[arg(long)]
@@ -115,6 +120,10 @@ pub struct LogitsArgs {
     /// Weight dtype in memory: f32, bf16 or f16 (default: the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Arithmetic of products with bf16 weights: f32 (default) or bf16 (native bf16 arithmetic
+    /// for a forward of 16 or more tokens where the CPU has it; see `generate --help`).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub matmul_precision: String,
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -188,6 +197,11 @@ fn check_threads(threads: Option<usize>) -> Result<()> {
 }
 
 /// Parses a `--dtype` value (f32, bf16, f16).
+fn parse_precision(s: &str) -> Result<MatmulPrecision> {
+    MatmulPrecision::parse(s)
+        .ok_or_else(|| Error::invalid(format!("--matmul-precision `{s}`: expected f32 or bf16")))
+}
+
 fn parse_dtype(s: &str) -> Result<DType> {
     match DType::parse(s) {
         Some(d) if d.is_float() => Ok(d),
@@ -250,6 +264,21 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The native bf16 kernel the prefill of bf16 weights runs on (`"amx"`, `"avx512bf16"`), or
+/// `None` when the products are f32.
+fn bf16_kernel(gpt2: &Gpt2) -> Option<&'static str> {
+    use kiln_cpu::gemm::amx::{best_native_kernel, TileKernel};
+    let bf16 = gpt2.model.weights.dtype == DType::BF16;
+    if !bf16 || gpt2.matmul_precision != MatmulPrecision::Bf16 {
+        return None;
+    }
+    match best_native_kernel()? {
+        TileKernel::Amx => Some("amx"),
+        TileKernel::Avx512Bf16 => Some("avx512bf16"),
+        TileKernel::Emulated => None,
+    }
+}
+
 /// The `--json` object of one generation.
 fn generation_json(gpt2: &Gpt2, gen: &Generation) -> serde_json::Value {
     json!({
@@ -264,6 +293,8 @@ fn generation_json(gpt2: &Gpt2, gen: &Generation) -> serde_json::Value {
         "load_to_first_token_ms": gpt2.load_ms + gen.prefill_ms,
         "stop": format!("{:?}", gen.stop),
         "dtype": gpt2.model.weights.dtype.name(),
+        "matmul_precision": gpt2.matmul_precision.name(),
+        "bf16_kernel": bf16_kernel(gpt2),
         "threads": rayon::current_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
     })
@@ -329,6 +360,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &LoadOptions {
             dtype,
             panels: !a.stored_layout,
+            matmul_precision: parse_precision(&a.matmul_precision)?,
             ..Default::default()
         },
     )?;
@@ -417,6 +449,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
         &a.model,
         &LoadOptions {
             dtype,
+            matmul_precision: parse_precision(&a.matmul_precision)?,
             ..Default::default()
         },
     )?;

@@ -478,7 +478,53 @@ fn embedding_from_panels(
 
 /// The CPU backend: every op runs a `kiln-cpu` kernel on the current rayon pool.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    matmul_precision: MatmulPrecision,
+}
+
+/// The arithmetic of products with bf16 weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// Activations stay f32; bf16 weights are widened to f32 (exact) and every product is f32.
+    #[default]
+    F32,
+    /// Products of at least [`gemm::AMX_MIN_M`] rows (a prompt's prefill) round the activations
+    /// to bf16 and run on the CPU's native bf16 arithmetic — AMX tiles, else AVX512-BF16 — with
+    /// f32 sums, as PyTorch's bf16 model does; where the CPU has neither, and for decode steps,
+    /// this is [`MatmulPrecision::F32`]. f32 and f16 weights are unaffected.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    /// `"f32"` or `"bf16"`.
+    pub fn parse(s: &str) -> Option<MatmulPrecision> {
+        match s {
+            "f32" => Some(MatmulPrecision::F32),
+            "bf16" => Some(MatmulPrecision::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl CpuBackend {
+    /// A backend whose bf16-weight products use `precision`.
+    pub fn with_matmul_precision(precision: MatmulPrecision) -> CpuBackend {
+        CpuBackend {
+            matmul_precision: precision,
+        }
+    }
+
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.matmul_precision
+    }
+}
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
@@ -517,10 +563,17 @@ impl Backend for CpuBackend {
         let a = MatRef::row_major(x, m, k);
         let c = MatMut::row_major(y, m, n);
         let (rs, cs) = (w.row_stride, w.col_stride);
+        let bf16_products = self.matmul_precision == MatmulPrecision::Bf16;
         match w.data {
             WeightData::F32(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
             WeightData::F16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
+            WeightData::BF16(d) if bf16_products => {
+                gemm::gemm_bf16_compute(a, MatRef::strided(d, k, n, rs, cs), c, &opts)
+            }
             WeightData::BF16(d) => gemm::gemm(a, MatRef::strided(d, k, n, rs, cs), c, &opts),
+            WeightData::PanelsBF16(p) if bf16_products => {
+                gemm::gemm_bf16_compute_panels(a, p, c, &opts)
+            }
             WeightData::PanelsBF16(p) => gemm::gemm_panel_matrix(a, p, c, &opts),
             WeightData::PanelsF16(p) => gemm::gemm_panel_matrix(a, p, c, &opts),
         }?;
@@ -666,7 +719,7 @@ mod tests {
         let dense_rows = WeightView::row_major(WeightData::BF16(&wte), v, c);
         let pos = WeightView::row_major(WeightData::BF16(&wpe), p, c);
         let ids = [0u32, 69, 5, 31, 32, 64];
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let mut want = vec![0f32; ids.len() * c];
         be.embedding(&ids, dense_rows, pos, 2, &mut want).unwrap();
         let mut got = vec![f32::NAN; ids.len() * c];

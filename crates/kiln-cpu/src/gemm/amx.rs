@@ -41,7 +41,9 @@
 //!
 //! [`TileKernel::Emulated`] runs the same driver with a software model of the tile kernel, so
 //! the whole path is tested on machines without AMX.
-use super::{apply_epilogue, Epilogue, GemmOptions, MatMut, MatRef};
+use super::{
+    apply_epilogue, apply_epilogue_row, Epilogue, GemmOptions, MatMut, MatRef, PanelMatrix,
+};
 use half::bf16;
 use kiln_tensor::{Error, Result};
 use rayon::prelude::*;
@@ -49,13 +51,14 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 mod detect;
+mod dot;
 mod pack;
 mod tiles;
 
 pub use pack::PackKernel;
 pub use tiles::TileKernel;
 
-use pack::{ksteps, pack_a_panel, pack_b_panels};
+use pack::{ksteps, pack_a_panel, pack_b_from_panel, pack_b_panels};
 use tiles::{kernel_32x32, Line, TileSession, LINES_PER_KSTEP};
 
 mod sealed {
@@ -80,6 +83,29 @@ impl AmxElement for bf16 {
 /// the answer is computed once and cached).
 pub fn amx_available() -> bool {
     detect::amx_support().available
+}
+
+/// True when this CPU has AVX512-BF16 (`vdpbf16ps`), which [`TileKernel::Avx512Bf16`] uses.
+pub fn bf16_dot_available() -> bool {
+    dot::available()
+}
+
+/// The fastest kernel for bf16 × bf16 products on this machine: AMX tiles, else AVX512-BF16,
+/// else `None` (no native bf16 arithmetic: bf16 weights are then better widened to f32).
+pub fn best_native_kernel() -> Option<TileKernel> {
+    if amx_available() {
+        Some(TileKernel::Amx)
+    } else if bf16_dot_available() {
+        Some(TileKernel::Avx512Bf16)
+    } else {
+        None
+    }
+}
+
+/// Measured `vdpbf16ps` throughput of one core, GFLOP/s. Errors without AVX512-BF16.
+pub fn bf16_dot_peak_gflops_one_core() -> Result<f64> {
+    dot::peak_gflops_one_core()
+        .ok_or_else(|| Error::invalid("gemm bf16: AVX512-BF16 is not available on this CPU"))
 }
 
 /// Why AMX is unavailable, or `None` when it is available.
@@ -127,10 +153,24 @@ impl AmxConfig {
         }
     }
 
+    /// The best native kernel ([`best_native_kernel`]) with the best packer; `None` where the
+    /// CPU has neither AMX nor AVX512-BF16.
+    pub fn native() -> Option<AmxConfig> {
+        best_native_kernel().map(|tiles| AmxConfig {
+            tiles,
+            pack: PackKernel::best(),
+        })
+    }
+
     /// Errors when this machine cannot run the chosen kernels.
     pub fn check(&self) -> Result<()> {
         if self.tiles == TileKernel::Amx && !amx_available() {
             return Err(unavailable_error());
+        }
+        if self.tiles == TileKernel::Avx512Bf16 && !bf16_dot_available() {
+            return Err(Error::invalid(
+                "gemm bf16: the AVX512-BF16 kernel is not supported by this CPU",
+            ));
         }
         self.pack.check()
     }
@@ -177,6 +217,46 @@ impl AmxPackedB {
                 lines.par_chunks_mut(group).enumerate().for_each(work);
             } else {
                 lines.chunks_mut(group).enumerate().for_each(work);
+            }
+        }
+        Ok(AmxPackedB { k, n, lines })
+    }
+
+    /// Packs a bf16 [`PanelMatrix`] (the column panels decode streams) with the best packer:
+    /// the same lines as packing the dense matrix it holds (tested), one panel per task.
+    pub fn pack_panels(p: &PanelMatrix<bf16>) -> Result<AmxPackedB> {
+        Self::pack_panels_into(p, PackKernel::best(), Vec::new())
+    }
+
+    /// As [`AmxPackedB::pack_panels`] with a chosen packer.
+    pub fn pack_panels_with(p: &PanelMatrix<bf16>, pack: PackKernel) -> Result<AmxPackedB> {
+        Self::pack_panels_into(p, pack, Vec::new())
+    }
+
+    fn pack_panels_into(
+        p: &PanelMatrix<bf16>,
+        pack: PackKernel,
+        lines: Vec<Line>,
+    ) -> Result<AmxPackedB> {
+        pack.check()?;
+        let (k, n) = (p.rows(), p.cols());
+        let panel = ksteps(k) * LINES_PER_KSTEP;
+        let total = n
+            .div_ceil(32)
+            .checked_mul(panel)
+            .filter(|&l| l.checked_mul(64).is_some())
+            .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
+        let mut lines = sized(lines, total);
+        if panel > 0 {
+            // Panel q of the matrix is 32·k contiguous elements; it becomes tile panel q.
+            let src: &[u16] = bytemuck::cast_slice(p.as_slice());
+            let work = |(q, dst): (usize, &mut [Line])| {
+                pack_b_from_panel(&src[q * 32 * k..][..32 * k], k, dst, pack)
+            };
+            if total >= PAR_MIN_PACK_LINES {
+                lines.par_chunks_mut(panel).enumerate().for_each(work);
+            } else {
+                lines.chunks_mut(panel).enumerate().for_each(work);
             }
         }
         Ok(AmxPackedB { k, n, lines })
@@ -240,6 +320,24 @@ pub fn gemm_bf16_amx_with<TA: AmxElement>(
     cfg.check()?;
     check_shapes(&a, b.rows, b.cols, &c, opts)?;
     let packed = AmxPackedB::pack_into(b, cfg.pack, scratch_take(b_lines(b.rows, b.cols)))?;
+    let result = gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts);
+    scratch_give(packed.lines);
+    result
+}
+
+/// As [`gemm_bf16_amx_with`] with B a bf16 [`PanelMatrix`] (packed on every call from the
+/// panels: bitwise the product of the dense matrix).
+pub fn gemm_bf16_amx_panels_with<TA: AmxElement>(
+    cfg: &AmxConfig,
+    a: MatRef<'_, TA>,
+    b: &PanelMatrix<bf16>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    cfg.check()?;
+    check_shapes(&a, b.rows(), b.cols(), &c, opts)?;
+    let lines = scratch_take(b_lines(b.rows(), b.cols()));
+    let packed = AmxPackedB::pack_panels_into(b, cfg.pack, lines)?;
     let result = gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts);
     scratch_give(packed.lines);
     result
@@ -523,16 +621,17 @@ fn write_back(
             // SAFETY: elements (ic+i, jc..jc+ncur) lie inside C's buffer and, with unit column
             // stride, are this contiguous run, owned by this task while `run` executes.
             let crow = unsafe { std::slice::from_raw_parts_mut(cp.p.add(base), ncur) };
-            if beta == 0.0 && matches!(epi, Epilogue::None) {
+            if beta == 0.0 {
                 for (cv, &av) in crow.iter_mut().zip(arow) {
                     *cv = alpha * av;
                 }
             } else {
-                for (j, (cv, &av)) in crow.iter_mut().zip(arow).enumerate() {
-                    let prev = if beta == 0.0 { 0.0 } else { beta * *cv };
-                    *cv = apply_epilogue(alpha * av + prev, jc + j, epi);
+                for (cv, &av) in crow.iter_mut().zip(arow) {
+                    *cv = alpha * av + beta * *cv;
                 }
             }
+            // Bias, then the vectorised GELU over the run (as the f32 driver's epilogue).
+            apply_epilogue_row(crow, jc, epi);
         } else {
             for (j, &av) in arow.iter().enumerate() {
                 // SAFETY: as above, element (ic+i, jc+j) of the validated view, written by

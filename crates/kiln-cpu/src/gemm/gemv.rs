@@ -192,7 +192,7 @@ fn gemv_depth_streams<TB: FloatElement>(
     threads: bool,
 ) -> bool {
     let (k, w, rs) = (b.rows, yc.len(), b.row_stride);
-    let Some(f) = x86::streams_fn::<TB>(isa).filter(|_| depth_streams::<TB>(k, b.cols)) else {
+    let Some(f) = x86::streams_fn::<TB>(isa).filter(|_| depth_streams::<TB>(isa, k, b.cols)) else {
         return false;
     };
     let rows = k.div_ceil(DEPTH_STREAMS);
@@ -314,12 +314,20 @@ const DEPTH_STREAMS: usize = 4;
 /// The price is paid when B is read from cache: one FMA per row and output (y loaded and stored
 /// per row) runs well under the eight-row groups there (`1 × 768 × 768` bf16 hot in L3: 35 →
 /// 66 µs), so B smaller than [`DEPTH_STREAM_MIN_BYTES`] (a small model's weights, likely to stay
-/// cached between calls) keeps the groups. The split depends on `k` and `n` only, never on
+/// cached between calls) keeps the groups.
+///
+/// Only for [`Isa::Avx2`] (a CPU without AVX-512): on the Zen 5 machine (AVX-512) the same
+/// kernel ran the short rows at 10–11 GB/s against 27–29 for the eight-row groups
+/// (`examples/decode_gemv f32 1`, `[768, 768]` and `[3072, 768]`; the whole step 23–24 → 15 ms),
+/// so CPUs with AVX-512 keep the groups. The split depends on the ISA, `k` and `n` only, never on
 /// threads.
 #[cfg(target_arch = "x86_64")]
-fn depth_streams<TB: FloatElement>(k: usize, n: usize) -> bool {
+fn depth_streams<TB: FloatElement>(isa: Isa, k: usize, n: usize) -> bool {
     let elem = std::mem::size_of::<TB>();
-    n * elem <= SHORT_ROW_BYTES && n >= 16 && k * n * elem >= DEPTH_STREAM_MIN_BYTES
+    isa == Isa::Avx2
+        && n * elem <= SHORT_ROW_BYTES
+        && n >= 16
+        && k * n * elem >= DEPTH_STREAM_MIN_BYTES
 }
 
 /// The smallest B (bytes) read as depth streams.

@@ -621,26 +621,41 @@ fn scale_only(c: MatMut<'_>, opts: &GemmOptions<'_>) {
     }
 }
 
-/// Smallest M routed to AMX by [`gemm_bf16_compute`]: AMX tiles are 16 rows (the AMX driver
-/// packs 32-row panels); below this the f32 path — for M = 1 the GEMV path, which streams bf16 B
-/// at memory bandwidth — is as fast and more precise.
+/// Smallest M routed to native bf16 arithmetic by [`gemm_bf16_compute`]: the bf16 driver packs
+/// 32-row panels (AMX tiles are 16 rows); below this the f32 path — for M = 1 the GEMV path,
+/// which streams bf16 B at memory bandwidth — is as fast and more precise.
 pub const AMX_MIN_M: usize = 16;
 
 /// `C = alpha·A·B + beta·C` then the epilogue, with bf16 weights, where bf16 *compute* is
-/// acceptable: on a CPU with AMX-BF16 and `m ≥` [`AMX_MIN_M`] the product runs on AMX tiles with
-/// A rounded to bf16 ([`amx::gemm_bf16_amx`]); otherwise it is [`gemm`] (A kept in f32). Shapes
-/// and layouts as [`gemm`]. Bitwise identical for any thread count (both paths are), but the two
-/// paths differ from each other by A's rounding.
+/// acceptable: with `m ≥` [`AMX_MIN_M`] on a CPU with native bf16 arithmetic
+/// ([`amx::best_native_kernel`]: AMX tiles, else AVX512-BF16 `vdpbf16ps`) the product rounds A
+/// to bf16 and runs on it ([`amx::gemm_bf16_amx_with`]); otherwise it is [`gemm`] (A kept in
+/// f32). Shapes and layouts as [`gemm`]. Bitwise identical for any thread count (every path
+/// is), but the paths differ from each other by A's rounding and their summation order.
 pub fn gemm_bf16_compute(
     a: MatRef<'_, f32>,
     b: MatRef<'_, half::bf16>,
     c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
-    if a.rows >= AMX_MIN_M && amx::amx_available() {
-        return amx::gemm_bf16_amx(a, b, c, opts);
+    match amx::AmxConfig::native() {
+        Some(cfg) if a.rows >= AMX_MIN_M => amx::gemm_bf16_amx_with(&cfg, a, b, c, opts),
+        _ => gemm(a, b, c, opts),
     }
-    gemm(a, b, c, opts)
+}
+
+/// [`gemm_bf16_compute`] with B in column panels: native bf16 arithmetic under the same
+/// conditions (B packed from the panels on each call), else [`panels::gemm_panel_matrix`].
+pub fn gemm_bf16_compute_panels(
+    a: MatRef<'_, f32>,
+    b: &PanelMatrix<half::bf16>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    match amx::AmxConfig::native() {
+        Some(cfg) if a.rows >= AMX_MIN_M => amx::gemm_bf16_amx_panels_with(&cfg, a, b, c, opts),
+        _ => panels::gemm_panel_matrix(a, b, c, opts),
+    }
 }
 
 /// [`gemm`] with the microkernel of `isa` (an error if this CPU cannot run it). The M = 1 path

@@ -16,6 +16,8 @@ use super::sampler::{Sampler, SamplerConfig};
 use super::weights::Gpt2Weights;
 use crate::tokenizer::Gpt2Tokenizer;
 use kiln_io::SafeTensors;
+use kiln_nn::backend::CpuBackend;
+pub use kiln_nn::backend::MatmulPrecision;
 use kiln_tensor::{DType, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -35,6 +37,10 @@ pub struct LoadOptions {
     /// decode step streams faster than the checkpoint's `[in, out]` rows; false keeps them as
     /// stored (zero-copy when the dtype is the file's). Default true.
     pub panels: bool,
+    /// Arithmetic of the products with bf16 weights ([`MatmulPrecision`]): `Bf16` runs a
+    /// prompt's prefill on the CPU's native bf16 arithmetic (AMX or AVX512-BF16, activations
+    /// rounded to bf16) where it has one. Default `F32`.
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +49,7 @@ impl Default for LoadOptions {
             dtype: None,
             prefault: true,
             panels: true,
+            matmul_precision: MatmulPrecision::F32,
         }
     }
 }
@@ -177,6 +184,8 @@ pub struct Gpt2 {
     /// Folder it was loaded from.
     pub dir: PathBuf,
     pub load_ms: f64,
+    /// The precision the model's bf16-weight products were asked to use.
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl std::fmt::Debug for Gpt2 {
@@ -215,12 +224,14 @@ impl Gpt2 {
         if opts.prefault {
             weights.prefault();
         }
-        let model = Gpt2Model::new(config, weights)?;
+        let backend = CpuBackend::with_matmul_precision(opts.matmul_precision);
+        let model = Gpt2Model::with_backend(config, weights, Box::new(backend))?;
         Ok(Gpt2 {
             model,
             tokenizer,
             dir: dir.to_path_buf(),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            matmul_precision: opts.matmul_precision,
         })
     }
 

@@ -19,7 +19,7 @@ pub mod weights;
 pub use config::Gpt2Config;
 pub use generate::{
     generate_batch_ids, generate_ids, ContextPolicy, GenerateOptions, Generation, Gpt2,
-    LoadOptions, StopReason, TextStream, EOT,
+    LoadOptions, MatmulPrecision, StopReason, TextStream, EOT,
 };
 pub use init::init_checkpoint;
 pub use model::{Gpt2Model, Gpt2State, Logits};

@@ -95,7 +95,7 @@ fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 impl Gpt2Model {
     /// A model on the CPU backend. Checks that the weights match the config.
     pub fn new(config: Gpt2Config, weights: Gpt2Weights) -> Result<Self> {
-        Self::with_backend(config, weights, Box::new(CpuBackend))
+        Self::with_backend(config, weights, Box::new(CpuBackend::default()))
     }
 
     /// A model whose ops run on `backend`.

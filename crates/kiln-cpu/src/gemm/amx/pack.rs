@@ -218,6 +218,92 @@ fn pack_b_panels_impl<const AVX2: bool>(b: &MatRef<'_, bf16>, j0: usize, dst: &m
     }
 }
 
+/// Packs one 32-column panel of a bf16 [`PanelMatrix`](crate::gemm::PanelMatrix) (`panel`:
+/// `k` rows of 32 elements in the panel's slot order, see [`crate::gemm::panels::slot`]) into
+/// `dst` (`ksteps(k)·32` lines): the same lines [`pack_b_panels`] makes from the dense matrix.
+///
+/// In a panel row, the 32-bit word `i` of half `t` holds column `16t + i` in its low and
+/// `16t + 8 + i` in its high 16 bits; so for the pair-row `(k0, k0+1)`, tile line words `0..8`
+/// are the low halves of the two rows' words interleaved, words `8..16` the high halves.
+pub(crate) fn pack_b_from_panel(panel: &[u16], k: usize, dst: &mut [Line], pack: PackKernel) {
+    #[cfg(target_arch = "x86_64")]
+    if pack == PackKernel::Avx2 {
+        // SAFETY: as in `pack_a_panel`: AVX2 was confirmed before `PackKernel::Avx2` got here.
+        unsafe { pack_b_from_panel_avx2(panel, k, dst) };
+        return;
+    }
+    let _ = pack;
+    pack_b_from_panel_impl::<false>(panel, k, dst)
+}
+
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_b_from_panel_avx2(panel: &[u16], k: usize, dst: &mut [Line]) {
+    pack_b_from_panel_impl::<true>(panel, k, dst)
+}
+
+#[inline(always)]
+fn pack_b_from_panel_impl<const AVX2: bool>(panel: &[u16], k: usize, dst: &mut [Line]) {
+    use crate::gemm::panels::slot;
+    use kiln_tensor::DType;
+    assert!(panel.len() >= 32 * k && dst.len() >= ksteps(k) * LINES_PER_KSTEP);
+    for s in 0..ksteps(k) {
+        for r in 0..16 {
+            let k0 = 32 * s + 2 * r;
+            for t in 0..2 {
+                let line = &mut dst[s * LINES_PER_KSTEP + 16 * t + r].0;
+                if k0 + 1 < k && AVX2 {
+                    let h0 = &panel[32 * k0 + 16 * t..][..16];
+                    let h1 = &panel[32 * (k0 + 1) + 16 * t..][..16];
+                    deinterleave_halves(h0, h1, line);
+                } else {
+                    for nn in 0..16 {
+                        let at = |kk: usize| {
+                            if kk < k {
+                                panel[32 * kk + slot(DType::BF16, 16 * t + nn)]
+                            } else {
+                                0
+                            }
+                        };
+                        line[2 * nn] = at(k0);
+                        line[2 * nn + 1] = at(k0 + 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One tile line from the same half of two panel rows, with AVX2 (see [`pack_b_from_panel`]).
+/// Only called from the AVX2-compiled loop.
+#[inline(always)]
+fn deinterleave_halves(h0: &[u16], h1: &[u16], dst: &mut [u16; 32]) {
+    assert!(h0.len() == 16 && h1.len() == 16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 is present (see `convert_32`); `h0`, `h1` have 16 elements (asserted), `dst`
+    // has 32.
+    unsafe {
+        use std::arch::x86_64::*;
+        let x = _mm256_loadu_si256(h0.as_ptr() as *const __m256i);
+        let y = _mm256_loadu_si256(h1.as_ptr() as *const __m256i);
+        // Low halves: x's low 16 bits, y's low 16 bits moved up; high halves: x's moved down,
+        // y's high 16 bits (blend takes odd 16-bit elements from the second operand).
+        let lo = _mm256_blend_epi16::<0xAA>(x, _mm256_slli_epi32::<16>(y));
+        let hi = _mm256_blend_epi16::<0xAA>(_mm256_srli_epi32::<16>(x), y);
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, lo);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(16) as *mut __m256i, hi);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for i in 0..8 {
+        dst[2 * i] = h0[2 * i];
+        dst[2 * i + 1] = h1[2 * i];
+        dst[16 + 2 * i] = h0[2 * i + 1];
+        dst[16 + 2 * i + 1] = h1[2 * i + 1];
+    }
+}
+
 /// 32 f32 → 32 bf16 bits (round to nearest even, NaN kept quiet) with AVX2.
 /// Only called from the AVX2-compiled packing loops.
 #[inline(always)]

@@ -34,6 +34,9 @@ pub(crate) const LINES_PER_KSTEP: usize = 32;
 pub enum TileKernel {
     /// The AMX tile unit (`tdpbf16ps`); needs [`super::amx_available`].
     Amx,
+    /// `vdpbf16ps` on zmm registers (AVX512-BF16 without AMX, e.g. AMD Zen 4/5): the same
+    /// packed panels, two k per instruction (see `dot.rs`); needs [`super::bf16_dot_available`].
+    Avx512Bf16,
     /// A safe software model of the same tile operations, in the same order. Runs anywhere
     /// (slowly): it lets the packing, blocking, edge and epilogue code be tested on machines
     /// without AMX, and is the reference the AMX kernel is checked against where AMX exists.
@@ -133,6 +136,18 @@ pub(crate) fn kernel_32x32(
     assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
     match session.kernel {
         TileKernel::Emulated => emulated_32x32(a, b, ksteps, c, ldc, accumulate),
+        TileKernel::Avx512Bf16 => {
+            assert!(
+                super::dot::available(),
+                "AVX512-BF16 kernel without AVX512-BF16"
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16/F/BW are present (asserted); the operand lengths are asserted
+            // at the top of this function, which is the kernel's whole contract.
+            unsafe {
+                super::dot::dpbf16_32x32(a, b, ksteps, c, ldc, accumulate)
+            };
+        }
         TileKernel::Amx => {
             if ksteps == 0 {
                 if !accumulate {
