@@ -1,7 +1,9 @@
 //! `kiln bench peak`: this machine's FP32 FMA throughput and memory bandwidth, for one thread
-//! and for `--threads` (default: all cores). Every other benchmark divides by these.
+//! and for `--threads` (default: all cores), and, where the CPU has native bf16 arithmetic (AMX
+//! or AVX512-BF16), one core's bf16 product throughput. Every other benchmark divides by these.
 use super::BenchRecord;
 use clap::Args;
+use kiln_cpu::gemm::amx;
 use kiln_cpu::peak;
 use kiln_tensor::Result;
 use std::time::{Duration, Instant};
@@ -44,6 +46,18 @@ pub fn run(args: PeakArgs) -> Result<()> {
             peak::fma_isa(),
         )
         .print(args.json);
+    }
+    // Native bf16 arithmetic (the ceiling of bf16 × bf16 products), one core, where present.
+    if let Some(kernel) = amx::best_native_kernel() {
+        let start = Instant::now();
+        let (g, isa) = match kernel {
+            amx::TileKernel::Amx => (amx::amx_peak_gflops_one_core()?, "amx"),
+            _ => (amx::bf16_dot_peak_gflops_one_core()?, "avx512bf16"),
+        };
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut r = record("bf16_peak", serde_json::json!([1]), 1, ms, Some(g), None, isa);
+        r.dtype = "bf16".into();
+        r.print(args.json);
     }
     for &t in &counts {
         let gbps = peak::triad_gbps(t, len, args.reps.max(1));
