@@ -1029,3 +1029,70 @@ fn few_rows_equal_single_rows() {
         }
     }
 }
+
+/// The M = 1 bf16 row-major kernels of the AVX-512 and AVX2 paths agree bit for bit (each output
+/// is the same FMA chain in order of depth): widths around the AVX-512 kernel's 64-column blocks
+/// (its `w mod 64` tail is the AVX2 kernel's) and depths around its 12-row groups, on 1 and 2
+/// threads; and both match the f64 reference.
+#[test]
+fn gemv_bf16_rows_bitwise_equal_across_isas() {
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.is_available())
+        .collect();
+    let mut rng = Rng(77);
+    for &(k, n) in &[
+        (1, 64),
+        (7, 63),
+        (12, 65),
+        (13, 128),
+        (25, 130),
+        (29, 1000),
+        (768, 200),
+        (100, 50000),
+    ] {
+        let a: Vec<f32> = random(k, &mut rng);
+        let b: Vec<bf16> = random(k * n, &mut rng);
+        let mut outs = Vec::new();
+        for &isa in &isas {
+            for threads in [1, 2] {
+                let mut c = vec![0f32; n];
+                pool(threads)
+                    .install(|| {
+                        gemm_with_isa(
+                            isa,
+                            MatRef::row_major(&a, 1, k),
+                            MatRef::row_major(&b, k, n),
+                            MatMut::row_major(&mut c, 1, n),
+                            &GemmOptions::default(),
+                        )
+                    })
+                    .unwrap();
+                for (j, &got) in c.iter().enumerate() {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for p in 0..k {
+                        let t = a[p] as f64 * b[p * n + j].to_f64();
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let tol = (k + 4) as f64 * U * mag;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} {threads}t 1x{n}x{k}: y[{j}] = {got}, want {want}"
+                    );
+                }
+                outs.push((isa, threads, c));
+            }
+        }
+        for (isa, threads, c) in &outs[1..] {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(c),
+                bits(&outs[0].2),
+                "1x{n}x{k}: {isa:?} {threads}t differs from {:?} {}t",
+                outs[0].0,
+                outs[0].1
+            );
+        }
+    }
+}

@@ -55,7 +55,15 @@ pub fn run(args: PeakArgs) -> Result<()> {
             _ => (amx::bf16_dot_peak_gflops_one_core()?, "avx512bf16"),
         };
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let mut r = record("bf16_peak", serde_json::json!([1]), 1, ms, Some(g), None, isa);
+        let mut r = record(
+            "bf16_peak",
+            serde_json::json!([1]),
+            1,
+            ms,
+            Some(g),
+            None,
+            isa,
+        );
         r.dtype = "bf16".into();
         r.print(args.json);
     }

@@ -385,7 +385,128 @@ mod x86 {
 
     /// The AVX2 row-major kernel for `TB`, when the CPU runs it.
     pub fn rows_fn<TB: FloatElement>(isa: Isa) -> Option<GemvFn> {
+        if isa == Isa::Avx512
+            && TB::DTYPE == DType::BF16
+            && simd_ok::<TB>(isa)
+            && is_x86_feature_detected!("avx512f")
+        {
+            return Some(rows_bf16_avx512);
+        }
         pick::<TB, GemvFn>(isa, [rows_f32, rows_bf16, rows_f16])
+    }
+
+    /// Rows per group of [`rows_bf16_avx512`].
+    const GROUP_512: usize = 12;
+
+    /// Row-major bf16 with AVX-512: `y[j] = Σ_p x[p]·B[p, j]`, `j < w`, B row `p` at `b + p·rs`
+    /// elements. Columns are taken 64 at a time (two 64-byte loads per row), each 32-bit word
+    /// widened in place — a 16-bit shift gives the even column as f32, masking the low half the
+    /// odd one — so one load, two integer ops and two FMAs cover 32 weights (half the
+    /// instructions of the AVX2 kernel); groups of 12 rows, no blocking and no software
+    /// prefetch. Measured on a Zen 5 core, `1 × 50257 × 768` from DRAM: groups of 4 / 8 / 12 / 16
+    /// rows 29–31 / 35–37 / 39.6–39.7 / 36.5–36.7 GB/s against 30–32 for the AVX2 kernel; the
+    /// unblocked, unprefetched loop beat 8192- and 16384-column blocks and prefetching one or two
+    /// groups ahead (24–35 GB/s). Each `y[j]` receives its FMAs in order of p from 0, exactly as in
+    /// the AVX2 kernel, so the two are bitwise equal; the last `w mod 64` columns are the AVX2
+    /// kernel's.
+    ///
+    /// # Safety
+    /// B rows `p < k`, columns `j < w` readable; `x` has `k`, `y` has `w` elements; the CPU has
+    /// AVX-512F, AVX2, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn rows_bf16_avx512(
+        k: usize,
+        x: *const f32,
+        b: *const u8,
+        rs: usize,
+        y: *mut f32,
+        w: usize,
+    ) {
+        let b = b as *const u16;
+        let w64 = w / 64 * 64;
+        // SAFETY (whole body): rows p < k, columns j < w64 ≤ w of B, and y[..w], as the contract
+        // says; the tail call gets the columns w64..w of the same rows.
+        unsafe {
+            for j in 0..w64 {
+                *y.add(j) = 0.0;
+            }
+            let mut p = 0;
+            while p + GROUP_512 <= k {
+                group_bf16_512::<GROUP_512>(x.add(p), b.add(p * rs), rs, y, w64);
+                p += GROUP_512;
+            }
+            while p + 4 <= k {
+                group_bf16_512::<4>(x.add(p), b.add(p * rs), rs, y, w64);
+                p += 4;
+            }
+            while p < k {
+                group_bf16_512::<1>(x.add(p), b.add(p * rs), rs, y, w64);
+                p += 1;
+            }
+            // Each block of 32 holds its 16 even columns, then its 16 odd ones: interleave.
+            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            let mut j = 0;
+            while j < w64 {
+                let e = _mm512_loadu_ps(y.add(j));
+                let o = _mm512_loadu_ps(y.add(j + 16));
+                _mm512_storeu_ps(y.add(j), _mm512_permutex2var_ps(e, lo, o));
+                _mm512_storeu_ps(y.add(j + 16), _mm512_permutex2var_ps(e, hi, o));
+                j += 32;
+            }
+            if w64 < w {
+                rows_bf16(k, x, b.add(w64) as *const u8, rs, y.add(w64), w - w64);
+            }
+        }
+    }
+
+    /// `y[j] += Σ_{q<R} x[q]·B[q, j]` for `j < w` (a multiple of 64), y in the split order of
+    /// [`rows_bf16_avx512`]; each `y[j]` receives its FMAs in order of q.
+    ///
+    /// # Safety
+    /// Rows q < R, columns j < w of B readable; `x` has R, `y` w elements; AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn group_bf16_512<const R: usize>(
+        x: *const f32,
+        b: *const u16,
+        rs: usize,
+        y: *mut f32,
+        w: usize,
+    ) {
+        // SAFETY (whole body): reads rows q < R, columns j < w, and y[..w] (the contract).
+        unsafe {
+            let odd = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+            let xv: [__m512; R] = std::array::from_fn(|q| _mm512_set1_ps(*x.add(q)));
+            let r: [*const u16; R] = std::array::from_fn(|q| b.add(q * rs));
+            let mut j = 0;
+            while j + 64 <= w {
+                let yp = y.add(j);
+                let mut a = [
+                    _mm512_loadu_ps(yp),
+                    _mm512_loadu_ps(yp.add(16)),
+                    _mm512_loadu_ps(yp.add(32)),
+                    _mm512_loadu_ps(yp.add(48)),
+                ];
+                for q in 0..R {
+                    let v0 = _mm512_loadu_si512(r[q].add(j) as *const __m512i);
+                    let v1 = _mm512_loadu_si512(r[q].add(j + 32) as *const __m512i);
+                    let even0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0));
+                    let odd0 = _mm512_castsi512_ps(_mm512_and_si512(v0, odd));
+                    let even1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1));
+                    let odd1 = _mm512_castsi512_ps(_mm512_and_si512(v1, odd));
+                    a[0] = _mm512_fmadd_ps(xv[q], even0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv[q], odd0, a[1]);
+                    a[2] = _mm512_fmadd_ps(xv[q], even1, a[2]);
+                    a[3] = _mm512_fmadd_ps(xv[q], odd1, a[3]);
+                }
+                for (h, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(yp.add(16 * h), *v);
+                }
+                j += 64;
+            }
+        }
     }
 
     /// `(k, rows, x, b, stride, ys, streams, w)`: see `streams_f32`.
