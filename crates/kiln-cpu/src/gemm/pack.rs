@@ -130,6 +130,15 @@ pub fn pack_a(
                 let base = (r0 + i) * a.row_stride + p0;
                 &a.data[base..base + kc]
             };
+            #[cfg(target_arch = "x86_64")]
+            if mr == 12 && !scalar_pack() && x86::available() {
+                let rows: [&[f32]; 12] = std::array::from_fn(row);
+                assert!(panel.len() >= 12 * kc);
+                // SAFETY: each of the 12 rows has kc elements and the panel 12·kc (asserted;
+                // `row` slices exactly kc); AVX2 and F16C are present (checked).
+                unsafe { x86::interleave12(rows.map(|r| r.as_ptr()), kc, panel.as_mut_ptr()) };
+                continue;
+            }
             match mr {
                 6 => interleave_rows::<6>(std::array::from_fn(row), panel),
                 12 => interleave_rows::<12>(std::array::from_fn(row), panel),
@@ -470,6 +479,64 @@ mod x86 {
         }
     }
 
+    /// `panel[p·12 + i] = rows[i][p]` for `i < 12`, `p < kc` (the row-major A panel of the
+    /// `12 × 32` kernel): eight depth steps at a time, rows 0..8 by [`transpose8x8`] and rows
+    /// 8..12 by [`transpose4x8`], the last `kc mod 8` steps element by element. A copy, so
+    /// bitwise the scalar interleave. Measured on a Zen 5 core: the scalar interleave was 9 % of a
+    /// 256³ product.
+    ///
+    /// # Safety
+    /// Each `rows[i]` has `kc` readable elements, `panel` `12·kc` writable ones; AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn interleave12(rows: [*const f32; 12], kc: usize, panel: *mut f32) {
+        // SAFETY (whole body): reads at p < kc of each row, writes at p·12 + i < 12·kc.
+        unsafe {
+            let mut p = 0;
+            while p + 8 <= kc {
+                let out = panel.add(12 * p);
+                transpose8x8::<f32>(std::array::from_fn(|i| rows[i].add(p)), out, 12);
+                transpose4x8(std::array::from_fn(|i| rows[8 + i].add(p)), out.add(8), 12);
+                p += 8;
+            }
+            while p < kc {
+                for (i, r) in rows.iter().enumerate() {
+                    *panel.add(12 * p + i) = *r.add(p);
+                }
+                p += 1;
+            }
+        }
+    }
+
+    /// `dst[q·nr + i] = src[i][q]` for `i < 4`, `q < 8` (four rows of eight become eight packed
+    /// quads).
+    ///
+    /// # Safety
+    /// Each `src[i]` has 8 readable f32; `dst` is writable at `q·nr + i` for `q < 8`, `i < 4`;
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn transpose4x8(src: [*const f32; 4], dst: *mut f32, nr: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let r = src.map(|p| _mm256_loadu_ps(p));
+            // [r0_0 r1_0 r0_1 r1_1 | r0_4 r1_4 r0_5 r1_5] and the 2, 3 | 6, 7 pairs.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            // Columns (0 | 4), (1 | 5), (2 | 6), (3 | 7) of the four rows.
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xee>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xee>(t1, t3),
+            ];
+            for (q, v) in u.iter().enumerate() {
+                _mm_storeu_ps(dst.add(q * nr), _mm256_castps256_ps128(*v));
+                _mm_storeu_ps(dst.add((q + 4) * nr), _mm256_extractf128_ps::<1>(*v));
+            }
+        }
+    }
+
     /// `dst[q·nr + i] = src[i][q]` for `i, q < 8`: eight depth runs of eight columns become
     /// eight packed rows (unpack pairs, then quads, then swap 128-bit halves).
     ///
@@ -550,6 +617,35 @@ mod tests {
             SCALAR_PACK.with(|c| c.set(false));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow), "kc {kc} nc {nc} nr {nr}");
+            assert!(fast.iter().all(|x| !x.is_nan()));
+        }
+    }
+
+    /// The SIMD interleave of row-major A panels (MR = 12) packs bitwise what the scalar one
+    /// packs: depths around its 8-step blocks, a partial last panel, row strides with gaps.
+    #[test]
+    fn a_panel_interleave_simd_equals_scalar() {
+        for &(mc, kc, pad) in &[(12, 1, 0), (12, 7, 3), (24, 8, 0), (30, 17, 1), (36, 64, 5)] {
+            let (i0, p0) = (1, 2);
+            let rs = p0 + kc + pad;
+            let data: Vec<f32> = (0..(i0 + mc) * rs)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0)
+                .collect();
+            let a = MatRef {
+                data: &data,
+                rows: i0 + mc,
+                cols: rs - pad,
+                row_stride: rs,
+                col_stride: 1,
+            };
+            let len = mc.div_ceil(12) * 12 * kc;
+            let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            pack_a(&a, i0, mc, p0, kc, 12, &mut fast);
+            SCALAR_PACK.with(|c| c.set(true));
+            pack_a(&a, i0, mc, p0, kc, 12, &mut slow);
+            SCALAR_PACK.with(|c| c.set(false));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "mc {mc} kc {kc}");
             assert!(fast.iter().all(|x| !x.is_nan()));
         }
     }
