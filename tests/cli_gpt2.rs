@@ -468,3 +468,71 @@ fn batch_prompts_equal_single_runs() {
     ]);
     assert!(err.contains("no prompts"), "{err}");
 }
+
+/// `--matmul-precision bf16`: generation runs and reports the precision and the native kernel it
+/// used (`null` for f32 products or a CPU without AMX / AVX512-BF16); an unknown value is one
+/// error line.
+#[test]
+fn matmul_precision_flag() {
+    let dir = fixture_dir();
+    let prompt = exp_long_prompt();
+    for precision in ["f32", "bf16"] {
+        let (stdout, _) = ok(&[
+            "gpt2",
+            "generate",
+            "--model",
+            s(&dir),
+            "--prompt",
+            &prompt,
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+            "--matmul-precision",
+            precision,
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["matmul_precision"], precision);
+        assert_eq!(v["dtype"], "bf16");
+        assert_eq!(v["ids"].as_array().unwrap().len(), 4);
+        let kernel = &v["bf16_kernel"];
+        if precision == "f32" || kiln::cpu::gemm::amx::best_native_kernel().is_none() {
+            assert!(kernel.is_null(), "{kernel}");
+        } else {
+            assert!(kernel == "amx" || kernel == "avx512bf16", "{kernel}");
+        }
+    }
+    let err = fails(&[
+        "gpt2",
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "x",
+        "--matmul-precision",
+        "f16",
+    ]);
+    assert!(err.contains("--matmul-precision"), "{err}");
+    let out = std::env::temp_dir().join(format!("kiln-mp-{}.safetensors", std::process::id()));
+    ok(&[
+        "gpt2",
+        "logits",
+        "--model",
+        s(&dir),
+        "--prompt",
+        &prompt,
+        "--matmul-precision",
+        "bf16",
+        "--out",
+        s(&out),
+    ]);
+    assert!(out.exists());
+    std::fs::remove_file(&out).ok();
+}
+
+/// A prompt of well over 16 tokens, so the prefill takes the native bf16 products.
+fn exp_long_prompt() -> String {
+    "In 1869, the Suez Canal opened. It links the Mediterranean Sea to the Red Sea, and ships \
+     no longer had to sail around Africa."
+        .to_string()
+}
