@@ -2,11 +2,12 @@
 //!
 //! Reports the median time, GFLOP/s (`2·m·n·k` flops) and the fraction of the measured FMA
 //! peak for the same thread count; for `m = 1` (a decode step, bandwidth-bound) also GB/s of B
-//! read per call and the fraction of the measured triad bandwidth.
+//! read per call and the fraction of the measured triad bandwidth. `--matmul-precision bf16`
+//! times the native bf16 × bf16 product instead (AMX or AVX512-BF16, see `docs/gemm-amx.md`).
 use super::{median_ms, random_f32, with_threads, BenchRecord};
 use clap::Args;
 use half::{bf16, f16};
-use kiln_cpu::gemm::{gemm_with_isa, GemmOptions, Isa, MatMut, MatRef};
+use kiln_cpu::gemm::{amx, gemm_with_isa, GemmOptions, Isa, MatMut, MatRef};
 use kiln_cpu::peak;
 use kiln_tensor::{Error, FloatElement, Result};
 use std::time::Duration;
@@ -35,6 +36,11 @@ pub struct MatmulArgs {
     /// Microkernel: avx512, avx2, portable or scalar (default: the fastest available).
     #[arg(long)]
     pub isa: Option<String>,
+    /// Arithmetic: f32 (default), or bf16 — A rounded to bf16 and the product on the CPU's
+    /// native bf16 arithmetic (AMX tiles, else AVX512-BF16), B packed in every call; needs
+    /// `--dtype bf16` and such a CPU. The fraction is then of the measured bf16 peak.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub matmul_precision: String,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +79,15 @@ pub fn run(args: MatmulArgs) -> Result<()> {
         .filter(|&e| e <= 1 << 31)
         .ok_or_else(|| Error::invalid("bench matmul: operands too large"))?;
     let _ = elems;
+    match args.matmul_precision.as_str() {
+        "f32" => {}
+        "bf16" => return bench_native_bf16(&args, col),
+        other => {
+            return Err(Error::invalid(format!(
+                "bench matmul: --matmul-precision must be f32 or bf16, not {other}"
+            )))
+        }
+    }
     match args.dtype.to_ascii_lowercase().as_str() {
         "f32" => bench::<f32>(&args, isa, col),
         "bf16" => bench::<bf16>(&args, isa, col),
@@ -81,6 +96,68 @@ pub fn run(args: MatmulArgs) -> Result<()> {
             "bench matmul: --dtype must be f32, bf16 or f16, not {other}"
         ))),
     }
+}
+
+/// `--matmul-precision bf16`: the native bf16 GEMM (`kiln_cpu::gemm::amx`), against one core's
+/// measured bf16 throughput × threads.
+fn bench_native_bf16(args: &MatmulArgs, col: bool) -> Result<()> {
+    if !args.dtype.eq_ignore_ascii_case("bf16") {
+        return Err(Error::invalid(
+            "bench matmul: --matmul-precision bf16 needs --dtype bf16",
+        ));
+    }
+    let cfg = amx::AmxConfig::native().ok_or_else(|| {
+        Error::invalid("bench matmul: --matmul-precision bf16 needs AMX or AVX512-BF16")
+    })?;
+    let (m, n, k) = (args.m, args.n, args.k);
+    let a = random_f32(m * k, 1);
+    let b: Vec<bf16> = random_f32(k * n, 2)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let mut c = vec![0f32; m * n];
+    let opts = GemmOptions::default();
+    let (threads, ms) = with_threads(args.threads, || {
+        let threads = rayon::current_num_threads();
+        let mut err = None;
+        let ms = median_ms(2, args.reps.max(1), Duration::from_millis(500), || {
+            let bv = if col {
+                MatRef::row_major(&b, n, k).t()
+            } else {
+                MatRef::row_major(&b, k, n)
+            };
+            let cv = MatMut::row_major(&mut c, m, n);
+            if let Err(e) =
+                amx::gemm_bf16_amx_with(&cfg, MatRef::row_major(&a, m, k), bv, cv, &opts)
+            {
+                err = Some(e);
+            }
+        });
+        err.map_or(Ok((threads, ms)), Err)
+    })??;
+    let (kernel, peak_one) = match cfg.tiles {
+        amx::TileKernel::Amx => ("amx", amx::amx_peak_gflops_one_core()?),
+        _ => ("avx512bf16", amx::bf16_dot_peak_gflops_one_core()?),
+    };
+    let gflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e9;
+    let mut extra = serde_json::Map::new();
+    extra.insert("matmul_precision".into(), "bf16".into());
+    extra.insert("kernel".into(), kernel.into());
+    extra.insert("layout".into(), if col { "col" } else { "row" }.into());
+    extra.insert("peak_gflops".into(), (peak_one * threads as f64).into());
+    BenchRecord {
+        op: "matmul".into(),
+        shape: serde_json::json!([m, n, k]),
+        dtype: "bf16".into(),
+        threads,
+        median_ms: ms,
+        gflops: Some(gflops),
+        gbps: None,
+        peak_fraction: gflops / (peak_one * threads as f64),
+        extra,
+    }
+    .print(args.json);
+    Ok(())
 }
 
 fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, col: bool) -> Result<()> {
