@@ -511,16 +511,20 @@ fn bad_input_is_an_error() {
 }
 
 /// B packed from a bf16 panel matrix (the decode layout) gives the same tile lines as B packed
-/// from the dense matrix, so products through the panels are bitwise the dense products; for
-/// odd and padded sizes, both packers, every kernel this machine runs.
+/// from the dense matrix, and products through the panels (packed, or read in place where k is
+/// a multiple of 32) are bitwise the dense products; for odd and padded sizes, both packers, the
+/// software model and the native kernel.
 #[test]
 fn panel_matrix_packs_like_the_dense_matrix() {
     let mut rng = Rng(31);
+    // k a multiple of 32 (32, 64, 96, 768): kernels that can read the panels in place do.
     for &(k, n) in &[
         (1, 1),
         (7, 33),
         (33, 7),
+        (32, 33),
         (64, 64),
+        (96, 257),
         (257, 100),
         (768, 70),
         (95, 257),

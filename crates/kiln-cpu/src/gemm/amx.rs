@@ -59,7 +59,7 @@ pub use pack::PackKernel;
 pub use tiles::TileKernel;
 
 use pack::{ksteps, pack_a_panel, pack_b_from_panel, pack_b_panels};
-use tiles::{kernel_32x32, Line, TileSession, LINES_PER_KSTEP};
+use tiles::{kernel_32x32, kernel_32x32_panel, Line, TileSession, LINES_PER_KSTEP};
 
 mod sealed {
     pub trait Sealed {}
@@ -325,8 +325,9 @@ pub fn gemm_bf16_amx_with<TA: AmxElement>(
     result
 }
 
-/// As [`gemm_bf16_amx_with`] with B a bf16 [`PanelMatrix`] (packed on every call from the
-/// panels: bitwise the product of the dense matrix).
+/// As [`gemm_bf16_amx_with`] with B a bf16 [`PanelMatrix`]: read in place by the AVX512-BF16
+/// kernel (and the software model) when `k` is a multiple of 32, otherwise — and for AMX tiles —
+/// packed from the panels on each call. Bitwise the product of the dense matrix either way.
 pub fn gemm_bf16_amx_panels_with<TA: AmxElement>(
     cfg: &AmxConfig,
     a: MatRef<'_, TA>,
@@ -336,6 +337,20 @@ pub fn gemm_bf16_amx_panels_with<TA: AmxElement>(
 ) -> Result<()> {
     cfg.check()?;
     check_shapes(&a, b.rows(), b.cols(), &c, opts)?;
+    // Kernels that read the panels directly need whole k-steps (rows past k would be the next
+    // panel's); then nothing is packed.
+    let k = b.rows();
+    if cfg.tiles.reads_panels() && k > 0 && k.is_multiple_of(32) {
+        if let Ok(rows) = bytemuck::try_cast_slice::<bf16, Line>(b.as_slice()) {
+            let src = BLines {
+                lines: rows,
+                k,
+                n: b.cols(),
+                panel_rows: true,
+            };
+            return run(cfg, a, src, c, opts);
+        }
+    }
     let lines = scratch_take(b_lines(b.rows(), b.cols()));
     let packed = AmxPackedB::pack_panels_into(b, cfg.pack, lines)?;
     let result = gemm_bf16_amx_packed_with(cfg, a, &packed, c, opts);
@@ -353,7 +368,23 @@ pub fn gemm_bf16_amx_packed_with<TA: AmxElement>(
 ) -> Result<()> {
     cfg.check()?;
     check_shapes(&a, b.k, b.n, &c, opts)?;
-    run(cfg, a, b, c, opts)
+    let src = BLines {
+        lines: &b.lines,
+        k: b.k,
+        n: b.n,
+        panel_rows: false,
+    };
+    run(cfg, a, src, c, opts)
+}
+
+/// B as the tile kernels read it: `n.div_ceil(32)` panels of `ksteps(k)·32` lines each, packed
+/// tile lines or (`panel_rows`, `k` a multiple of 32) the rows of bf16 column panels.
+#[derive(Clone, Copy)]
+struct BLines<'a> {
+    lines: &'a [Line],
+    k: usize,
+    n: usize,
+    panel_rows: bool,
 }
 
 fn check_shapes<TA>(
@@ -504,7 +535,7 @@ thread_local! {
 fn run<TA: AmxElement>(
     cfg: &AmxConfig,
     a: MatRef<'_, TA>,
-    b: &AmxPackedB,
+    b: BLines<'_>,
     c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
@@ -578,7 +609,11 @@ fn run<TA: AmxElement>(
                         for jr in 0..npanels {
                             let bp = &b.lines[(jc / 32 + jr) * panel..][lo..hi];
                             let cb = &mut acc[32 * ir * ldc + 32 * jr..];
-                            kernel_32x32(&session, ap, bp, nks, cb, ldc, s0 > 0);
+                            if b.panel_rows {
+                                kernel_32x32_panel(&session, ap, bp, nks, cb, ldc, s0 > 0);
+                            } else {
+                                kernel_32x32(&session, ap, bp, nks, cb, ldc, s0 > 0);
+                            }
                         }
                     }
                 }

@@ -50,20 +50,75 @@ pub(crate) unsafe fn dpbf16_32x32(
     ldc: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { dpbf16_impl::<false>(a, b, ksteps, c, ldc, accumulate) }
+}
+
+/// As [`dpbf16_32x32`] with B read straight from a bf16 column panel
+/// ([`crate::gemm::PanelMatrix`]): `b` is `ksteps·32` consecutive panel rows (row `k` = line
+/// `k`: 32 bf16 in the panel's slot order, the 32-bit word `i` of half `t` holding columns
+/// `16t + i` and `16t + 8 + i`). Per pair-row, two 16-bit blends of rows `2r` and `2r + 1` give
+/// the `vdpbf16ps` operands for columns `{0..8, 16..24}` and `{8..16, 24..32}`; the
+/// accumulators are kept in that order and C is permuted in and out once per call. Each output
+/// receives exactly the pairs of the packed layout in the same order, so the result is bitwise
+/// that of packing B first ([`super::pack`]) and calling [`dpbf16_32x32`] — without the
+/// packing pass over the weights.
+///
+/// # Safety
+/// As [`dpbf16_32x32`], `b` holding `ksteps·32` panel rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn dpbf16_32x32_panel(
+    a: &[Line],
+    b: &[Line],
+    ksteps: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { dpbf16_impl::<true>(a, b, ksteps, c, ldc, accumulate) }
+}
+
+/// The kernel for both B layouts (`PANEL`: column-panel rows, else packed tile lines).
+///
+/// # Safety
+/// As [`dpbf16_32x32`] / [`dpbf16_32x32_panel`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn dpbf16_impl<const PANEL: bool>(
+    a: &[Line],
+    b: &[Line],
+    ksteps: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
     debug_assert!(a.len() >= ksteps * LINES_PER_KSTEP && b.len() >= ksteps * LINES_PER_KSTEP);
     debug_assert!(ldc >= 32 && c.len() >= 31 * ldc + 32);
     let (ap, bp, cp) = (a.as_ptr() as *const u8, b.as_ptr(), c.as_mut_ptr());
+    // Panel order <-> column order: [lo, hi] = [cols 0..8 | 16..24, cols 8..16 | 24..32] and
+    // [c0, c1] = [cols 0..16, cols 16..32] map to each other by the same two index vectors.
+    let first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    let second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    let swap = |x: __m512, y: __m512| {
+        (
+            _mm512_permutex2var_ps(x, first, y),
+            _mm512_permutex2var_ps(x, second, y),
+        )
+    };
     for i0 in (0..32).step_by(STRIP) {
         let mut acc = [[_mm512_setzero_ps(); 2]; STRIP];
         if accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
                 // SAFETY: row i0+i < 32 of C, columns 0..32, inside `c` (the contract).
-                unsafe {
+                let (c0, c1) = unsafe {
                     let r = cp.add((i0 + i) * ldc);
-                    row[0] = _mm512_loadu_ps(r);
-                    row[1] = _mm512_loadu_ps(r.add(16));
-                }
+                    (_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)))
+                };
+                (row[0], row[1]) = if PANEL { swap(c0, c1) } else { (c0, c1) };
             }
         }
         for s in 0..ksteps {
@@ -75,13 +130,24 @@ pub(crate) unsafe fn dpbf16_32x32(
                 )
             };
             for r in 0..16 {
-                // SAFETY: lines r and 16+r of this k-step (64-byte aligned `Line`s) hold the
-                // pair-row r of B's columns 0..16 and 16..32.
+                // SAFETY: lines r and 16+r (packed: pair-row r of columns 0..16 and 16..32) or
+                // 2r and 2r+1 (panel rows) of this k-step, 64-byte aligned `Line`s.
                 let (b0, b1) = unsafe {
-                    (
-                        _mm512_load_si512(b_step.add(r) as *const __m512i),
-                        _mm512_load_si512(b_step.add(16 + r) as *const __m512i),
-                    )
+                    if PANEL {
+                        let x = _mm512_load_si512(b_step.add(2 * r) as *const __m512i);
+                        let y = _mm512_load_si512(b_step.add(2 * r + 1) as *const __m512i);
+                        // Odd 16-bit elements from the second operand: (x.lo, y.lo) and
+                        // (x.hi, y.hi) pairs of every 32-bit word.
+                        (
+                            _mm512_mask_blend_epi16(0xAAAA_AAAA, x, _mm512_slli_epi32::<16>(y)),
+                            _mm512_mask_blend_epi16(0xAAAA_AAAA, _mm512_srli_epi32::<16>(x), y),
+                        )
+                    } else {
+                        (
+                            _mm512_load_si512(b_step.add(r) as *const __m512i),
+                            _mm512_load_si512(b_step.add(16 + r) as *const __m512i),
+                        )
+                    }
                 };
                 let (b0, b1) = (as_bf16(b0), as_bf16(b1));
                 for (i, row) in acc.iter_mut().enumerate() {
@@ -95,11 +161,16 @@ pub(crate) unsafe fn dpbf16_32x32(
             }
         }
         for (i, row) in acc.iter().enumerate() {
+            let (c0, c1) = if PANEL {
+                swap(row[0], row[1])
+            } else {
+                (row[0], row[1])
+            };
             // SAFETY: as for the loads above.
             unsafe {
                 let r = cp.add((i0 + i) * ldc);
-                _mm512_storeu_ps(r, row[0]);
-                _mm512_storeu_ps(r.add(16), row[1]);
+                _mm512_storeu_ps(r, c0);
+                _mm512_storeu_ps(r.add(16), c1);
             }
         }
     }

@@ -176,6 +176,61 @@ pub(crate) fn kernel_32x32(
     }
 }
 
+impl TileKernel {
+    /// Whether [`kernel_32x32_panel`] runs this kernel (B straight from column panels): the
+    /// AVX512-BF16 kernel and the software model; AMX tiles need the packed layout.
+    pub(crate) fn reads_panels(self) -> bool {
+        matches!(self, TileKernel::Avx512Bf16 | TileKernel::Emulated)
+    }
+}
+
+/// As [`kernel_32x32`] with `b` holding `ksteps·32` rows of a bf16 column panel
+/// ([`crate::gemm::PanelMatrix`], one 64-byte line per row) instead of packed tile lines; only
+/// for kernels whose [`TileKernel::reads_panels`] is true. Bitwise the result of packing those
+/// rows ([`super::pack`]) and calling [`kernel_32x32`].
+pub(crate) fn kernel_32x32_panel(
+    session: &TileSession,
+    a: &[Line],
+    b: &[Line],
+    ksteps: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let need = ksteps * LINES_PER_KSTEP;
+    assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
+    match session.kernel {
+        TileKernel::Avx512Bf16 => {
+            assert!(
+                super::dot::available(),
+                "AVX512-BF16 kernel without AVX512-BF16"
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16/F/BW are present (asserted); the operand lengths are asserted
+            // above, which is the kernel's whole contract.
+            unsafe {
+                super::dot::dpbf16_32x32_panel(a, b, ksteps, c, ldc, accumulate)
+            };
+        }
+        TileKernel::Emulated => {
+            // The model: pack each k-step's 32 panel rows, then the packed kernel.
+            let mut lines = [Line::ZERO; LINES_PER_KSTEP];
+            for s in 0..ksteps {
+                let rows: &[u16] = bytemuck::cast_slice(&b[s * LINES_PER_KSTEP..][..32]);
+                super::pack::pack_b_from_panel(rows, 32, &mut lines, super::PackKernel::Scalar);
+                let a_step = &a[s * LINES_PER_KSTEP..];
+                emulated_32x32(a_step, &lines, 1, c, ldc, accumulate || s > 0);
+            }
+            if ksteps == 0 && !accumulate {
+                for row in c.chunks_mut(ldc).take(32) {
+                    row[..32].fill(0.0);
+                }
+            }
+        }
+        TileKernel::Amx => panic!("AMX tiles read packed B only"),
+    }
+}
+
 /// The AMX loop. Per k-step: load A tiles (tmm4, tmm5) and B tiles (tmm6, tmm7), then four
 /// `tdpbf16ps` into the C tiles tmm0..tmm3 (C00 = A0·B0, C01 = A0·B1, C10 = A1·B0, C11 = A1·B1).
 ///
