@@ -1,5 +1,7 @@
 //! Criterion benchmark of `C = A·B`: kiln side by side with the `gemm` and `matrixmultiply`
-//! crates in the same group, on square sizes and GPT-2 shapes, at 1 and 2 threads.
+//! crates in the same group, on square sizes and GPT-2 shapes, at 1 and 2 threads; with bf16
+//! weights kept in f32 arithmetic (`bf16_weights`) and, where the CPU has native bf16
+//! arithmetic (AMX or AVX512-BF16), as bf16 × bf16 products (`bf16_products`).
 //!
 //! `cargo bench --bench matmul` (all), `cargo bench --bench matmul -- 't1/'` (one thread only).
 //! Throughput is reported in elements = flops (`2·m·n·k`), so criterion's "elem/s" is FLOP/s.
@@ -7,7 +9,7 @@
 //! `MATMUL_NUM_THREADS`, which this bench sets to 1).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use kiln_cpu::gemm::{gemm, GemmOptions, MatMut, MatRef};
+use kiln_cpu::gemm::{amx, gemm, gemm_bf16_compute, GemmOptions, MatMut, MatRef, AMX_MIN_M};
 use std::time::Duration;
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -83,6 +85,23 @@ fn bench_matmul(c: &mut Criterion) {
                     })
                 })
             });
+            // bf16 × bf16 on the CPU's native bf16 arithmetic (AMX, else AVX512-BF16), where
+            // present: A rounded to bf16, B packed in the call (`gemm_bf16_compute`, m ≥ 16).
+            if m >= AMX_MIN_M && amx::best_native_kernel().is_some() {
+                g.bench_function(BenchmarkId::new("kiln", "bf16_products"), |bn| {
+                    p.install(|| {
+                        bn.iter(|| {
+                            gemm_bf16_compute(
+                                MatRef::row_major(&a, m, k),
+                                MatRef::row_major(&bh, k, n),
+                                MatMut::row_major(&mut out, m, n),
+                                &GemmOptions::default(),
+                            )
+                            .expect("gemm")
+                        })
+                    })
+                });
+            }
             g.bench_function(BenchmarkId::new("gemm_crate", "f32"), |bn| {
                 let par = if threads > 1 {
                     gemm::Parallelism::Rayon(threads)
