@@ -76,8 +76,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Arithmetic of products with bf16 weights: f32 (default: activations stay f32) or bf16
-    /// (a prompt's prefill rounds activations to bf16 and runs on AMX or AVX512-BF16 where the
-    /// CPU has them, as PyTorch's bf16 model does; decode steps stay f32).
+    /// (forwards of 16 or more tokens — a prompt's prefill, a batch of 16 or more prompts' decode
+    /// step — round activations to bf16 and run on AMX or AVX512-BF16 where the CPU has them,
+    /// as PyTorch's bf16 model does; a single sequence's decode steps stay f32).
     #[arg(long, value_name = "f32|bf16", default_value = "f32")]
     pub matmul_precision: String,
     /// Keep 16-bit linear weights as the checkpoint stores them (`[in, out]`, zero-copy when the

@@ -488,10 +488,11 @@ pub enum MatmulPrecision {
     /// Activations stay f32; bf16 weights are widened to f32 (exact) and every product is f32.
     #[default]
     F32,
-    /// Products of at least [`gemm::AMX_MIN_M`] rows (a prompt's prefill) round the activations
-    /// to bf16 and run on the CPU's native bf16 arithmetic — AMX tiles, else AVX512-BF16 — with
-    /// f32 sums, as PyTorch's bf16 model does; where the CPU has neither, and for decode steps,
-    /// this is [`MatmulPrecision::F32`]. f32 and f16 weights are unaffected.
+    /// Products of at least [`gemm::AMX_MIN_M`] rows (a prompt's prefill, a batched decode step
+    /// of that many sequences) round the activations to bf16 and run on the CPU's native bf16
+    /// arithmetic — AMX tiles, else AVX512-BF16 — with f32 sums, as PyTorch's bf16 model does;
+    /// fewer rows (a single sequence's decode step), and every product on a CPU with neither,
+    /// are as [`MatmulPrecision::F32`]. f32 and f16 weights are unaffected.
     Bf16,
 }
 
