@@ -110,31 +110,9 @@ fn bench_native_bf16(args: &MatmulArgs, col: bool) -> Result<()> {
         Error::invalid("bench matmul: --matmul-precision bf16 needs AMX or AVX512-BF16")
     })?;
     let (m, n, k) = (args.m, args.n, args.k);
-    let a = random_f32(m * k, 1);
-    let b: Vec<bf16> = random_f32(k * n, 2)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
-    let mut c = vec![0f32; m * n];
-    let opts = GemmOptions::default();
-    let (threads, ms) = with_threads(args.threads, || {
-        let threads = rayon::current_num_threads();
-        let mut err = None;
-        let ms = median_ms(2, args.reps.max(1), Duration::from_millis(500), || {
-            let bv = if col {
-                MatRef::row_major(&b, n, k).t()
-            } else {
-                MatRef::row_major(&b, k, n)
-            };
-            let cv = MatMut::row_major(&mut c, m, n);
-            if let Err(e) =
-                amx::gemm_bf16_amx_with(&cfg, MatRef::row_major(&a, m, k), bv, cv, &opts)
-            {
-                err = Some(e);
-            }
-        });
-        err.map_or(Ok((threads, ms)), Err)
-    })??;
+    let (threads, ms) = time_product::<bf16>(args, col, |a, b, c, opts| {
+        amx::gemm_bf16_amx_with(&cfg, a, b, c, opts)
+    })?;
     let (kernel, peak_one) = match cfg.tiles {
         amx::TileKernel::Amx => ("amx", amx::amx_peak_gflops_one_core()?),
         _ => ("avx512bf16", amx::bf16_dot_peak_gflops_one_core()?),
@@ -160,13 +138,19 @@ fn bench_native_bf16(args: &MatmulArgs, col: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, col: bool) -> Result<()> {
+/// Threads used and the median ms of `product(A, B, C, options)` on random operands of the
+/// arguments' shape (B `[k, n]` of `TB`, or its `[n, k]` transpose with `col`).
+fn time_product<TB: FloatElement>(
+    args: &MatmulArgs,
+    col: bool,
+    product: impl Fn(MatRef<'_, f32>, MatRef<'_, TB>, MatMut<'_>, &GemmOptions<'_>) -> Result<()> + Sync,
+) -> Result<(usize, f64)> {
     let (m, n, k) = (args.m, args.n, args.k);
     let a = random_f32(m * k, 1);
     let b: Vec<TB> = random_f32(k * n, 2).into_iter().map(TB::from_f32).collect();
     let mut c = vec![0f32; m * n];
     let opts = GemmOptions::default();
-    let (threads, ms) = with_threads(args.threads, || {
+    with_threads(args.threads, || {
         let threads = rayon::current_num_threads();
         let mut err = None;
         let ms = median_ms(2, args.reps.max(1), Duration::from_millis(500), || {
@@ -175,18 +159,19 @@ fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, col: bool) -> Result<()>
             } else {
                 MatRef::row_major(&b, k, n)
             };
-            if let Err(e) = gemm_with_isa(
-                isa,
-                MatRef::row_major(&a, m, k),
-                bv,
-                MatMut::row_major(&mut c, m, n),
-                &opts,
-            ) {
+            let cv = MatMut::row_major(&mut c, m, n);
+            if let Err(e) = product(MatRef::row_major(&a, m, k), bv, cv, &opts) {
                 err = Some(e);
             }
         });
         err.map_or(Ok((threads, ms)), Err)
-    })??;
+    })?
+}
+
+fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, col: bool) -> Result<()> {
+    let (m, n, k) = (args.m, args.n, args.k);
+    let (threads, ms) =
+        time_product::<TB>(args, col, |a, b, c, opts| gemm_with_isa(isa, a, b, c, opts))?;
     let pk = peak::quick(threads);
     let gflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e9;
     let b_bytes = (k * n * std::mem::size_of::<TB>()) as f64;

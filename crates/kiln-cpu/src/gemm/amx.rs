@@ -202,6 +202,20 @@ impl AmxPackedB {
         pack.check()?;
         b.check("B")?;
         let (k, n) = (b.rows, b.cols);
+        // Groups of 8 panels: each B row pair is read as a 512-byte run.
+        let work = |g: usize, dst: &mut [Line]| pack_b_panels(&b, 256 * g, dst, pack);
+        Self::fill(k, n, 8, lines, work)
+    }
+
+    /// B `[k, n]` packed into `lines` (resized; every line overwritten) by `work(g, dst)`, which
+    /// fills group `g` of `per_task` consecutive panels; groups run in parallel when B is large.
+    fn fill(
+        k: usize,
+        n: usize,
+        per_task: usize,
+        lines: Vec<Line>,
+        work: impl Fn(usize, &mut [Line]) + Sync,
+    ) -> Result<AmxPackedB> {
         let panel = ksteps(k) * LINES_PER_KSTEP;
         let total = n
             .div_ceil(32)
@@ -210,9 +224,8 @@ impl AmxPackedB {
             .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
         let mut lines = sized(lines, total);
         if panel > 0 {
-            // Groups of 8 panels: each B row pair is read as a 512-byte run.
-            let group = 8 * panel;
-            let work = |(g, dst): (usize, &mut [Line])| pack_b_panels(&b, 256 * g, dst, pack);
+            let group = per_task * panel;
+            let work = |(g, dst): (usize, &mut [Line])| work(g, dst);
             if total >= PAR_MIN_PACK_LINES {
                 lines.par_chunks_mut(group).enumerate().for_each(work);
             } else {
@@ -240,26 +253,12 @@ impl AmxPackedB {
     ) -> Result<AmxPackedB> {
         pack.check()?;
         let (k, n) = (p.rows(), p.cols());
-        let panel = ksteps(k) * LINES_PER_KSTEP;
-        let total = n
-            .div_ceil(32)
-            .checked_mul(panel)
-            .filter(|&l| l.checked_mul(64).is_some())
-            .ok_or_else(|| Error::invalid(format!("gemm amx: B {k}x{n} is too large to pack")))?;
-        let mut lines = sized(lines, total);
-        if panel > 0 {
-            // Panel q of the matrix is 32·k contiguous elements; it becomes tile panel q.
-            let src: &[u16] = bytemuck::cast_slice(p.as_slice());
-            let work = |(q, dst): (usize, &mut [Line])| {
-                pack_b_from_panel(&src[q * 32 * k..][..32 * k], k, dst, pack)
-            };
-            if total >= PAR_MIN_PACK_LINES {
-                lines.par_chunks_mut(panel).enumerate().for_each(work);
-            } else {
-                lines.chunks_mut(panel).enumerate().for_each(work);
-            }
-        }
-        Ok(AmxPackedB { k, n, lines })
+        // Panel q of the matrix is 32·k contiguous elements; it becomes tile panel q.
+        let src: &[u16] = bytemuck::cast_slice(p.as_slice());
+        let work = |q: usize, dst: &mut [Line]| {
+            pack_b_from_panel(&src[q * 32 * k..][..32 * k], k, dst, pack)
+        };
+        Self::fill(k, n, 1, lines, work)
     }
 
     /// Packs `b` (any shape) into this object, reusing its memory: for weights that change

@@ -136,18 +136,7 @@ pub(crate) fn kernel_32x32(
     assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
     match session.kernel {
         TileKernel::Emulated => emulated_32x32(a, b, ksteps, c, ldc, accumulate),
-        TileKernel::Avx512Bf16 => {
-            assert!(
-                super::dot::available(),
-                "AVX512-BF16 kernel without AVX512-BF16"
-            );
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX512-BF16/F/BW are present (asserted); the operand lengths are asserted
-            // at the top of this function, which is the kernel's whole contract.
-            unsafe {
-                super::dot::dpbf16_32x32(a, b, ksteps, c, ldc, accumulate)
-            };
-        }
+        TileKernel::Avx512Bf16 => dot_32x32(false, a, b, ksteps, c, ldc, accumulate),
         TileKernel::Amx => {
             if ksteps == 0 {
                 if !accumulate {
@@ -176,6 +165,35 @@ pub(crate) fn kernel_32x32(
     }
 }
 
+/// The AVX512-BF16 block, B as packed lines or (`panel_rows`) column-panel rows; the operand
+/// lengths were asserted by the caller.
+fn dot_32x32(
+    panel_rows: bool,
+    a: &[Line],
+    b: &[Line],
+    ksteps: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(
+        super::dot::available(),
+        "AVX512-BF16 kernel without AVX512-BF16"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16/F/BW are present (asserted); `kernel_32x32` and
+    // `kernel_32x32_panel` asserted the operand lengths, which is the kernel's whole contract.
+    unsafe {
+        if panel_rows {
+            super::dot::dpbf16_32x32_panel(a, b, ksteps, c, ldc, accumulate)
+        } else {
+            super::dot::dpbf16_32x32(a, b, ksteps, c, ldc, accumulate)
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (panel_rows, a, b, ksteps, c, ldc, accumulate);
+}
+
 impl TileKernel {
     /// Whether [`kernel_32x32_panel`] runs this kernel (B straight from column panels): the
     /// AVX512-BF16 kernel and the software model; AMX tiles need the packed layout.
@@ -200,18 +218,7 @@ pub(crate) fn kernel_32x32_panel(
     let need = ksteps * LINES_PER_KSTEP;
     assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
     match session.kernel {
-        TileKernel::Avx512Bf16 => {
-            assert!(
-                super::dot::available(),
-                "AVX512-BF16 kernel without AVX512-BF16"
-            );
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX512-BF16/F/BW are present (asserted); the operand lengths are asserted
-            // above, which is the kernel's whole contract.
-            unsafe {
-                super::dot::dpbf16_32x32_panel(a, b, ksteps, c, ldc, accumulate)
-            };
-        }
+        TileKernel::Avx512Bf16 => dot_32x32(true, a, b, ksteps, c, ldc, accumulate),
         TileKernel::Emulated => {
             // The model: pack each k-step's 32 panel rows, then the packed kernel.
             let mut lines = [Line::ZERO; LINES_PER_KSTEP];
