@@ -29,14 +29,47 @@ pub unsafe fn microkernel_avx512(
     );
     // SAFETY: the panels hold kc steps (checked above); `c` and the CPU features are the
     // caller's contract.
-    unsafe { kernel_12x32(kc, a.as_ptr(), b.as_ptr(), c, rs_c, alpha, beta) }
+    unsafe {
+        kernel_12x32::<false>(
+            kc,
+            a.as_ptr(),
+            b.as_ptr() as *const u8,
+            c,
+            rs_c,
+            alpha,
+            beta,
+        )
+    }
 }
 
+/// The AVX-512F microkernel on bf16 column-panel rows ([`super::micro::Bf16PanelMicroFn`]).
+///
+/// # Safety
+/// As [`super::micro::Bf16PanelMicroFn`]; also the CPU must have AVX-512F.
+pub unsafe fn microkernel_avx512_bf16_panel(
+    kc: usize,
+    a: &[f32],
+    b: *const u16,
+    c: *mut f32,
+    rs_c: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    assert!(a.len() >= kc * MR, "packed A panel too short");
+    // SAFETY: the A panel holds kc steps (checked above); the panel rows, `c` and the CPU
+    // features are the caller's contract.
+    unsafe { kernel_12x32::<true>(kc, a.as_ptr(), b as *const u8, c, rs_c, alpha, beta) }
+}
+
+/// `BF16_PANEL`: B is bf16 panel rows (64 bytes a step, each 32-bit word widened in place: the
+/// shift gives columns `{0..8, 16..24}`, the mask `{8..16, 24..32}` — the panel's slot order —
+/// and the accumulators are put back in column order before the update); otherwise packed f32
+/// (128 bytes a step). The FMAs and the update are the same, so both give the same bits.
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_12x32(
+unsafe fn kernel_12x32<const BF16_PANEL: bool>(
     kc: usize,
     a: *const f32,
-    b: *const f32,
+    b: *const u8,
     c: *mut f32,
     rs_c: usize,
     alpha: f32,
@@ -52,26 +85,48 @@ unsafe fn kernel_12x32(
             _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR - 1));
         }
     }
+    let high = _mm512_set1_epi32(-65536); // 0xffff_0000: a word's upper bf16 as f32
     let mut ap = a;
     let mut bp = b;
     for _ in 0..kc {
-        // SAFETY (whole loop): step p reads a[p·MR .. p·MR+MR] and b[p·NR .. p·NR+NR], inside
-        // the panels of kc steps.
+        // SAFETY (whole loop): step p reads a[p·MR .. p·MR+MR] and one B step (NR f32, or NR
+        // bf16 panel elements), inside the panels of kc steps.
         unsafe {
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(16));
+            let (b0, b1) = if BF16_PANEL {
+                let v = _mm512_loadu_si512(bp as *const __m512i);
+                (
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                    _mm512_castsi512_ps(_mm512_and_si512(v, high)),
+                )
+            } else {
+                (
+                    _mm512_loadu_ps(bp as *const f32),
+                    _mm512_loadu_ps((bp as *const f32).add(16)),
+                )
+            };
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
                 row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
             }
             ap = ap.add(MR);
-            bp = bp.add(NR);
+            bp = bp.add(if BF16_PANEL { 2 * NR } else { 4 * NR });
         }
     }
+    // Panel rows: [cols 0..8 | 16..24], [cols 8..16 | 24..32] → [cols 0..16], [cols 16..32].
+    let first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    let second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     let va = _mm512_set1_ps(alpha);
     let vb = _mm512_set1_ps(beta);
     for (i, row) in acc.iter().enumerate() {
+        let row = if BF16_PANEL {
+            [
+                _mm512_permutex2var_ps(row[0], first, row[1]),
+                _mm512_permutex2var_ps(row[0], second, row[1]),
+            ]
+        } else {
+            *row
+        };
         for (h, &v) in row.iter().enumerate() {
             // SAFETY: (i, 16h .. 16h+16) is inside the tile the caller vouches for.
             unsafe {

@@ -14,7 +14,7 @@
 //! tile is computed the same way whoever computes it, so results are bitwise identical for any
 //! thread count.
 use super::blocking::Blocking;
-use super::micro::{update, Kernel, MAX_TILE};
+use super::micro::{update, Bf16PanelMicroFn, Kernel, MAX_TILE};
 use super::pack::{pack_a, pack_b};
 use super::{apply_epilogue, apply_epilogue_row, Epilogue, MatRef};
 use kiln_tensor::{AlignedBuffer, FloatElement};
@@ -129,6 +129,14 @@ pub trait PanelSource: Sync {
     /// of `kc × nr` in the layout of [`super::pack::pack_b`] (`panel[p·nr + j] = B[p0+p, c0+j]`),
     /// zero-filling columns past `n`. `dst` holds `⌈nc/nr⌉·nr·kc` elements.
     fn pack(&self, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]);
+
+    /// The source's elements as bf16 column panels, if it is one ([`super::PanelMatrix`] of
+    /// bf16: panel `q` holds rows `0..k` of 32 elements, in the panel's slot order, at
+    /// `q·k·32`, the last panel zero-padded): a microkernel that widens such rows itself then
+    /// reads them in place instead of the driver packing them.
+    fn bf16_panels(&self) -> Option<&[u16]> {
+        None
+    }
 }
 
 /// An `m × k` A operand that writes its own packed panels: where A is a re-indexing of a stored
@@ -349,7 +357,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
                 // SAFETY: this task alone owns rows i0 .. i0+mcur, panels p0 .. p1 of C's
                 // columns jc .. jc+ncur (tasks are distinct (ib, ns) pairs); the caller vouches
                 // for the rest.
-                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
+                unsafe { macro_kernel(kern, ap, bp, None, prod, &block) };
                 if let Some(buf) = apack {
                     put_buffer(&A_PACK, buf);
                 }
@@ -405,6 +413,20 @@ unsafe fn gemm_small_m<TB: FloatElement>(
         1
     };
     let slab = blk.slab;
+    // bf16 column panels read in place by a kernel that widens them itself: packing them would
+    // only widen them into a copy (measured on a Zen 5 core: 10 % of GPT-2's bf16 prefill).
+    let in_place = match (&prod.b, kern.bf16_panel) {
+        (BSource::Panels(src), Some(micro)) if nr == PANEL_WIDTH => {
+            src.bf16_panels().map(|data| PanelB {
+                micro,
+                data: data.as_ptr(),
+                k,
+                q0: 0,
+                p0: 0,
+            })
+        }
+        _ => None,
+    };
     let mut apack = take_buffer(&A_PACK, m.div_ceil(mr) * mr * blk.kc.min(k));
     for pc in (0..k).step_by(blk.kc) {
         let kcur = blk.kc.min(k - pc);
@@ -437,7 +459,14 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                 let s1 = (s0 + slab).min(p1);
                 let (j0, j1) = (s0 * nr, (s1 * nr).min(n));
                 let bp = &mut bbuf.as_mut_slice::<f32>()[..(s1 - s0) * nr * kcur];
-                prod.b.pack(pc, kcur, j0, j1 - j0, nr, bp);
+                let panels = in_place.map(|d| PanelB {
+                    q0: s0,
+                    p0: pc,
+                    ..d
+                });
+                if panels.is_none() {
+                    prod.b.pack(pc, kcur, j0, j1 - j0, nr, bp);
+                }
                 let block = Block {
                     i0: 0,
                     mcur: m,
@@ -450,8 +479,9 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                     last,
                 };
                 // SAFETY: this task alone owns C's columns of panels p0 .. p1 (tasks are
-                // disjoint panel ranges); the caller vouches for the rest.
-                unsafe { macro_kernel(kern, ap, bp, prod, &block) };
+                // disjoint panel ranges); the caller vouches for the rest; in-place panels are
+                // whole panels of the source's buffer (`PanelB`).
+                unsafe { macro_kernel(kern, ap, bp, panels, prod, &block) };
             }
             put_buffer(&B_PANEL, bbuf);
         };
@@ -463,6 +493,25 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     }
     put_buffer(&A_PACK, apack);
 }
+
+/// Columns per bf16 panel of [`PanelSource::bf16_panels`].
+const PANEL_WIDTH: usize = 32;
+
+/// bf16 column panels read in place: panel `q0 + jp` of the slab at depth `p0` is the `kc` rows
+/// at `data + ((q0 + jp)·k + p0)·32`, multiplied by `micro`.
+#[derive(Clone, Copy)]
+struct PanelB {
+    micro: Bf16PanelMicroFn,
+    data: *const u16,
+    k: usize,
+    q0: usize,
+    p0: usize,
+}
+// SAFETY: a read-only view of the source's panels (borrowed for the whole product through
+// `prod.b`), shared by the tasks, which only read it.
+unsafe impl Send for PanelB {}
+// SAFETY: as above.
+unsafe impl Sync for PanelB {}
 
 /// One task's share of a (jc, pc) iteration.
 struct Block {
@@ -488,6 +537,7 @@ unsafe fn macro_kernel<TB>(
     kern: &Kernel,
     ap: &[f32],
     bp: &[f32],
+    panels: Option<PanelB>,
     prod: &Product<'_, '_, TB>,
     blk: &Block,
 ) {
@@ -522,6 +572,7 @@ unsafe fn macro_kernel<TB>(
     // edge kernel together (both full width, contiguous rows, pairs counted from `p0`).
     let pair = |jp: usize| {
         kern.edge.is_some()
+            && panels.is_none()
             && c.cs == 1
             && (jp - blk.p0).is_multiple_of(2)
             && jp + 1 < blk.p1
@@ -531,6 +582,13 @@ unsafe fn macro_kernel<TB>(
         let jt = jp * nr; // column offset inside the block
         let ncols = nr.min(blk.ncur - jt);
         let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
+        // With in-place panels, panel jp's rows at depth p0 (then `bpanel` is not read).
+        let in_place = panels.map(|d| {
+            (
+                d.micro,
+                d.data.wrapping_add(((d.q0 + jp) * d.k + d.p0) * 32),
+            )
+        });
         // No software hint for the next B micro-panel: the panels are read in address order,
         // which the hardware prefetcher follows. Hinting the next panel into L2 a slice per
         // microkernel call (as this loop once did) measured on a Zen 3 core, interleaved: G2
@@ -569,12 +627,19 @@ unsafe fn macro_kernel<TB>(
                 finish(cnext, nrows, nr, j + nr);
                 continue;
             }
+            // SAFETY (both calls): `dst` is this task's tile (a full tile with contiguous rows
+            // of C, or the local buffer of MR·NR ≤ MAX_TILE at row stride NR); in-place panel
+            // rows p0 .. p0+kc of a whole panel lie inside the source's buffer.
+            let run = |dst: *mut f32, rs: usize, alpha: f32, beta: f32| unsafe {
+                match in_place {
+                    Some((f, rows)) => f(kc, apanel, rows, dst, rs, alpha, beta),
+                    None => (kern.micro)(kc, apanel, bpanel, dst, rs, alpha, beta),
+                }
+            };
             if nrows == mr && ncols == nr && c.cs == 1 {
-                // SAFETY: a full tile with contiguous rows, owned by this task.
-                unsafe { (kern.micro)(kc, apanel, bpanel, corigin, c.rs, prod.alpha, blk.beta) };
+                run(corigin, c.rs, prod.alpha, blk.beta);
             } else {
-                // SAFETY: `tile` holds MR·NR ≤ MAX_TILE elements at row stride NR.
-                unsafe { (kern.micro)(kc, apanel, bpanel, tile.as_mut_ptr(), nr, 1.0, 0.0) };
+                run(tile.as_mut_ptr(), nr, 1.0, 0.0);
                 for ii in 0..nrows {
                     for jj in 0..ncols {
                         // SAFETY: (i+ii, j+jj) is inside the matrix and this task's tile.

@@ -40,6 +40,15 @@ pub type EdgeFn = unsafe fn(
     beta: f32,
 );
 
+/// [`MicroFn`] with B read in place from bf16 column-panel rows (`PanelMatrix<bf16>`): step `p`
+/// widens the 32 elements at `b + 32·p` (the panel's slot order) itself. Bitwise the packed
+/// kernel on the widened panel.
+///
+/// # Safety
+/// As [`MicroFn`]; also `b .. b + 32·kc` must be readable.
+pub type Bf16PanelMicroFn =
+    unsafe fn(kc: usize, a: &[f32], b: *const u16, c: *mut f32, rs_c: usize, alpha: f32, beta: f32);
+
 /// A microkernel and its register tile.
 #[derive(Clone, Copy)]
 pub struct Kernel {
@@ -49,6 +58,9 @@ pub struct Kernel {
     pub micro: MicroFn,
     /// A kernel for the rows left under the last whole tile, where the ISA has one.
     pub edge: Option<EdgeFn>,
+    /// The same microkernel reading bf16 column panels in place (`NR = 32`), where the ISA has
+    /// one: the small-M path then skips packing them.
+    pub bf16_panel: Option<Bf16PanelMicroFn>,
 }
 
 /// Largest `MR·NR` of any kernel (the driver's edge-tile buffer).
@@ -68,6 +80,7 @@ impl Kernel {
                 nr: super::avx512::NR,
                 micro: super::avx512::microkernel_avx512,
                 edge: None,
+                bf16_panel: Some(super::avx512::microkernel_avx512_bf16_panel),
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernel {
@@ -76,6 +89,7 @@ impl Kernel {
                 nr: super::avx2::NR,
                 micro: super::avx2::microkernel_avx2,
                 edge: Some(super::avx2::edge_avx2),
+                bf16_panel: None,
             },
             Isa::Portable => Kernel {
                 isa,
@@ -83,6 +97,7 @@ impl Kernel {
                 nr: PORTABLE_NR,
                 micro: microkernel_portable,
                 edge: None,
+                bf16_panel: None,
             },
             #[allow(unreachable_patterns)]
             _ => Kernel {
@@ -91,6 +106,7 @@ impl Kernel {
                 nr: SCALAR_NR,
                 micro: microkernel_scalar,
                 edge: None,
+                bf16_panel: None,
             },
         })
     }

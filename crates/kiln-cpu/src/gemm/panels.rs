@@ -340,6 +340,9 @@ impl<T: FloatElement> PanelMatrix<T> {
 }
 
 impl<T: FloatElement> PanelSource for PanelMatrix<T> {
+    fn bf16_panels(&self) -> Option<&[u16]> {
+        (T::DTYPE == DType::BF16).then(|| bytemuck::cast_slice(self.as_slice()))
+    }
     fn rows(&self) -> usize {
         self.k
     }
