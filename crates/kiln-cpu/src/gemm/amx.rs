@@ -59,7 +59,7 @@ pub use pack::PackKernel;
 pub use tiles::TileKernel;
 
 use pack::{ksteps, pack_a_panel, pack_b_from_panel, pack_b_panels};
-use tiles::{kernel_32x32, kernel_32x32_panel, Line, TileSession, LINES_PER_KSTEP};
+use tiles::{kernel_32x32, Line, TileSession, LINES_PER_KSTEP};
 
 mod sealed {
     pub trait Sealed {}
@@ -608,11 +608,8 @@ fn run<TA: AmxElement>(
                         for jr in 0..npanels {
                             let bp = &b.lines[(jc / 32 + jr) * panel..][lo..hi];
                             let cb = &mut acc[32 * ir * ldc + 32 * jr..];
-                            if b.panel_rows {
-                                kernel_32x32_panel(&session, ap, bp, nks, cb, ldc, s0 > 0);
-                            } else {
-                                kernel_32x32(&session, ap, bp, nks, cb, ldc, s0 > 0);
-                            }
+                            let panel_rows = b.panel_rows;
+                            kernel_32x32(&session, ap, bp, panel_rows, nks, cb, ldc, s0 > 0);
                         }
                     }
                 }

@@ -454,16 +454,22 @@ unsafe fn gemm_small_m<TB: FloatElement>(
         };
         let task = |t: usize| {
             let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
-            let mut bbuf = take_buffer(&B_PANEL, slab * nr * kcur);
+            // In-place panels need no slab buffer (`bp` stays empty).
+            let slab_len = if in_place.is_some() {
+                0
+            } else {
+                slab * nr * kcur
+            };
+            let mut bbuf = take_buffer(&B_PANEL, slab_len);
             for s0 in (p0..p1).step_by(slab) {
                 let s1 = (s0 + slab).min(p1);
                 let (j0, j1) = (s0 * nr, (s1 * nr).min(n));
-                let bp = &mut bbuf.as_mut_slice::<f32>()[..(s1 - s0) * nr * kcur];
                 let panels = in_place.map(|d| PanelB {
                     q0: s0,
                     p0: pc,
                     ..d
                 });
+                let bp = &mut bbuf.as_mut_slice::<f32>()[..slab_len.min((s1 - s0) * nr * kcur)];
                 if panels.is_none() {
                     prod.b.pack(pc, kcur, j0, j1 - j0, nr, bp);
                 }
@@ -581,8 +587,8 @@ unsafe fn macro_kernel<TB>(
     for jp in blk.p0..blk.p1 {
         let jt = jp * nr; // column offset inside the block
         let ncols = nr.min(blk.ncur - jt);
-        let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
-        // With in-place panels, panel jp's rows at depth p0 (then `bpanel` is not read).
+        // The packed micro-panel, or with in-place panels (then `bp` is empty) panel jp's rows
+        // at depth p0.
         let in_place = panels.map(|d| {
             (
                 d.micro,
@@ -633,7 +639,10 @@ unsafe fn macro_kernel<TB>(
             let run = |dst: *mut f32, rs: usize, alpha: f32, beta: f32| unsafe {
                 match in_place {
                     Some((f, rows)) => f(kc, apanel, rows, dst, rs, alpha, beta),
-                    None => (kern.micro)(kc, apanel, bpanel, dst, rs, alpha, beta),
+                    None => {
+                        let bpanel = &bp[jp * nr * kc..(jp + 1) * nr * kc];
+                        (kern.micro)(kc, apanel, bpanel, dst, rs, alpha, beta)
+                    }
                 }
             };
             if nrows == mr && ncols == nr && c.cs == 1 {

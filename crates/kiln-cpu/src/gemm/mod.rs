@@ -645,7 +645,8 @@ pub fn gemm_bf16_compute(
 }
 
 /// [`gemm_bf16_compute`] with B in column panels: native bf16 arithmetic under the same
-/// conditions (B packed from the panels on each call), else [`panels::gemm_panel_matrix`].
+/// conditions ([`amx::gemm_bf16_amx_panels_with`]: the AVX512-BF16 kernel reads the panels in
+/// place, AMX packs them), else [`panels::gemm_panel_matrix`].
 pub fn gemm_bf16_compute_panels(
     a: MatRef<'_, f32>,
     b: &PanelMatrix<half::bf16>,

@@ -37,57 +37,22 @@ const STRIP: usize = 8;
 /// `C[0..32][0..32] = (accumulate ? C : 0) + A_panel · B_panel` over `ksteps` k-steps, the
 /// operands as [`super::tiles::kernel_32x32`] takes them (lengths checked by it).
 ///
+/// `PANEL`: B is read straight from a bf16 column panel ([`crate::gemm::PanelMatrix`]): `b` is
+/// `ksteps·32` consecutive panel rows (row `k` = line `k`: 32 bf16 in the panel's slot order,
+/// the 32-bit word `i` of half `t` holding columns `16t + i` and `16t + 8 + i`). Per pair-row,
+/// two 16-bit blends of rows `2r` and `2r + 1` give the `vdpbf16ps` operands for columns
+/// `{0..8, 16..24}` and `{8..16, 24..32}`; the accumulators are kept in that order and C is
+/// permuted in and out once per call. Each output receives exactly the pairs of the packed
+/// layout in the same order, so the result is bitwise that of packing B first
+/// ([`super::pack`]) — without the packing pass over the weights. Otherwise `b` is packed tile
+/// lines.
+///
 /// # Safety
 /// [`available`] is true; `a` and `b` hold `ksteps·32` lines each; `c` holds 32 rows of 32 f32 at
 /// stride `ldc` (`c.len() ≥ 31·ldc + 32`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn dpbf16_32x32(
-    a: &[Line],
-    b: &[Line],
-    ksteps: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { dpbf16_impl::<false>(a, b, ksteps, c, ldc, accumulate) }
-}
-
-/// As [`dpbf16_32x32`] with B read straight from a bf16 column panel
-/// ([`crate::gemm::PanelMatrix`]): `b` is `ksteps·32` consecutive panel rows (row `k` = line
-/// `k`: 32 bf16 in the panel's slot order, the 32-bit word `i` of half `t` holding columns
-/// `16t + i` and `16t + 8 + i`). Per pair-row, two 16-bit blends of rows `2r` and `2r + 1` give
-/// the `vdpbf16ps` operands for columns `{0..8, 16..24}` and `{8..16, 24..32}`; the
-/// accumulators are kept in that order and C is permuted in and out once per call. Each output
-/// receives exactly the pairs of the packed layout in the same order, so the result is bitwise
-/// that of packing B first ([`super::pack`]) and calling [`dpbf16_32x32`] — without the
-/// packing pass over the weights.
-///
-/// # Safety
-/// As [`dpbf16_32x32`], `b` holding `ksteps·32` panel rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn dpbf16_32x32_panel(
-    a: &[Line],
-    b: &[Line],
-    ksteps: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { dpbf16_impl::<true>(a, b, ksteps, c, ldc, accumulate) }
-}
-
-/// The kernel for both B layouts (`PANEL`: column-panel rows, else packed tile lines).
-///
-/// # Safety
-/// As [`dpbf16_32x32`] / [`dpbf16_32x32_panel`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[inline]
-unsafe fn dpbf16_impl<const PANEL: bool>(
+pub(crate) unsafe fn dpbf16_32x32<const PANEL: bool>(
     a: &[Line],
     b: &[Line],
     ksteps: usize,

@@ -119,14 +119,19 @@ impl Drop for TileSession {
 /// `C[0..32][0..32] = (accumulate ? C : 0) + A_panel · B_panel`.
 ///
 /// * `a`: `ksteps·32` lines of a packed A panel (see the module doc);
-/// * `b`: `ksteps·32` lines of a packed B panel;
+/// * `b`: `ksteps·32` lines of a packed B panel, or with `panel_rows` (only for kernels whose
+///   [`TileKernel::reads_panels`] is true) `ksteps·32` rows of a bf16 column panel
+///   ([`crate::gemm::PanelMatrix`], one 64-byte line per row) — bitwise the result of packing
+///   those rows ([`super::pack`]) first;
 /// * `c`: f32, row `i` at `c[i·ldc .. i·ldc + 32]`, so `c.len() ≥ 31·ldc + 32`.
 ///
 /// The session's kernel runs it; an AMX session has configured the tiles on this thread.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn kernel_32x32(
     session: &TileSession,
     a: &[Line],
     b: &[Line],
+    panel_rows: bool,
     ksteps: usize,
     c: &mut [f32],
     ldc: usize,
@@ -135,8 +140,37 @@ pub(crate) fn kernel_32x32(
     let need = ksteps * LINES_PER_KSTEP;
     assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
     match session.kernel {
+        TileKernel::Emulated if panel_rows => {
+            // The model: pack each k-step's 32 panel rows, then the packed kernel.
+            let mut lines = [Line::ZERO; LINES_PER_KSTEP];
+            for s in 0..ksteps {
+                let rows: &[u16] = bytemuck::cast_slice(&b[s * LINES_PER_KSTEP..][..32]);
+                super::pack::pack_b_from_panel(rows, 32, &mut lines, super::PackKernel::Scalar);
+                let a_step = &a[s * LINES_PER_KSTEP..];
+                emulated_32x32(a_step, &lines, 1, c, ldc, accumulate || s > 0);
+            }
+            if ksteps == 0 {
+                emulated_32x32(a, b, 0, c, ldc, accumulate);
+            }
+        }
         TileKernel::Emulated => emulated_32x32(a, b, ksteps, c, ldc, accumulate),
-        TileKernel::Avx512Bf16 => dot_32x32(false, a, b, ksteps, c, ldc, accumulate),
+        TileKernel::Avx512Bf16 => {
+            assert!(
+                super::dot::available(),
+                "AVX512-BF16 kernel without AVX512-BF16"
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16/F/BW are present (asserted); the operand lengths are asserted
+            // above, which is the kernel's whole contract.
+            unsafe {
+                if panel_rows {
+                    super::dot::dpbf16_32x32::<true>(a, b, ksteps, c, ldc, accumulate)
+                } else {
+                    super::dot::dpbf16_32x32::<false>(a, b, ksteps, c, ldc, accumulate)
+                }
+            };
+        }
+        TileKernel::Amx if panel_rows => panic!("AMX tiles read packed B only"),
         TileKernel::Amx => {
             if ksteps == 0 {
                 if !accumulate {
@@ -165,76 +199,11 @@ pub(crate) fn kernel_32x32(
     }
 }
 
-/// The AVX512-BF16 block, B as packed lines or (`panel_rows`) column-panel rows; the operand
-/// lengths were asserted by the caller.
-fn dot_32x32(
-    panel_rows: bool,
-    a: &[Line],
-    b: &[Line],
-    ksteps: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    assert!(
-        super::dot::available(),
-        "AVX512-BF16 kernel without AVX512-BF16"
-    );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX512-BF16/F/BW are present (asserted); `kernel_32x32` and
-    // `kernel_32x32_panel` asserted the operand lengths, which is the kernel's whole contract.
-    unsafe {
-        if panel_rows {
-            super::dot::dpbf16_32x32_panel(a, b, ksteps, c, ldc, accumulate)
-        } else {
-            super::dot::dpbf16_32x32(a, b, ksteps, c, ldc, accumulate)
-        }
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (panel_rows, a, b, ksteps, c, ldc, accumulate);
-}
-
 impl TileKernel {
-    /// Whether [`kernel_32x32_panel`] runs this kernel (B straight from column panels): the
+    /// Whether [`kernel_32x32`] takes B straight from column panels (`panel_rows`): the
     /// AVX512-BF16 kernel and the software model; AMX tiles need the packed layout.
     pub(crate) fn reads_panels(self) -> bool {
         matches!(self, TileKernel::Avx512Bf16 | TileKernel::Emulated)
-    }
-}
-
-/// As [`kernel_32x32`] with `b` holding `ksteps·32` rows of a bf16 column panel
-/// ([`crate::gemm::PanelMatrix`], one 64-byte line per row) instead of packed tile lines; only
-/// for kernels whose [`TileKernel::reads_panels`] is true. Bitwise the result of packing those
-/// rows ([`super::pack`]) and calling [`kernel_32x32`].
-pub(crate) fn kernel_32x32_panel(
-    session: &TileSession,
-    a: &[Line],
-    b: &[Line],
-    ksteps: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    let need = ksteps * LINES_PER_KSTEP;
-    assert!(a.len() >= need && b.len() >= need && ldc >= 32 && c.len() >= 31 * ldc + 32);
-    match session.kernel {
-        TileKernel::Avx512Bf16 => dot_32x32(true, a, b, ksteps, c, ldc, accumulate),
-        TileKernel::Emulated => {
-            // The model: pack each k-step's 32 panel rows, then the packed kernel.
-            let mut lines = [Line::ZERO; LINES_PER_KSTEP];
-            for s in 0..ksteps {
-                let rows: &[u16] = bytemuck::cast_slice(&b[s * LINES_PER_KSTEP..][..32]);
-                super::pack::pack_b_from_panel(rows, 32, &mut lines, super::PackKernel::Scalar);
-                let a_step = &a[s * LINES_PER_KSTEP..];
-                emulated_32x32(a_step, &lines, 1, c, ldc, accumulate || s > 0);
-            }
-            if ksteps == 0 && !accumulate {
-                for row in c.chunks_mut(ldc).take(32) {
-                    row[..32].fill(0.0);
-                }
-            }
-        }
-        TileKernel::Amx => panic!("AMX tiles read packed B only"),
     }
 }
 
