@@ -16,8 +16,7 @@
 //! `{"op":"amx_peak","skip":"..."}` and exits successfully.
 use half::bf16;
 use kiln::cpu::gemm::amx::{
-    amx_peak_gflops_one_core, amx_unavailable_reason, bf16_dot_peak_gflops_one_core,
-    gemm_bf16_amx_packed_with, gemm_bf16_amx_with, AmxConfig, AmxPackedB, TileKernel,
+    amx_unavailable_reason, gemm_bf16_amx_packed_with, gemm_bf16_amx_with, AmxConfig, AmxPackedB,
 };
 use kiln::cpu::gemm::{GemmOptions, MatMut, MatRef};
 use serde_json::json;
@@ -60,10 +59,10 @@ fn main() {
     let (cfg, peak, dtype) = if emulated {
         (AmxConfig::emulated(), f64::NAN, "bf16-emulated")
     } else if let Some(cfg) = AmxConfig::native() {
-        let peak = match cfg.tiles {
-            TileKernel::Amx => amx_peak_gflops_one_core().expect("AMX available"),
-            _ => bf16_dot_peak_gflops_one_core().expect("AVX512-BF16 available"),
-        };
+        let peak = cfg
+            .tiles
+            .peak_gflops_one_core()
+            .expect("native bf16 kernel available");
         (cfg, peak, "bf16")
     } else {
         let why = amx_unavailable_reason().unwrap_or("unknown");
@@ -73,7 +72,7 @@ fn main() {
         );
         return;
     };
-    let kernel = format!("{:?}", cfg.tiles);
+    let kernel = cfg.tiles.name();
     println!(
         "{}",
         json!({"op": "amx_peak", "threads": 1, "gflops": peak, "dtype": dtype, "kernel": kernel})

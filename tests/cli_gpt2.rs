@@ -475,7 +475,7 @@ fn batch_prompts_equal_single_runs() {
 #[test]
 fn matmul_precision_flag() {
     let dir = fixture_dir();
-    let prompt = exp_long_prompt();
+    let prompt = LONG_PROMPT;
     for precision in ["f32", "bf16"] {
         let (stdout, _) = ok(&[
             "gpt2",
@@ -483,7 +483,7 @@ fn matmul_precision_flag() {
             "--model",
             s(&dir),
             "--prompt",
-            &prompt,
+            prompt,
             "--max-new-tokens",
             "4",
             "--greedy",
@@ -520,7 +520,7 @@ fn matmul_precision_flag() {
         "--model",
         s(&dir),
         "--prompt",
-        &prompt,
+        prompt,
         "--matmul-precision",
         "bf16",
         "--out",
@@ -531,8 +531,5 @@ fn matmul_precision_flag() {
 }
 
 /// A prompt of well over 16 tokens, so the prefill takes the native bf16 products.
-fn exp_long_prompt() -> String {
-    "In 1869, the Suez Canal opened. It links the Mediterranean Sea to the Red Sea, and ships \
-     no longer had to sail around Africa."
-        .to_string()
-}
+const LONG_PROMPT: &str = "In 1869, the Suez Canal opened. It links the Mediterranean Sea to the \
+     Red Sea, and ships no longer had to sail around Africa.";

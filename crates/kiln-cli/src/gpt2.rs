@@ -268,16 +268,11 @@ fn peak_rss_mb() -> Option<f64> {
 /// The native bf16 kernel the prefill of bf16 weights runs on (`"amx"`, `"avx512bf16"`), or
 /// `None` when the products are f32.
 fn bf16_kernel(gpt2: &Gpt2) -> Option<&'static str> {
-    use kiln_cpu::gemm::amx::{best_native_kernel, TileKernel};
     let bf16 = gpt2.model.weights.dtype == DType::BF16;
     if !bf16 || gpt2.matmul_precision != MatmulPrecision::Bf16 {
         return None;
     }
-    match best_native_kernel()? {
-        TileKernel::Amx => Some("amx"),
-        TileKernel::Avx512Bf16 => Some("avx512bf16"),
-        TileKernel::Emulated => None,
-    }
+    kiln_cpu::gemm::amx::best_native_kernel().map(|k| k.name())
 }
 
 /// The `--json` object of one generation.

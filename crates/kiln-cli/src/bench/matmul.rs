@@ -9,6 +9,7 @@ use clap::Args;
 use half::{bf16, f16};
 use kiln_cpu::gemm::{amx, gemm_with_isa, GemmOptions, Isa, MatMut, MatRef};
 use kiln_cpu::peak;
+use kiln_nn::backend::MatmulPrecision;
 use kiln_tensor::{Error, FloatElement, Result};
 use std::time::Duration;
 
@@ -79,12 +80,13 @@ pub fn run(args: MatmulArgs) -> Result<()> {
         .filter(|&e| e <= 1 << 31)
         .ok_or_else(|| Error::invalid("bench matmul: operands too large"))?;
     let _ = elems;
-    match args.matmul_precision.as_str() {
-        "f32" => {}
-        "bf16" => return bench_native_bf16(&args, col),
-        other => {
+    match MatmulPrecision::parse(&args.matmul_precision) {
+        Some(MatmulPrecision::F32) => {}
+        Some(MatmulPrecision::Bf16) => return bench_native_bf16(&args, col),
+        None => {
             return Err(Error::invalid(format!(
-                "bench matmul: --matmul-precision must be f32 or bf16, not {other}"
+                "bench matmul: --matmul-precision must be f32 or bf16, not {}",
+                args.matmul_precision
             )))
         }
     }
@@ -113,10 +115,7 @@ fn bench_native_bf16(args: &MatmulArgs, col: bool) -> Result<()> {
     let (threads, ms) = time_product::<bf16>(args, col, |a, b, c, opts| {
         amx::gemm_bf16_amx_with(&cfg, a, b, c, opts)
     })?;
-    let (kernel, peak_one) = match cfg.tiles {
-        amx::TileKernel::Amx => ("amx", amx::amx_peak_gflops_one_core()?),
-        _ => ("avx512bf16", amx::bf16_dot_peak_gflops_one_core()?),
-    };
+    let (kernel, peak_one) = (cfg.tiles.name(), cfg.tiles.peak_gflops_one_core()?);
     let gflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e9;
     let mut extra = serde_json::Map::new();
     extra.insert("matmul_precision".into(), "bf16".into());

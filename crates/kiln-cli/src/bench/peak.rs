@@ -50,10 +50,7 @@ pub fn run(args: PeakArgs) -> Result<()> {
     // Native bf16 arithmetic (the ceiling of bf16 × bf16 products), one core, where present.
     if let Some(kernel) = amx::best_native_kernel() {
         let start = Instant::now();
-        let (g, isa) = match kernel {
-            amx::TileKernel::Amx => (amx::amx_peak_gflops_one_core()?, "amx"),
-            _ => (amx::bf16_dot_peak_gflops_one_core()?, "avx512bf16"),
-        };
+        let (g, isa) = (kernel.peak_gflops_one_core()?, kernel.name());
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let mut r = record(
             "bf16_peak",

@@ -108,6 +108,29 @@ pub fn bf16_dot_peak_gflops_one_core() -> Result<f64> {
         .ok_or_else(|| Error::invalid("gemm bf16: AVX512-BF16 is not available on this CPU"))
 }
 
+impl TileKernel {
+    /// `"amx"`, `"avx512bf16"` or `"emulated"` (as the benchmarks and `--json` outputs name it).
+    pub fn name(self) -> &'static str {
+        match self {
+            TileKernel::Amx => "amx",
+            TileKernel::Avx512Bf16 => "avx512bf16",
+            TileKernel::Emulated => "emulated",
+        }
+    }
+
+    /// Measured throughput of one core on this kernel's instruction, GFLOP/s (the ceiling its
+    /// figures are divided by); an error where the CPU lacks it or for the software model.
+    pub fn peak_gflops_one_core(self) -> Result<f64> {
+        match self {
+            TileKernel::Amx => amx_peak_gflops_one_core(),
+            TileKernel::Avx512Bf16 => bf16_dot_peak_gflops_one_core(),
+            TileKernel::Emulated => {
+                Err(Error::invalid("gemm bf16: the software model has no peak"))
+            }
+        }
+    }
+}
+
 /// Why AMX is unavailable, or `None` when it is available.
 pub fn amx_unavailable_reason() -> Option<&'static str> {
     let s = detect::amx_support();
