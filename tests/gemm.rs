@@ -326,6 +326,39 @@ fn tall_rows_shallow_depth_cut() {
     }
 }
 
+/// The general loop nest past the small-M range (m > 2.5·MC of the small-M nest): with the
+/// deep blocking of the 12 × 32 kernel (`KC = 2048`, `MC = 516`, `NC = 4096` on a 1 MiB L2,
+/// 32 MiB L3) `k = 3100` is two depth blocks, `m = 900` two row blocks and `n = 4130` two
+/// column blocks; with the L2 rules of the other kernels, more of each. Every element against
+/// the f64 reference, and one thread against two bitwise.
+#[test]
+fn general_nest_several_blocks_each_way() {
+    let (p1, p2) = (pool(1), pool(2));
+    for isa in isas() {
+        for (case, seed) in [
+            (Case::plain(900, 100, 3100), 1200),
+            (Case::plain(900, 4130, 40), 1201),
+            (
+                Case {
+                    beta: 0.5,
+                    epi: Epi::BiasGelu,
+                    ..Case::plain(1100, 70, 3300)
+                },
+                1202,
+            ),
+        ] {
+            let one = p1.install(|| check::<f32>(Some(isa), case, seed));
+            let two = p2.install(|| check::<f32>(Some(isa), case, seed));
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {case:?}: 1 and 2 threads differ"
+            );
+        }
+    }
+}
+
 #[test]
 fn primes() {
     let mut seed = 500;

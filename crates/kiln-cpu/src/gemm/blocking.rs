@@ -10,9 +10,23 @@
 //!   core (512 KiB L2, AVX2) KC = 768 beat 1024 (an eighth of L2) by 4–7 % at 2048³ and 4096³,
 //!   hence 3/32: 768 on both, 1024 (the clamp) where L2 per NR column is larger.
 //! * `MC`: one packed A block (`MC × KC` f32) about fills L2 (rounded up to a multiple of MR).
-//! * `NC`: one packed B block (`KC × NC` f32) fills about a quarter of the last-level cache (it is
-//!   shared by every thread, and by other processes).
-//! * `slab` (small-M path): a `KC × slab·NR` B slab about fills L2.
+//! * The deep general nest, for kernels of `NR ≥ 32` (the AVX-512 `12 × 32`) whose B micro-panel
+//!   is past the L1 rule anyway: `KC` puts the B micro-panel in a quarter of L2 (2048 on a
+//!   1 MiB L2), `MC × KC` is four times L2 and `KC × NC` all of the last-level cache (`MC = 516`,
+//!   `NC = 4096` there). The A block then streams from L3 while the one B micro-panel of a
+//!   column of tiles stays in L2 for `MC / MR` calls; half as many depth blocks halve the C-tile
+//!   traffic, and the wide `NC` packs each A block once per depth block instead of per 2720
+//!   columns (`pack_a` was 3.7 % of 4096³ with `NC = 1024`). A B block past L3 costs little:
+//!   each micro-panel is read once per A block. Measured on a Zen 5 core against `KC = 768`,
+//!   `MC = 348`, `NC = 2720`, interleaved runs (medians, GFLOP/s; `MC` 516 or 528): 4096³ 221.7 → 236.8 and
+//!   223.7 → 233.0 on one thread, 437.6 → 458.4 and 392 → 414 on two; 2048³ 231.8 → 242.0 and
+//!   193.6 → 218.6 on one, 448.2 → 457.4 on two; `MC` 264 (A in twice L2) and `NC` 1024–2048
+//!   measured between the two. On the Zen 3 core the AVX2 kernel (NR = 16) lost 4–7 % at
+//!   deeper blocks, so it keeps the rules above.
+//! * `NC` (L2 rules): one packed B block (`KC × NC` f32) fills about a quarter of the last-level
+//!   cache (it is shared by every thread, and by other processes).
+//! * The small-M nest (all of M in one A block) keeps the L2 rules (`small_kc`, `small_mc`) with
+//!   every kernel, and its `slab`: a `small_kc × slab·NR` B slab about fills L2.
 use std::sync::OnceLock;
 
 /// Data-cache sizes in bytes.
@@ -76,14 +90,22 @@ fn parse_size(s: &str) -> Option<usize> {
 }
 
 /// Loop sizes of one BLIS GEMM: `mc` rows of A per packed block, `kc` depth per packed panel,
-/// `nc` columns of B per packed block. `mc` is a multiple of MR and `nc` of NR.
+/// `nc` columns of B per packed block (the general loop nest); `mc` is a multiple of MR and `nc`
+/// of NR. The small-M loop nest has its own depth and A-block budget (`small_kc`,
+/// `small_mc`) and its slab of B panels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Blocking {
     pub mc: usize,
     pub kc: usize,
     pub nc: usize,
-    /// NR panels per packed B slab on the small-M path (`m ≤ mc`): a `KC × slab·NR` slab takes
-    /// about the size of L2 (measured: smaller slabs alternate packing and arithmetic too often).
+    /// Rows of the small-M nest's one A block (a multiple of MR): `small_mc × small_kc` f32
+    /// about fill L2.
+    pub small_mc: usize,
+    /// Depth per block of the small-M nest.
+    pub small_kc: usize,
+    /// NR panels per packed B slab on the small-M path (`m ≤ small_mc`): a `small_kc × slab·NR`
+    /// slab takes about the size of L2 (measured: smaller slabs alternate packing and arithmetic
+    /// too often).
     pub slab: usize,
 }
 
@@ -93,12 +115,40 @@ impl Blocking {
         let f = std::mem::size_of::<f32>();
         let l1_rule = cs.l1d / 2 / (nr * f);
         let l2_rule = cs.l2 * 3 / 32 / (nr * f);
-        let kc = l1_rule.max(l2_rule).clamp(64, 1024) / 8 * 8;
-        let mc = (cs.l2 / (kc * f)).clamp(mr, 1024).next_multiple_of(mr);
-        let nc = ((cs.l3 / 4 / (kc * f)).clamp(nr, 8192) / nr) * nr;
-        let slab = (cs.l2 / (kc * nr * f)).max(1);
-        Blocking { mc, kc, nc, slab }
+        let small_kc = l1_rule.max(l2_rule).clamp(64, 1024) / 8 * 8;
+        let small_mc = (cs.l2 / (small_kc * f))
+            .clamp(mr, 1024)
+            .next_multiple_of(mr);
+        let (kc, mc, b_block) = if nr >= DEEP_NR && l1_rule < small_kc {
+            let kc = (cs.l2 / 4 / (nr * f)).clamp(small_kc, 2048) / 8 * 8;
+            let mc = (4 * cs.l2 / (kc * f)).clamp(mr, 1024).next_multiple_of(mr);
+            (kc, mc, cs.l3)
+        } else {
+            (small_kc, small_mc, cs.l3 / 4)
+        };
+        let nc = ((b_block / (kc * f)).clamp(nr, 8192) / nr) * nr;
+        let slab = (cs.l2 / (small_kc * nr * f)).max(1);
+        Blocking {
+            mc,
+            kc,
+            nc,
+            small_mc,
+            small_kc,
+            slab,
+        }
     }
+}
+
+/// Kernels at least this wide take the deep general blocking (see the module comment).
+const DEEP_NR: usize = 32;
+
+/// `k` cut into the whole number of equal blocks (a multiple of 8 deep) nearest to `k / kc`.
+fn cut_depth(k: usize, kc: usize) -> usize {
+    if k <= kc {
+        return kc;
+    }
+    let blocks = ((2 * k + kc) / (2 * kc)).max(1);
+    k.div_ceil(blocks).next_multiple_of(8)
 }
 
 impl Blocking {
@@ -107,18 +157,11 @@ impl Blocking {
     /// short last one, so a block is between 2/3 and 3/2 of `KC` deep. Measured on a Zen 3 core
     /// with `KC = 768`: D2 of DCGAN (`K = 1024`, 128 rows) ran as 768 + 256 1.5 % slower than as
     /// one block (each depth block reads and writes all of C again) and 2 × 512 3 % slower, so
-    /// it stays one block. The slab keeps about its size in bytes (rounded to the nearest number
-    /// of panels: D2's 8 as before). Depends on `k` only, so every thread count, and `PackedB`, cut the
-    /// depth the same way.
+    /// it stays one block.
+    /// Depends on `k` only, so every thread count, and `PackedB`, cut the depth the same way.
     pub fn for_depth(self, k: usize) -> Blocking {
-        if k <= self.kc {
-            return self;
-        }
-        let blocks = ((2 * k + self.kc) / (2 * self.kc)).max(1);
-        let kc = k.div_ceil(blocks).next_multiple_of(8);
         Blocking {
-            kc,
-            slab: ((self.slab * self.kc + kc / 2) / kc).max(1),
+            kc: cut_depth(k, self.kc),
             ..self
         }
     }
@@ -126,29 +169,32 @@ impl Blocking {
 
 impl Blocking {
     /// The blocking of the small-M loop nest (all of M one packed A block, B packed slab by
-    /// slab into L2 and used once) for an `m`-row product of depth `k`, if it applies: when
-    /// `m ≤ MC` with this depth cut ([`Blocking::for_depth`]), and when a shallower cut fits all
-    /// `m` rows into the A block's `MC·KC` budget, `MC·KC / m` being at least 2/5 of `KC`. The
-    /// shallower cut is `k` in the fewest equal blocks of at most `MC·KC / m` plus an eighth
-    /// (rounded up to a multiple of 8). `MC` is unchanged (the small-M nest does not use it). Measured on a Zen 3
+    /// slab into L2 and used once) for an `m`-row product of depth `k`, if it applies; `MC` and
+    /// `KC` here are `small_mc` and `small_kc`, and the returned `kc` is the nest's depth cut.
+    /// When `m ≤ MC`, the depth is cut as [`Blocking::for_depth`] cuts it by `KC`; when a
+    /// shallower cut fits all `m` rows into the A block's `MC·KC` budget, `MC·KC / m` being at
+    /// least 2/5 of `KC`, that cut: `k` in the fewest equal blocks of at most `MC·KC / m` plus an
+    /// eighth (rounded up to a multiple of 8). The slab keeps about its size in bytes (rounded
+    /// to the nearest number of panels). Measured on a Zen 3
     /// core (`KC = 768`, `MC = 174`) at `m × 4096 × 2048`, interleaved: `m = 256` (cut 512)
     /// 80–84 → 87–88 GFLOP/s on one thread, 123–138 → 132–165 on two; `m = 384` (cut 344)
     /// 82–86 → 86–90 and about even on two; `m = 512` (cut 256) 86–89 → 85–87, hence 2/5.
     pub fn single_block(self, m: usize, k: usize) -> Option<Blocking> {
-        let d = self.for_depth(k);
-        if m <= d.mc {
-            return Some(d);
-        }
-        let most = self.mc * self.kc / m;
-        if 5 * most < 2 * self.kc || most == 0 {
-            return None;
-        }
-        // MC only about fills L2: an eighth over the budget keeps a depth just past it whole.
-        let blocks = k.div_ceil(most + most / 8);
-        let kc = k.div_ceil(blocks).next_multiple_of(8);
+        let (mc, kc) = (self.small_mc, self.small_kc);
+        let cut = if m <= mc {
+            cut_depth(k, kc)
+        } else {
+            let most = mc * kc / m;
+            if 5 * most < 2 * kc || most == 0 {
+                return None;
+            }
+            // MC only about fills L2: an eighth over the budget keeps a depth just past it whole.
+            let blocks = k.div_ceil(most + most / 8);
+            k.div_ceil(blocks).next_multiple_of(8)
+        };
         Some(Blocking {
-            kc,
-            slab: ((self.slab * self.kc + kc / 2) / kc).max(1),
+            kc: cut,
+            slab: ((self.slab * kc + cut / 2) / cut).max(1),
             ..self
         })
     }
@@ -173,11 +219,15 @@ mod tests {
             mc: 174,
             kc: 768,
             nc: 2720,
+            small_mc: 174,
+            small_kc: 768,
             slab: 10,
         };
-        // m ≤ MC: the general depth cut.
+        // m ≤ MC: the general depth cut, the slab about the same bytes.
         for (m, k) in [(1, 1), (128, 768), (174, 2048), (100, 5000)] {
-            assert_eq!(b.single_block(m, k), Some(b.for_depth(k)), "{m}x{k}");
+            let s = b.single_block(m, k).unwrap();
+            assert_eq!(s.kc, b.for_depth(k).kc, "{m}x{k}");
+            assert_eq!(s.slab, (b.slab * b.kc + s.kc / 2) / s.kc, "{m}x{k}");
         }
         // Taller: a shallower cut that fits m rows in MC·KC, at least 2/5 of KC deep.
         assert_eq!(b.single_block(256, 2048).map(|s| s.kc), Some(512));
@@ -248,13 +298,36 @@ mod tests {
     }
 
     #[test]
+    fn deep_general_nest_only_for_wide_kernels() {
+        let zen5 = CacheSizes {
+            l1d: 48 << 10,
+            l2: 1 << 20,
+            l3: 32 << 20,
+        };
+        let b = Blocking::for_kernel(12, 32, zen5);
+        // B micro-panel in a quarter of L2, A block four times L2, B block all of L3; the small-M
+        // nest keeps 3/32 of L2.
+        assert_eq!((b.kc, b.mc, b.nc), (2048, 516, 4096));
+        assert_eq!((b.small_kc, b.small_mc, b.slab), (768, 348, 10));
+        // A 2048-deep product is one block in the general nest, three in the small-M one.
+        assert_eq!(b.for_depth(2048).kc, 2048);
+        assert_eq!(b.single_block(128, 2048).map(|s| s.kc), Some(688));
+        for (mr, nr) in [(6, 16), (4, 4)] {
+            let b = Blocking::for_kernel(mr, nr, zen5);
+            assert_eq!((b.kc, b.mc), (b.small_kc, b.small_mc), "{mr}x{nr}");
+        }
+    }
+
+    #[test]
     fn blocking_is_multiple_of_tile() {
         for cs in [CacheSizes::FALLBACK, CacheSizes::detect()] {
             for (mr, nr) in [(6, 16), (12, 32), (4, 4)] {
                 let b = Blocking::for_kernel(mr, nr, cs);
                 assert_eq!(b.mc % mr, 0);
+                assert_eq!(b.small_mc % mr, 0);
                 assert_eq!(b.nc % nr, 0);
                 assert!(b.kc >= 64 && b.mc >= mr && b.nc >= nr);
+                assert!(b.small_kc >= 64 && b.small_kc <= b.kc && b.small_mc >= mr);
             }
         }
     }

@@ -5,7 +5,7 @@
 //!   for pc in 0..k step KC                    // depth block
 //!     pack_b(B[pc.., jc..]) → Bp  (KC × NC)   // shared by all threads, packed in parallel
 //!     parallel for (ic, n-chunk) tasks        // rows step MC, columns split in NR panels
-//!       pack_a(A[ic.., pc..]) → Ap (MC × KC)  // per thread                (L2)
+//!       pack_a(A[ic.., pc..]) → Ap (MC × KC)  // per thread  (L2; L3 when deep)
 //!       macro_kernel: for jr step NR, for ir step MR: microkernel(Ap[ir], Bp[jr], C[ir, jr])
 //! ```
 //! The first depth block stores `alpha·AB + beta·C` (C not read when `beta == 0`), later ones
@@ -390,10 +390,10 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
 /// than L2, shared by the threads) and reading it back from L3 costs a large part of the
 /// arithmetic. Each task instead packs a slab that stays in its own L2 right before using it;
 /// B's source is still read exactly once. Results are bitwise identical for any thread count;
-/// where the depth cut is the general one (`m ≤ MC`) the packed values and kernel calls are
-/// those of the general path, so they are also bitwise those of [`super::PackedB`]. With the
-/// shallower cut they differ from `PackedB`'s only in rounding (C is summed over more depth
-/// blocks).
+/// where the depth cut is the general nest's (`m ≤ MC` and `k` within one depth block of both
+/// nests, or a kernel whose two nests share `KC`) the packed values and kernel calls are those
+/// of the general path, so they are also bitwise those of [`super::PackedB`]. With another cut
+/// they differ from `PackedB`'s only in rounding (C is summed over other depth blocks).
 ///
 /// # Safety
 /// As [`gemm_blis`].
