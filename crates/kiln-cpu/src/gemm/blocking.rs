@@ -18,10 +18,10 @@
 //!   traffic, and the wide `NC` packs each A block once per depth block instead of per 2720
 //!   columns (`pack_a` was 3.7 % of 4096³ with `NC = 1024`). A B block past L3 costs little:
 //!   each micro-panel is read once per A block. Measured on a Zen 5 core against `KC = 768`,
-//!   `MC = 348`, `NC = 2720`, interleaved runs (medians, GFLOP/s; `MC` 516 or 528): 4096³ 221.7 → 236.8 and
-//!   223.7 → 233.0 on one thread, 437.6 → 458.4 and 392 → 414 on two; 2048³ 231.8 → 242.0 and
-//!   193.6 → 218.6 on one, 448.2 → 457.4 on two; `MC` 264 (A in twice L2) and `NC` 1024–2048
-//!   measured between the two. On the Zen 3 core the AVX2 kernel (NR = 16) lost 4–7 % at
+//!   `MC = 348`, `NC = 2720`, interleaved runs (medians, GFLOP/s; `MC` 516 or 528): 4096³
+//!   221.7 → 236.8 and 223.7 → 233.0 on one thread, 437.6 → 458.4 and 392 → 414 on two; 2048³
+//!   231.8 → 242.0 and 193.6 → 218.6 on one, 448.2 → 457.4 on two; `MC` 264 (A in twice L2) and
+//!   `NC` 1024–2048 measured between the two. On the Zen 3 core the AVX2 kernel (NR = 16) lost 4–7 % at
 //!   deeper blocks, so it keeps the rules above.
 //! * `NC` (L2 rules): one packed B block (`KC × NC` f32) fills about a quarter of the last-level
 //!   cache (it is shared by every thread, and by other processes).
@@ -157,8 +157,8 @@ impl Blocking {
     /// short last one, so a block is between 2/3 and 3/2 of `KC` deep. Measured on a Zen 3 core
     /// with `KC = 768`: D2 of DCGAN (`K = 1024`, 128 rows) ran as 768 + 256 1.5 % slower than as
     /// one block (each depth block reads and writes all of C again) and 2 × 512 3 % slower, so
-    /// it stays one block.
-    /// Depends on `k` only, so every thread count, and `PackedB`, cut the depth the same way.
+    /// it stays one block. Depends on `k` only, so every thread count, and `PackedB`, cut the
+    /// depth the same way.
     pub fn for_depth(self, k: usize) -> Blocking {
         Blocking {
             kc: cut_depth(k, self.kc),
@@ -175,8 +175,8 @@ impl Blocking {
     /// shallower cut fits all `m` rows into the A block's `MC·KC` budget, `MC·KC / m` being at
     /// least 2/5 of `KC`, that cut: `k` in the fewest equal blocks of at most `MC·KC / m` plus an
     /// eighth (rounded up to a multiple of 8). The slab keeps about its size in bytes (rounded
-    /// to the nearest number of panels). Measured on a Zen 3
-    /// core (`KC = 768`, `MC = 174`) at `m × 4096 × 2048`, interleaved: `m = 256` (cut 512)
+    /// to the nearest number of panels). Measured on a Zen 3 core (`KC = 768`, `MC = 174`) at
+    /// `m × 4096 × 2048`, interleaved: `m = 256` (cut 512)
     /// 80–84 → 87–88 GFLOP/s on one thread, 123–138 → 132–165 on two; `m = 384` (cut 344)
     /// 82–86 → 86–90 and about even on two; `m = 512` (cut 256) 86–89 → 85–87, hence 2/5.
     pub fn single_block(self, m: usize, k: usize) -> Option<Blocking> {
