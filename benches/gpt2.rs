@@ -10,6 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln_io::SafeTensors;
 use kiln_models::gpt2::{init_checkpoint, Gpt2Config, Gpt2Model, Gpt2Weights, Logits};
+use kiln_nn::backend::CpuBackend;
 use kiln_tensor::DType;
 use std::time::Duration;
 
@@ -23,8 +24,9 @@ fn bench(c: &mut Criterion) {
     let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 7919) % 50000).collect();
 
     for dtype in [DType::F32, DType::BF16] {
-        let weights = Gpt2Weights::load(&file, &cfg, dtype).unwrap();
-        let streamed = weights.decode_bytes_per_token();
+        let be = CpuBackend::default();
+        let weights = Gpt2Weights::load(&be, &file, &cfg, dtype).unwrap();
+        let streamed = weights.decode_bytes_per_token(&be);
         let model = Gpt2Model::new(cfg.clone(), weights).unwrap();
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -106,7 +106,7 @@ fn f32_checkpoint_with_prefix_is_zero_copy_and_matches() {
     let gpt2 = load(dir.path(), None);
     assert_eq!(gpt2.model.weights.dtype, DType::F32);
     assert!(
-        gpt2.model.weights.is_zero_copy(),
+        gpt2.model.weights.is_zero_copy(gpt2.model.backend()),
         "f32 weights should borrow the map"
     );
     check_logits(&gpt2.model, &exp, TOL_F32, "f32 with prefix");
@@ -119,7 +119,7 @@ fn f32_checkpoint_with_prefix_is_zero_copy_and_matches() {
         },
     );
     let gpt2 = load(dir.path(), None);
-    assert!(gpt2.model.weights.is_zero_copy());
+    assert!(gpt2.model.weights.is_zero_copy(gpt2.model.backend()));
     check_logits(&gpt2.model, &exp, TOL_F32, "f32 without prefix");
 }
 
@@ -151,7 +151,7 @@ fn bf16_and_f16_weights_match_within_bf16_tolerance() {
     )
     .unwrap();
     assert!(
-        stored.model.weights.is_zero_copy(),
+        stored.model.weights.is_zero_copy(stored.model.backend()),
         "bf16 file, bf16 weights as stored: no copy"
     );
     let err = check_logits(&stored.model, &exp, tol, "bf16 as stored");
@@ -159,7 +159,7 @@ fn bf16_and_f16_weights_match_within_bf16_tolerance() {
     // The default: linear weights in column panels.
     let gpt2 = load(&fixture_dir(), None);
     assert_eq!(gpt2.model.weights.dtype, DType::BF16);
-    assert!(!gpt2.model.weights.is_zero_copy());
+    assert!(!gpt2.model.weights.is_zero_copy(gpt2.model.backend()));
     let err = check_logits(&gpt2.model, &exp, tol, "bf16");
     eprintln!("bf16 worst relative logit error {err:.2e} (tolerance {tol:.2e})");
     // A step whose margin is below twice the absolute error bound may flip.

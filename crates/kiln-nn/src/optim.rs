@@ -10,6 +10,7 @@
 //! ```
 //! The bias corrections are computed in f64 (Python floats in PyTorch) and applied in f32.
 use kiln_tensor::{Error, Result};
+use rayon::prelude::*;
 
 /// Hyper-parameters of Adam / AdamW.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,33 +107,60 @@ impl Adam {
             }
         }
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = (c.lr / bc1) as f32;
-        let bc2_sqrt = bc2_sqrt as f32;
-        let (w1, b2, w2) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-        );
-        let (eps, wd) = (c.eps as f32, c.weight_decay as f32);
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
         for ((p, g), (m, v)) in params
             .iter_mut()
             .zip(grads)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
         {
-            for (((p, &g), m), v) in p
-                .iter_mut()
-                .zip(g.iter())
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
+            adam_update(&self.config, self.step, p, g, m, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// One Adam / AdamW update of a single parameter tensor `p` from its gradient `g`, with its
+/// moments `m` and `v` (all of equal length), at step `step ≥ 1`. Element-wise, in parallel
+/// chunks: the result does not depend on the thread count.
+pub fn adam_update(
+    c: &AdamConfig,
+    step: u64,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let n = p.len();
+    if g.len() != n || m.len() != n || v.len() != n {
+        return Err(Error::shape(
+            "adam: gradient and moments",
+            &[n],
+            &[g.len(), m.len(), v.len()],
+        ));
+    }
+    if step == 0 || step > i32::MAX as u64 {
+        return Err(Error::invalid(format!("adam: step {step} out of range")));
+    }
+    let t = step as i32;
+    let bc1 = 1.0 - c.beta1.powi(t);
+    let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+    let step_size = (c.lr / bc1) as f32;
+    let (w1, b2, w2) = (
+        (1.0 - c.beta1) as f32,
+        c.beta2 as f32,
+        (1.0 - c.beta2) as f32,
+    );
+    let (eps, wd) = (c.eps as f32, c.weight_decay as f32);
+    let decay = (1.0 - c.lr * c.weight_decay) as f32;
+    let decoupled = c.decoupled;
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let mut g = g;
                 if wd != 0.0 {
-                    if c.decoupled {
+                    if decoupled {
                         *p *= decay;
                     } else {
                         g += wd * *p;
@@ -143,7 +171,6 @@ impl Adam {
                 let denom = v.sqrt() / bc2_sqrt + eps;
                 *p += -step_size * (*m / denom);
             }
-        }
-        Ok(())
-    }
+        });
+    Ok(())
 }

@@ -16,8 +16,8 @@ use super::sampler::{Sampler, SamplerConfig};
 use super::weights::Gpt2Weights;
 use crate::tokenizer::Gpt2Tokenizer;
 use kiln_io::SafeTensors;
-use kiln_nn::backend::CpuBackend;
 pub use kiln_nn::backend::MatmulPrecision;
+use kiln_nn::backend::{Backend, CpuBackend};
 use kiln_tensor::{DType, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -178,8 +178,8 @@ impl TextStream {
 }
 
 /// A loaded GPT-2: model, tokenizer and how long loading took.
-pub struct Gpt2 {
-    pub model: Gpt2Model,
+pub struct Gpt2<B: Backend = CpuBackend> {
+    pub model: Gpt2Model<B>,
     pub tokenizer: Gpt2Tokenizer,
     /// Folder it was loaded from.
     pub dir: PathBuf,
@@ -188,7 +188,7 @@ pub struct Gpt2 {
     pub matmul_precision: MatmulPrecision,
 }
 
-impl std::fmt::Debug for Gpt2 {
+impl<B: Backend> std::fmt::Debug for Gpt2<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpt2")
             .field("dir", &self.dir)
@@ -198,10 +198,19 @@ impl std::fmt::Debug for Gpt2 {
     }
 }
 
-impl Gpt2 {
+impl Gpt2<CpuBackend> {
     /// Loads a folder as the Hub has it: `config.json`, `model.safetensors`, `vocab.json` and
-    /// `merges.txt` (when the last two are absent, the GPT-2 tokenizer built into kiln is used).
+    /// `merges.txt` (when the last two are absent, the GPT-2 tokenizer built into kiln is used),
+    /// onto the CPU backend.
     pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let backend = CpuBackend::with_matmul_precision(opts.matmul_precision);
+        Self::load_on(dir, opts, backend)
+    }
+}
+
+impl<B: Backend> Gpt2<B> {
+    /// [`Gpt2::load`] onto `backend`: every weight is uploaded once, here.
+    pub fn load_on(dir: impl AsRef<Path>, opts: &LoadOptions, backend: B) -> Result<Self> {
         let start = Instant::now();
         let dir = dir.as_ref();
         if !dir.is_dir() {
@@ -217,15 +226,14 @@ impl Gpt2 {
             Some(d) => d,
             None => checkpoint_dtype(&file)?,
         };
-        let weights = Gpt2Weights::load_with(&file, &config, dtype, opts.panels)?;
+        let weights = Gpt2Weights::load_with(&backend, &file, &config, dtype, opts.panels)?;
         // Zero-copy tensors keep the map alive through their storage; converted ones do not need
         // it, and closing it here returns its pages when nothing borrows them.
         drop(file);
         if opts.prefault {
-            weights.prefault();
+            weights.prefault(&backend);
         }
-        let backend = CpuBackend::with_matmul_precision(opts.matmul_precision);
-        let model = Gpt2Model::with_backend(config, weights, Box::new(backend))?;
+        let model = Gpt2Model::with_backend(config, weights, backend)?;
         Ok(Gpt2 {
             model,
             tokenizer,
@@ -276,7 +284,7 @@ impl Gpt2 {
     }
 }
 
-impl Gpt2 {
+impl<B: Backend> Gpt2<B> {
     /// Tokenizes and generates for several prompts at once (batched decode, see
     /// [`generate_batch_ids`]); `on_token(seq, id, text)` is called for every new token of
     /// sequence `seq` with the text it completes, and returns `false` to stop that sequence.
@@ -361,8 +369,8 @@ fn load_tokenizer(dir: &Path, config: &Gpt2Config) -> Result<Gpt2Tokenizer> {
 /// The generation loop on ids: prefill the prompt in one pass, then one decode step per token,
 /// calling `on_token(id)` after each choice (`Ok(false)` stops). It is [`generate_batch_ids`]
 /// with a batch of one.
-pub fn generate_ids(
-    model: &Gpt2Model,
+pub fn generate_ids<B: Backend>(
+    model: &Gpt2Model<B>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<bool>,
@@ -376,8 +384,8 @@ pub fn generate_ids(
 /// The prompt as the model will see it: an error when it is empty, or when prompt + new tokens
 /// do not fit in `n_positions` under [`ContextPolicy::Error`]; the last tokens that fit under
 /// [`ContextPolicy::TruncateLeft`].
-fn fit_prompt<'a>(
-    model: &Gpt2Model,
+fn fit_prompt<'a, B: Backend>(
+    model: &Gpt2Model<B>,
     prompt_ids: &'a [u32],
     opts: &GenerateOptions,
 ) -> Result<&'a [u32]> {
@@ -423,8 +431,8 @@ fn fit_prompt<'a>(
 /// is called after each choice; `Ok(false)` stops that sequence. `decode_ms` of every result is
 /// the wall time of the shared decode loop, so the batch produces the sum of their
 /// `decode_steps` in that time.
-pub fn generate_batch_ids(
-    model: &Gpt2Model,
+pub fn generate_batch_ids<B: Backend>(
+    model: &Gpt2Model<B>,
     prompts: &[&[u32]],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<bool>,
@@ -492,7 +500,7 @@ pub fn generate_batch_ids(
             break;
         }
         let ids: Vec<u32> = live.iter().map(|&b| next[b]).collect();
-        let mut batch: Vec<&mut Gpt2State> = states
+        let mut batch: Vec<&mut Gpt2State<B>> = states
             .iter_mut()
             .enumerate()
             .filter(|(b, _)| active[*b])

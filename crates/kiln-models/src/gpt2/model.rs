@@ -17,18 +17,19 @@
 //! Prefill runs the whole prompt through this once (`pos0 = 0`); each decode step runs it for
 //! one position (`T = 1`) and attends to the keys and values the cache keeps.
 use super::config::Gpt2Config;
-use super::weights::{view, Gpt2Weights};
-use kiln_nn::backend::{Activation, Backend, CpuBackend, KvCache};
+use super::weights::Gpt2Weights;
+use kiln_nn::backend::{ensure_len, Activation, Backend, CpuBackend, KvCache, LinearDims};
 use kiln_tensor::{Error, Result};
 
-/// A GPT-2 language model: config, weights and the backend its ops run on.
-pub struct Gpt2Model {
+/// A GPT-2 language model: config, weights in the backend's memory, and the backend its ops
+/// run on.
+pub struct Gpt2Model<B: Backend = CpuBackend> {
     pub config: Gpt2Config,
-    pub weights: Gpt2Weights,
-    backend: Box<dyn Backend>,
+    pub weights: Gpt2Weights<B>,
+    backend: B,
 }
 
-impl std::fmt::Debug for Gpt2Model {
+impl<B: Backend> std::fmt::Debug for Gpt2Model<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpt2Model")
             .field("config", &self.config)
@@ -47,18 +48,95 @@ pub enum Logits {
     All,
 }
 
-/// The per-sequence state: one KV cache per layer plus scratch buffers reused across calls.
-#[derive(Debug, Clone)]
-pub struct Gpt2State {
-    caches: Vec<KvCache>,
-    x: Vec<f32>,
-    h: Vec<f32>,
-    qkv: Vec<f32>,
-    att: Vec<f32>,
-    mlp: Vec<f32>,
+/// Scratch activations of one forward pass, in the backend's memory, grown to the largest call
+/// and reused.
+struct Scratch<B: Backend> {
+    x: B::Buf,
+    h: B::Buf,
+    qkv: B::Buf,
+    att: B::Buf,
+    mlp: B::Buf,
+    logits: B::Buf,
 }
 
-impl Gpt2State {
+impl<B: Backend> Scratch<B> {
+    fn new(be: &B) -> Result<Self> {
+        Ok(Scratch {
+            x: be.zeros(0)?,
+            h: be.zeros(0)?,
+            qkv: be.zeros(0)?,
+            att: be.zeros(0)?,
+            mlp: be.zeros(0)?,
+            logits: be.zeros(0)?,
+        })
+    }
+
+    /// Room for `rows` positions of width `c`, MLP width `f`, and `logit_rows` rows of `v`
+    /// logits.
+    fn ensure(
+        &mut self,
+        be: &B,
+        rows: usize,
+        c: usize,
+        f: usize,
+        logit_rows: usize,
+        v: usize,
+    ) -> Result<()> {
+        ensure_len(be, &mut self.x, rows * c)?;
+        ensure_len(be, &mut self.h, rows * c)?;
+        ensure_len(be, &mut self.qkv, rows * 3 * c)?;
+        ensure_len(be, &mut self.att, rows * c)?;
+        ensure_len(be, &mut self.mlp, rows * f)?;
+        ensure_len(be, &mut self.logits, logit_rows * v)
+    }
+}
+
+/// The per-sequence state: one KV cache per layer plus scratch buffers reused across calls,
+/// all in the backend's memory.
+pub struct Gpt2State<B: Backend = CpuBackend> {
+    caches: Vec<KvCache<B>>,
+    scratch: Scratch<B>,
+}
+
+impl<B: Backend> Clone for Scratch<B>
+where
+    B::Buf: Clone,
+{
+    fn clone(&self) -> Self {
+        Scratch {
+            x: self.x.clone(),
+            h: self.h.clone(),
+            qkv: self.qkv.clone(),
+            att: self.att.clone(),
+            mlp: self.mlp.clone(),
+            logits: self.logits.clone(),
+        }
+    }
+}
+
+/// A copy of the sequence (its caches), where the backend's buffers can be cloned.
+impl<B: Backend> Clone for Gpt2State<B>
+where
+    B::Buf: Clone,
+{
+    fn clone(&self) -> Self {
+        Gpt2State {
+            caches: self.caches.clone(),
+            scratch: self.scratch.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Gpt2State<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpt2State")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl<B: Backend> Gpt2State<B> {
     /// Positions processed so far.
     pub fn len(&self) -> usize {
         self.caches.first().map_or(0, |c| c.len)
@@ -84,26 +162,16 @@ impl Gpt2State {
     }
 }
 
-/// Grows `v` to at least `n` elements (never shrinks) and returns its first `n`.
-fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() < n {
-        v.resize(n, 0.0);
+impl Gpt2Model<CpuBackend> {
+    /// A model on the CPU backend. Checks that the weights match the config.
+    pub fn new(config: Gpt2Config, weights: Gpt2Weights<CpuBackend>) -> Result<Self> {
+        Self::with_backend(config, weights, CpuBackend::default())
     }
-    &mut v[..n]
 }
 
-impl Gpt2Model {
-    /// A model on the CPU backend. Checks that the weights match the config.
-    pub fn new(config: Gpt2Config, weights: Gpt2Weights) -> Result<Self> {
-        Self::with_backend(config, weights, Box::new(CpuBackend::default()))
-    }
-
-    /// A model whose ops run on `backend`.
-    pub fn with_backend(
-        config: Gpt2Config,
-        weights: Gpt2Weights,
-        backend: Box<dyn Backend>,
-    ) -> Result<Self> {
+impl<B: Backend> Gpt2Model<B> {
+    /// A model whose ops run on `backend` (the weights must live in that backend's memory).
+    pub fn with_backend(config: Gpt2Config, weights: Gpt2Weights<B>, backend: B) -> Result<Self> {
         config.validate()?;
         if weights.blocks.len() != config.n_layer {
             return Err(Error::invalid(format!(
@@ -119,9 +187,14 @@ impl Gpt2Model {
         })
     }
 
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// A state whose caches hold `capacity` positions (at most `n_positions`). The cache
     /// memory is allocated here, once; pages are touched only as positions are written.
-    pub fn new_state(&self, capacity: usize) -> Result<Gpt2State> {
+    pub fn new_state(&self, capacity: usize) -> Result<Gpt2State<B>> {
         let cfg = &self.config;
         if capacity == 0 || capacity > cfg.n_positions {
             return Err(Error::Capacity(format!(
@@ -129,16 +202,13 @@ impl Gpt2Model {
                 cfg.n_positions
             )));
         }
+        let be = &self.backend;
         let caches = (0..cfg.n_layer)
-            .map(|_| KvCache::new(cfg.n_head, cfg.head_dim(), capacity))
+            .map(|_| KvCache::new(be, cfg.n_head, cfg.head_dim(), capacity))
             .collect::<Result<_>>()?;
         Ok(Gpt2State {
             caches,
-            x: Vec::new(),
-            h: Vec::new(),
-            qkv: Vec::new(),
-            att: Vec::new(),
-            mlp: Vec::new(),
+            scratch: Scratch::new(be)?,
         })
     }
 
@@ -150,7 +220,7 @@ impl Gpt2Model {
     pub fn forward(
         &self,
         ids: &[u32],
-        state: &mut Gpt2State,
+        state: &mut Gpt2State<B>,
         which: Logits,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
@@ -172,113 +242,108 @@ impl Gpt2Model {
                 "token id {bad} is outside the vocabulary of {v} tokens"
             )));
         }
-        let be = &*self.backend;
+        let be = &self.backend;
         let w = &self.weights;
-        let Gpt2State {
-            caches,
+        let rows = match which {
+            Logits::Last => 1,
+            Logits::All => t,
+        };
+        let Gpt2State { caches, scratch: s } = state;
+        s.ensure(be, t, c, f, rows, v)?;
+
+        // x = wte[ids] + wpe[pos0 .. pos0 + T]
+        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
+        be.embedding(ids, &positions, &w.wte, &w.wpe, c, &mut s.x)?;
+
+        self.blocks(s, t, |l, qkv, att| {
+            be.attention(qkv, t, &mut [&mut caches[l]], att)
+        })?;
+        // logits = ln_f(x) · wteᵀ, for the rows asked for.
+        let first = t - rows;
+        if first > 0 {
+            // Move the rows asked for to the front of h, then normalise them into x.
+            be.copy(&s.x, first * c, &mut s.h, 0, rows * c)?;
+            std::mem::swap(&mut s.x, &mut s.h);
+        }
+        self.head(s, rows, logits)
+    }
+
+    /// The transformer blocks over `rows` positions, `s.x` `[rows, C]` updated in place (`h`,
+    /// `qkv`, `att`, `mlp` are scratch of `[rows, C]`, `[rows, 3C]`, `[rows, C]`, `[rows, F]`);
+    /// `attend(layer, qkv, att)` runs layer `layer`'s attention against the right caches.
+    fn blocks(
+        &self,
+        s: &mut Scratch<B>,
+        rows: usize,
+        mut attend: impl FnMut(usize, &B::Buf, &mut B::Buf) -> Result<()>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.config;
+        let (c, f) = (cfg.n_embd, cfg.mlp_dim());
+        let eps = cfg.layer_norm_epsilon;
+        let Scratch {
             x,
             h,
             qkv,
             att,
             mlp,
-        } = state;
-        let x = scratch(x, t * c);
-        let h = scratch(h, t * c);
-        let qkv = scratch(qkv, t * 3 * c);
-        let att = scratch(att, t * c);
-        let mlp = scratch(mlp, t * f);
-
-        // x = wte[ids] + wpe[pos0 .. pos0 + T]
-        be.embedding(ids, w.wte.rows_view()?, view(&w.wpe)?, pos0, x)?;
-
-        self.blocks(x, h, qkv, att, mlp, t, |l, qkv, att| {
-            be.attention(qkv, t, &mut caches[l], att)
-        })?;
-        // logits = ln_f(x) · wteᵀ, for the rows asked for.
-        let rows = match which {
-            Logits::Last => 1,
-            Logits::All => t,
-        };
-        let first = t - rows;
-        self.head(&x[first * c..], &mut h[..rows * c], rows, logits)?;
-        Ok(())
-    }
-
-    /// The transformer blocks over `rows` positions, `x` `[rows, C]` updated in place (`h`,
-    /// `qkv`, `att`, `mlp` are scratch of `[rows, C]`, `[rows, 3C]`, `[rows, C]`, `[rows, F]`);
-    /// `attend(layer, qkv, att)` runs layer `layer`'s attention against the right caches.
-    #[allow(clippy::too_many_arguments)]
-    fn blocks(
-        &self,
-        x: &mut [f32],
-        h: &mut [f32],
-        qkv: &mut [f32],
-        att: &mut [f32],
-        mlp: &mut [f32],
-        rows: usize,
-        mut attend: impl FnMut(usize, &[f32], &mut [f32]) -> Result<()>,
-    ) -> Result<()> {
-        let be = &*self.backend;
-        let eps = self.config.layer_norm_epsilon;
+            ..
+        } = s;
         for (l, b) in self.weights.blocks.iter().enumerate() {
             // x += attn(ln_1(x)) · W_proj + b_proj
-            be.layer_norm(x, &b.ln_1_w, &b.ln_1_b, eps, h)?;
-            be.linear(
-                h,
-                rows,
-                b.c_attn_w.view()?,
-                Some(&b.c_attn_b),
-                Activation::None,
-                qkv,
-            )?;
+            be.layer_norm(x, &b.ln_1_w, &b.ln_1_b, h, rows, c, eps)?;
+            let d = LinearDims::new(rows, c, 3 * c);
+            be.linear(h, &b.c_attn_w, Some(&b.c_attn_b), qkv, d, Activation::None)?;
             attend(l, qkv, att)?;
+            let d = LinearDims::new(rows, c, c);
             be.linear(
                 att,
-                rows,
-                b.attn_proj_w.view()?,
+                &b.attn_proj_w,
                 Some(&b.attn_proj_b),
-                Activation::None,
                 h,
+                d,
+                Activation::None,
             )?;
-            be.add(x, h)?;
+            be.add(x, h, rows * c)?;
             // x += gelu(ln_2(x) · W_fc + b_fc) · W_mproj + b_mproj
-            be.layer_norm(x, &b.ln_2_w, &b.ln_2_b, eps, h)?;
-            be.linear(
-                h,
-                rows,
-                b.fc_w.view()?,
-                Some(&b.fc_b),
-                Activation::GeluTanh,
-                mlp,
-            )?;
+            be.layer_norm(x, &b.ln_2_w, &b.ln_2_b, h, rows, c, eps)?;
+            let d = LinearDims::new(rows, c, f);
+            be.linear(h, &b.fc_w, Some(&b.fc_b), mlp, d, Activation::GeluTanh)?;
+            let d = LinearDims::new(rows, f, c);
             be.linear(
                 mlp,
-                rows,
-                b.mlp_proj_w.view()?,
+                &b.mlp_proj_w,
                 Some(&b.mlp_proj_b),
-                Activation::None,
                 h,
+                d,
+                Activation::None,
             )?;
-            be.add(x, h)?;
+            be.add(x, h, rows * c)?;
         }
         Ok(())
     }
 
-    /// `logits [rows, V] = ln_f(xs) · wteᵀ` for `xs` `[rows, C]` (`hs` scratch of the same size).
-    fn head(&self, xs: &[f32], hs: &mut [f32], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
-        let be = &*self.backend;
+    /// `logits [rows, V] = ln_f(x) · wteᵀ` for the first `rows` rows of `s.x` (through `s.h`),
+    /// downloaded into `out`.
+    fn head(&self, s: &mut Scratch<B>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let be = &self.backend;
         let w = &self.weights;
-        be.layer_norm(xs, &w.ln_f_w, &w.ln_f_b, self.config.layer_norm_epsilon, hs)?;
-        logits.clear();
-        logits.resize(rows * self.config.vocab_size, 0.0);
-        be.linear(
-            hs,
+        let cfg = &self.config;
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        be.layer_norm(
+            &s.x,
+            &w.ln_f_w,
+            &w.ln_f_b,
+            &mut s.h,
             rows,
-            w.lm_head().projection_view()?,
-            None,
-            Activation::None,
-            logits,
-        )
+            c,
+            cfg.layer_norm_epsilon,
+        )?;
+        let d = LinearDims::transposed(rows, c, v);
+        be.linear(&s.h, w.lm_head(), None, &mut s.logits, d, Activation::None)?;
+        out.clear();
+        out.resize(rows * v, 0.0);
+        be.download(&s.logits, 0, out)
     }
 
     /// One decode step for `B` sequences at once: `ids[b]` is the next token of the sequence
@@ -291,7 +356,7 @@ impl Gpt2Model {
     pub fn forward_batch(
         &self,
         ids: &[u32],
-        states: &mut [&mut Gpt2State],
+        states: &mut [&mut Gpt2State<B>],
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &self.config;
@@ -316,46 +381,30 @@ impl Gpt2Model {
                 )));
             }
         }
-        let be = &*self.backend;
+        let be = &self.backend;
         let w = &self.weights;
-        let mut x = vec![0f32; bsz * c];
-        let mut h = vec![0f32; bsz * c];
-        let mut qkv = vec![0f32; bsz * 3 * c];
-        let mut att = vec![0f32; bsz * c];
-        let mut mlp = vec![0f32; bsz * f];
-
-        // x[b] = wte[ids[b]] + wpe[pos_b]
-        for (b, s) in states.iter().enumerate() {
-            be.embedding(
-                &ids[b..b + 1],
-                w.wte.rows_view()?,
-                view(&w.wpe)?,
-                s.len(),
-                &mut x[b * c..(b + 1) * c],
-            )?;
-        }
-        self.blocks(
-            &mut x,
-            &mut h,
-            &mut qkv,
-            &mut att,
-            &mut mlp,
-            bsz,
-            |l, qkv, att| {
+        // The batch's activations live in the first sequence's scratch.
+        let (first, rest) = states.split_first_mut().expect("checked non-empty");
+        let mut s = std::mem::replace(&mut first.scratch, Scratch::new(be)?);
+        let result = (|| {
+            s.ensure(be, bsz, c, f, bsz, v)?;
+            // x[b] = wte[ids[b]] + wpe[pos_b]
+            let positions: Vec<u32> = std::iter::once(&**first)
+                .chain(rest.iter().map(|s| &**s))
+                .map(|st| st.len() as u32)
+                .collect();
+            be.embedding(ids, &positions, &w.wte, &w.wpe, c, &mut s.x)?;
+            self.blocks(&mut s, bsz, |l, qkv, att| {
                 // Each sequence attends over its own cache.
-                for (b, s) in states.iter_mut().enumerate() {
-                    be.attention(
-                        &qkv[b * 3 * c..(b + 1) * 3 * c],
-                        1,
-                        &mut s.caches[l],
-                        &mut att[b * c..(b + 1) * c],
-                    )?;
-                }
-                Ok(())
-            },
-        )?;
-        self.head(&x, &mut h, bsz, logits)?;
-        Ok(())
+                let mut caches: Vec<&mut KvCache<B>> = std::iter::once(&mut first.caches[l])
+                    .chain(rest.iter_mut().map(|st| &mut st.caches[l]))
+                    .collect();
+                be.attention(qkv, 1, &mut caches, att)
+            })?;
+            self.head(&mut s, bsz, logits)
+        })();
+        first.scratch = s;
+        result
     }
 
     /// Logits `[T, V]` of every position of `ids`, in one pass on a fresh state.
