@@ -2,6 +2,8 @@
 //! training steps (momentum 0.1, unbiased variance), eval forward and backward.
 mod conv_support;
 use conv_support::{make, usizes, Fixtures};
+use kiln::cpu::norm::batch_norm::{batch_norm_eval_backward, BnShape};
+use kiln::nn::backend::{download_all, Backend, CpuBackend};
 use kiln::nn::layers::BatchNorm2d;
 
 fn arg(fx: &Fixtures, key: &str, n: usize) -> Vec<f32> {
@@ -16,48 +18,79 @@ fn arg(fx: &Fixtures, key: &str, n: usize) -> Vec<f32> {
 
 #[test]
 fn batch_norm_matches_pytorch() {
+    let be = CpuBackend::default();
     let fx = Fixtures::load();
     let shape: [usize; 4] = usizes(&fx.manifest["nn"]["bn"]["shape"])
         .try_into()
         .unwrap();
     let n: usize = shape.iter().product();
     let c = shape[1];
-    let mut bn = BatchNorm2d::new(c);
-    bn.gamma = arg(&fx, "gamma", c);
-    bn.beta = arg(&fx, "beta", c);
-    let dy = arg(&fx, "dy", n);
+    let mut bn = BatchNorm2d::new(&be, c).unwrap();
+    let gamma = arg(&fx, "gamma", c);
+    bn.weight.set(&be, &gamma).unwrap();
+    bn.bias.set(&be, &arg(&fx, "beta", c)).unwrap();
+    let dy = be.upload(&arg(&fx, "dy", n)).unwrap();
 
-    let y1 = bn.forward(&arg(&fx, "x1", n), shape).unwrap();
-    fx.check("bn/train_y", &y1, 1e-5);
-    let dx = bn.backward(&dy).unwrap();
-    fx.check("bn/train_dx", &dx, 1e-5);
-    fx.check("bn/train_dgamma", &bn.gamma_grad, 1e-5);
-    fx.check("bn/train_dbeta", &bn.beta_grad, 1e-5);
+    let x1 = be.upload(&arg(&fx, "x1", n)).unwrap();
+    let mut y = be.zeros(n).unwrap();
+    bn.forward_train(&be, &x1, shape, &mut y).unwrap();
+    fx.check("bn/train_y", &download_all(&be, &y).unwrap(), 1e-5);
+    let mut dx = be.zeros(n).unwrap();
+    bn.backward(&be, &x1, shape, &dy, Some(&mut dx), false)
+        .unwrap();
+    fx.check("bn/train_dx", &download_all(&be, &dx).unwrap(), 1e-5);
+    fx.check("bn/train_dgamma", &bn.weight.grads(&be).unwrap(), 1e-5);
+    fx.check("bn/train_dbeta", &bn.bias.grads(&be).unwrap(), 1e-5);
 
-    bn.forward(&arg(&fx, "x2", n), shape).unwrap();
+    let x2 = be.upload(&arg(&fx, "x2", n)).unwrap();
+    bn.forward_train(&be, &x2, shape, &mut y).unwrap();
     assert_eq!(bn.num_batches_tracked, 2);
-    fx.check("bn/running_mean", &bn.running_mean, 1e-5);
-    fx.check("bn/running_var", &bn.running_var, 1e-5);
+    let (rm, rv) = bn.running_stats(&be).unwrap();
+    fx.check("bn/running_mean", &rm, 1e-5);
+    fx.check("bn/running_var", &rv, 1e-5);
 
-    bn.training = false;
-    let y3 = bn.forward(&arg(&fx, "x3", n), shape).unwrap();
-    fx.check("bn/eval_y", &y3, 1e-5);
-    let dx3 = bn.backward(&dy).unwrap();
-    fx.check("bn/eval_dx", &dx3, 1e-5);
-    fx.check("bn/eval_dgamma", &bn.gamma_grad, 1e-5);
-    fx.check("bn/eval_dbeta", &bn.beta_grad, 1e-5);
+    let x3h = arg(&fx, "x3", n);
+    let x3 = be.upload(&x3h).unwrap();
+    bn.forward_eval(&be, &x3, shape, &mut y).unwrap();
+    fx.check("bn/eval_y", &download_all(&be, &y).unwrap(), 1e-5);
     assert_eq!(bn.num_batches_tracked, 2);
+    // Eval-mode backward (a kernel of its own; models train in training mode).
+    let s = BnShape {
+        batch: shape[0],
+        channels: c,
+        hw: shape[2] * shape[3],
+    };
+    let (mut dx, mut dg, mut db) = (vec![0f32; n], vec![0f32; c], vec![0f32; c]);
+    batch_norm_eval_backward(
+        &s,
+        &x3h,
+        &download_all(&be, &dy).unwrap(),
+        &gamma,
+        &rm,
+        &rv,
+        bn.eps,
+        &mut dx,
+        &mut dg,
+        &mut db,
+    )
+    .unwrap();
+    fx.check("bn/eval_dx", &dx, 1e-5);
+    fx.check("bn/eval_dgamma", &dg, 1e-5);
+    fx.check("bn/eval_dbeta", &db, 1e-5);
 }
 
 #[test]
 fn batch_norm_bad_input_is_an_error() {
-    let mut bn = BatchNorm2d::new(3);
-    assert!(bn.backward(&[0.0; 12]).is_err());
-    assert!(bn.forward(&[0.0; 12], [1, 4, 1, 3]).is_err()); // channel count
-    assert!(bn.forward(&[0.0; 11], [1, 3, 2, 2]).is_err()); // length
-    assert!(bn.forward(&[0.0; 3], [1, 3, 1, 1]).is_err()); // one value per channel
-    bn.training = false;
-    assert!(bn.forward(&[0.0; 3], [1, 3, 1, 1]).is_ok()); // fine in eval mode
+    let be = CpuBackend::default();
+    let mut bn = BatchNorm2d::new(&be, 3).unwrap();
+    let x12 = be.zeros(12).unwrap();
+    let mut y = be.zeros(12).unwrap();
+    assert!(bn.forward_train(&be, &x12, [1, 4, 1, 3], &mut y).is_err()); // channel count
+    let x11 = be.zeros(11).unwrap();
+    assert!(bn.forward_train(&be, &x11, [1, 3, 2, 2], &mut y).is_err()); // length
+    let x3 = be.zeros(3).unwrap();
+    assert!(bn.forward_train(&be, &x3, [1, 3, 1, 1], &mut y).is_err()); // one value per channel
+    assert!(bn.forward_eval(&be, &x3, [1, 3, 1, 1], &mut y).is_ok()); // fine in eval mode
 }
 
 #[test]
@@ -72,10 +105,19 @@ fn batch_norm_is_thread_count_invariant() {
             .build()
             .unwrap()
             .install(|| {
-                let mut bn = BatchNorm2d::new(7);
-                let y = bn.forward(&x, shape).unwrap();
-                let dx = bn.backward(&dy).unwrap();
-                (y, dx, bn.gamma_grad.clone(), bn.running_var.clone())
+                let be = CpuBackend::default();
+                let mut bn = BatchNorm2d::new(&be, 7).unwrap();
+                let (xb, dyb) = (be.upload(&x).unwrap(), be.upload(&dy).unwrap());
+                let (mut y, mut dx) = (be.zeros(n).unwrap(), be.zeros(n).unwrap());
+                bn.forward_train(&be, &xb, shape, &mut y).unwrap();
+                bn.backward(&be, &xb, shape, &dyb, Some(&mut dx), false)
+                    .unwrap();
+                (
+                    download_all(&be, &y).unwrap(),
+                    download_all(&be, &dx).unwrap(),
+                    bn.weight.grads(&be).unwrap(),
+                    bn.running_stats(&be).unwrap().1,
+                )
             })
     };
     assert_eq!(run(1), run(2));

@@ -3,7 +3,8 @@ mod conv_support;
 use conv_support::{make, Fixtures};
 use kiln::cpu::conv::Conv2dParams;
 use kiln::cpu::elementwise::activations::{self, Activation, Isa};
-use kiln::nn::layers::{ActivationLayer, BatchNorm2d, Conv2d};
+use kiln::nn::backend::{Backend, CpuBackend, CpuBuf, Pointwise};
+use kiln::nn::layers::{BatchNorm2d, Conv2d, Optimizer, Param};
 use kiln::nn::loss::{bce_backward, bce_forward};
 use kiln::nn::optim::{Adam, AdamConfig};
 
@@ -38,12 +39,18 @@ fn activations_match_pytorch_on_every_path() {
             // 1 − y² and y·(1 − y) amplify a one-ulp difference in y near saturation.
             fx.check(&format!("act/{name}_dx"), &dx, 1e-5);
         }
-        // The layer (fastest path, in-place variant) agrees with the explicit path.
-        let mut layer = ActivationLayer::new(act);
-        let y = layer.forward(&x).unwrap();
+        // The backend's op (fastest path, chunked, in place or not) agrees with the explicit
+        // path.
+        let be = CpuBackend::default();
+        let xb = be.upload(&x).unwrap();
+        let mut yb = be.zeros(x.len()).unwrap();
+        be.pointwise(act, &xb, &mut yb, x.len()).unwrap();
         let mut y2 = x.clone();
         activations::forward_inplace(act, &mut y2).unwrap();
-        assert_eq!(y, y2);
+        assert_eq!(yb.as_f32().unwrap(), &y2[..]);
+        let mut xb = xb;
+        be.pointwise_inplace(act, &mut xb, x.len()).unwrap();
+        assert_eq!(xb.as_f32().unwrap(), &y2[..]);
     }
 }
 
@@ -112,8 +119,10 @@ fn bce_matches_pytorch() {
 }
 
 /// conv(3→4, k4 s2 p1) → BN(4) → LeakyReLU(0.2) → conv(4→1, k4 s1 p0, bias) → sigmoid → BCE,
-/// three optimiser steps; losses, probabilities and every gradient compared at each step.
+/// three optimiser steps; losses, probabilities and every gradient compared at each step. The
+/// graph runs on the op interface (the CPU backend), as the models do.
 fn train(fx: &Fixtures, name: &str, config: AdamConfig) {
+    let be = CpuBackend::default();
     let a = &fx.manifest["nn"]["adam"];
     let arg = |k: &str, n: usize| {
         let v = a[k].as_array().unwrap();
@@ -124,55 +133,99 @@ fn train(fx: &Fixtures, name: &str, config: AdamConfig) {
             0.0,
         )
     };
-    let mut c1 = Conv2d::new(3, 4, [4, 4], Conv2dParams::new(2, 1), false).unwrap();
-    c1.weight_mut().copy_from_slice(&arg("c1", 192));
-    let mut bn = BatchNorm2d::new(4);
-    let mut act = ActivationLayer::new(Activation::LeakyRelu(0.2));
-    let mut c2 = Conv2d::new(4, 1, [4, 4], Conv2dParams::new(1, 0), true).unwrap();
-    c2.weight_mut().copy_from_slice(&arg("c2", 64));
-    c2.bias_mut().unwrap().copy_from_slice(&arg("c2_bias", 1));
-    let mut sig = ActivationLayer::new(Activation::Sigmoid);
-    let x = arg("x", 3 * 3 * 8 * 8);
-    let target = floats(&a["target"]);
-    let mut opt = Adam::new(config, &[192, 4, 4, 64, 1]).unwrap();
+    let f32s = |b: &CpuBuf| b.as_f32().unwrap().to_vec();
+    let mut c1 = Conv2d::new(&be, 3, 4, [4, 4], Conv2dParams::new(2, 1), false, false).unwrap();
+    c1.weight.set(&be, &arg("c1", 192)).unwrap();
+    let mut bn = BatchNorm2d::new(&be, 4).unwrap();
+    let mut c2 = Conv2d::new(&be, 4, 1, [4, 4], Conv2dParams::new(1, 0), true, false).unwrap();
+    c2.weight.set(&be, &arg("c2", 64)).unwrap();
+    c2.bias
+        .as_mut()
+        .unwrap()
+        .set(&be, &arg("c2_bias", 1))
+        .unwrap();
+    let leaky = Pointwise::LeakyRelu(0.2);
+    let x = be.upload(&arg("x", 3 * 3 * 8 * 8)).unwrap();
+    let target = be.upload(&floats(&a["target"])).unwrap();
+    let mut opt = Optimizer::new(&be, config, &[192, 4, 4, 64, 1]).unwrap();
+    let g1 = c1.geometry([3, 3, 8, 8]).unwrap();
+    let s1 = g1.output_shape();
+    let g2 = c2.geometry(s1).unwrap();
+    let n1 = g1.output_len();
+    let (mut h1, mut h2, mut h3) = (
+        be.zeros(n1).unwrap(),
+        be.zeros(n1).unwrap(),
+        be.zeros(n1).unwrap(),
+    );
+    let (mut logit, mut prob) = (be.zeros(3).unwrap(), be.zeros(3).unwrap());
+    let (mut d3, mut d2, mut d1) = (
+        be.zeros(3).unwrap(),
+        be.zeros(n1).unwrap(),
+        be.zeros(n1).unwrap(),
+    );
     for step in 0..3 {
-        let (h, s1) = c1.forward(&x, [3, 3, 8, 8]).unwrap();
-        let h = bn.forward(&h, s1).unwrap();
-        let h = act.forward(&h).unwrap();
-        let (h, _) = c2.forward(&h, s1).unwrap();
-        let prob = sig.forward(&h).unwrap();
-        let loss = bce_forward(&prob, &target).unwrap();
+        c1.forward(&be, &g1, &x, &mut h1).unwrap();
+        bn.forward_train(&be, &h1, s1, &mut h2).unwrap();
+        be.pointwise(leaky, &h2, &mut h3, n1).unwrap();
+        c2.forward(&be, &g2, &h3, &mut logit).unwrap();
+        be.pointwise(Pointwise::Sigmoid, &logit, &mut prob, 3)
+            .unwrap();
+        let loss = be.bce(&prob, &target, 3).unwrap();
         fx.check(&format!("{name}/step{step}/loss"), &[loss], 1e-5);
-        fx.check(&format!("{name}/step{step}/prob"), &prob, 1e-5);
-        let mut d = vec![0f32; 3];
-        bce_backward(&prob, &target, 1.0, &mut d).unwrap();
-        let d = sig.backward(&d).unwrap();
-        let d = c2.backward(&d).unwrap();
-        let d = act.backward(&d).unwrap();
-        let d = bn.backward(&d).unwrap();
-        c1.backward(&d).unwrap();
-        fx.check(&format!("{name}/step{step}/grad0"), c1.weight_grad(), 1e-4);
-        fx.check(&format!("{name}/step{step}/grad1"), &bn.gamma_grad, 1e-4);
-        fx.check(&format!("{name}/step{step}/grad2"), &bn.beta_grad, 1e-4);
-        fx.check(&format!("{name}/step{step}/grad3"), c2.weight_grad(), 1e-4);
+        fx.check(&format!("{name}/step{step}/prob"), &f32s(&prob), 1e-5);
+        be.bce_backward(&prob, &target, 1.0, &mut d3, 3).unwrap();
+        let mut dlogit = be.zeros(3).unwrap();
+        be.pointwise_backward(Pointwise::Sigmoid, &prob, &d3, &mut dlogit, 3)
+            .unwrap();
+        c2.backward(&be, &g2, &h3, &dlogit, Some(&mut d2), false)
+            .unwrap();
+        be.pointwise_backward(leaky, &h3, &d2, &mut d1, n1).unwrap();
+        bn.backward(&be, &h1, s1, &d1, Some(&mut d2), false)
+            .unwrap();
+        c1.backward(&be, &g1, &x, &d2, None, false).unwrap();
         fx.check(
-            &format!("{name}/step{step}/grad4"),
-            c2.bias_grad().unwrap(),
+            &format!("{name}/step{step}/grad0"),
+            &f32s(&c1.weight.grad),
             1e-4,
         );
-        let mut pg = c1.params_and_grads();
-        pg.extend(bn.params_and_grads());
-        pg.extend(c2.params_and_grads());
-        let (mut params, grads): (Vec<&mut [f32]>, Vec<&[f32]>) = pg.into_iter().unzip();
-        opt.step(&mut params, &grads).unwrap();
+        fx.check(
+            &format!("{name}/step{step}/grad1"),
+            &f32s(&bn.weight.grad),
+            1e-4,
+        );
+        fx.check(
+            &format!("{name}/step{step}/grad2"),
+            &f32s(&bn.bias.grad),
+            1e-4,
+        );
+        fx.check(
+            &format!("{name}/step{step}/grad3"),
+            &f32s(&c2.weight.grad),
+            1e-4,
+        );
+        fx.check(
+            &format!("{name}/step{step}/grad4"),
+            &f32s(&c2.bias.as_ref().unwrap().grad),
+            1e-4,
+        );
+        let mut params: Vec<&mut Param<CpuBackend>> = c1.params_mut();
+        params.extend(bn.params_mut());
+        params.extend(c2.params_mut());
+        opt.step(&be, &mut params).unwrap();
     }
-    fx.check(&format!("{name}/final0"), c1.weight(), 1e-4);
-    fx.check(&format!("{name}/final1"), &bn.gamma, 1e-4);
-    fx.check(&format!("{name}/final2"), &bn.beta, 1e-4);
-    fx.check(&format!("{name}/final3"), c2.weight(), 1e-4);
-    fx.check(&format!("{name}/final4"), c2.bias().unwrap(), 1e-4);
-    fx.check(&format!("{name}/running_mean"), &bn.running_mean, 1e-5);
-    fx.check(&format!("{name}/running_var"), &bn.running_var, 1e-5);
+    fx.check(&format!("{name}/final0"), &f32s(&c1.weight.value), 1e-4);
+    fx.check(&format!("{name}/final1"), &f32s(&bn.weight.value), 1e-4);
+    fx.check(&format!("{name}/final2"), &f32s(&bn.bias.value), 1e-4);
+    fx.check(&format!("{name}/final3"), &f32s(&c2.weight.value), 1e-4);
+    fx.check(
+        &format!("{name}/final4"),
+        &f32s(&c2.bias.as_ref().unwrap().value),
+        1e-4,
+    );
+    let (rm, rv) = bn.running_stats(&be).unwrap();
+    fx.check(&format!("{name}/running_mean"), &rm, 1e-5);
+    fx.check(&format!("{name}/running_var"), &rv, 1e-5);
+    assert_eq!(bn.num_batches_tracked, 3);
 }
 
 #[test]
@@ -198,6 +251,13 @@ fn three_adam_steps_match_pytorch() {
 
 #[test]
 fn adam_bad_input_is_an_error() {
+    let be = CpuBackend::default();
+    assert!(Optimizer::new(&be, AdamConfig::adam(0.1).betas(1.0, 0.9), &[1]).is_err());
+    let mut opt = Optimizer::new(&be, AdamConfig::adam(0.1), &[2, 3]).unwrap();
+    let mut a = Param::zeros(&be, &[2]).unwrap();
+    let mut b = Param::zeros(&be, &[4]).unwrap();
+    assert!(opt.step(&be, &mut [&mut a]).is_err());
+    assert!(opt.step(&be, &mut [&mut a, &mut b]).is_err());
     let mut opt = Adam::new(AdamConfig::adam(0.1), &[2, 3]).unwrap();
     let mut a = [0f32; 2];
     let mut b = [0f32; 4];

@@ -1,131 +1,171 @@
-//! `BatchNorm2d` over [`kiln_cpu::norm::batch_norm`].
-use kiln_cpu::norm::batch_norm::{
-    batch_norm_eval_backward, batch_norm_eval_forward, batch_norm_train_backward,
-    batch_norm_train_forward, BnSaved, BnShape,
-};
+//! `BatchNorm2d`: per-channel normalisation of `[N, C, H, W]` with affine `γ`, `β` and running
+//! statistics (momentum 0.1, eps 1e-5 by default, as PyTorch).
+//!
+//! Training: `y = γ·(x − mean)/√(var + eps) + β` with the batch's mean and biased variance,
+//! running statistics updated with the unbiased variance; eval: the running statistics.
+use super::param::Param;
+use crate::backend::{download_all, Backend, BnShape, Grads};
 use kiln_tensor::{Error, Result};
 
-/// Batch normalisation of `[N, C, H, W]` per channel, with affine `γ`, `β` and running
-/// statistics (momentum 0.1, eps 1e-5 by default, as PyTorch).
-#[derive(Clone, Debug)]
-pub struct BatchNorm2d {
-    pub gamma: Vec<f32>,
-    pub beta: Vec<f32>,
-    pub running_mean: Vec<f32>,
-    pub running_var: Vec<f32>,
-    pub gamma_grad: Vec<f32>,
-    pub beta_grad: Vec<f32>,
+/// Batch normalisation over channels.
+pub struct BatchNorm2d<B: Backend> {
+    /// γ.
+    pub weight: Param<B>,
+    /// β.
+    pub bias: Param<B>,
+    pub running_mean: B::Buf,
+    pub running_var: B::Buf,
+    /// Training-mode forward passes so far (PyTorch's `num_batches_tracked`).
+    pub num_batches_tracked: i64,
     pub eps: f32,
     pub momentum: f32,
-    /// Training mode: batch statistics and running-stat updates. Eval mode: running statistics.
-    pub training: bool,
-    /// Forward passes taken in training mode (`num_batches_tracked`).
-    pub num_batches_tracked: i64,
-    saved: Option<(Vec<f32>, BnShape, Option<BnSaved>)>,
+    pub channels: usize,
+    /// The last training forward pass's per-channel mean and `1/√(var + eps)`.
+    saved_mean: B::Buf,
+    saved_rstd: B::Buf,
 }
 
-impl BatchNorm2d {
-    /// γ = 1, β = 0, running mean 0 and variance 1, training mode.
-    pub fn new(channels: usize) -> Self {
-        BatchNorm2d {
-            gamma: vec![1.0; channels],
-            beta: vec![0.0; channels],
-            running_mean: vec![0.0; channels],
-            running_var: vec![1.0; channels],
-            gamma_grad: vec![0.0; channels],
-            beta_grad: vec![0.0; channels],
+impl<B: Backend> BatchNorm2d<B> {
+    /// γ = 1, β = 0, running mean 0 and variance 1.
+    pub fn new(be: &B, channels: usize) -> Result<Self> {
+        Ok(BatchNorm2d {
+            weight: Param::new(be, &vec![1.0; channels], &[channels])?,
+            bias: Param::zeros(be, &[channels])?,
+            running_mean: be.zeros(channels)?,
+            running_var: be.upload(&vec![1.0; channels])?,
+            num_batches_tracked: 0,
             eps: 1e-5,
             momentum: 0.1,
-            training: true,
-            num_batches_tracked: 0,
-            saved: None,
-        }
+            channels,
+            saved_mean: be.zeros(channels)?,
+            saved_rstd: be.zeros(channels)?,
+        })
     }
 
-    /// Parameters and their gradients (γ then β), for an optimiser.
-    pub fn params_and_grads(&mut self) -> Vec<(&mut [f32], &[f32])> {
-        vec![
-            (&mut self.gamma[..], &self.gamma_grad[..]),
-            (&mut self.beta[..], &self.beta_grad[..]),
-        ]
-    }
-
-    /// `x` `[N, C, H, W]` → `y` of the same shape; keeps `x` for the backward pass.
-    pub fn forward(&mut self, x: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
-        if shape[1] != self.gamma.len() {
+    fn shape(&self, x_shape: [usize; 4]) -> Result<BnShape> {
+        if x_shape[1] != self.channels {
             return Err(Error::shape(
                 "BatchNorm2d channels",
-                &[self.gamma.len()],
-                &[shape[1]],
+                &[self.channels],
+                &[x_shape[1]],
             ));
         }
-        let s = BnShape {
-            batch: shape[0],
-            channels: shape[1],
-            hw: shape[2] * shape[3],
-        };
-        let mut y = vec![0f32; x.len()];
-        let saved = if self.training {
-            let sv = batch_norm_train_forward(
-                &s,
-                x,
-                &self.gamma,
-                &self.beta,
-                self.eps,
-                self.momentum,
-                Some((&mut self.running_mean, &mut self.running_var)),
-                &mut y,
-            )?;
-            self.num_batches_tracked += 1;
-            Some(sv)
-        } else {
-            batch_norm_eval_forward(
-                &s,
-                x,
-                &self.gamma,
-                &self.beta,
-                &self.running_mean,
-                &self.running_var,
-                self.eps,
-                &mut y,
-            )?;
-            None
-        };
-        self.saved = Some((x.to_vec(), s, saved));
-        Ok(y)
+        Ok(BnShape {
+            batch: x_shape[0],
+            channels: x_shape[1],
+            hw: x_shape[2] * x_shape[3],
+        })
     }
 
-    /// From `dy`: overwrites `gamma_grad`, `beta_grad` and returns `dx`.
-    pub fn backward(&mut self, dy: &[f32]) -> Result<Vec<f32>> {
-        let (x, s, saved) = self
-            .saved
-            .as_ref()
-            .ok_or_else(|| Error::invalid("BatchNorm2d: backward before forward"))?;
-        let mut dx = vec![0f32; x.len()];
-        match saved {
-            Some(sv) => batch_norm_train_backward(
-                s,
-                x,
-                dy,
-                &self.gamma,
-                sv,
-                &mut dx,
-                &mut self.gamma_grad,
-                &mut self.beta_grad,
-            )?,
-            None => batch_norm_eval_backward(
-                s,
-                x,
-                dy,
-                &self.gamma,
-                &self.running_mean,
-                &self.running_var,
-                self.eps,
-                &mut dx,
-                &mut self.gamma_grad,
-                &mut self.beta_grad,
-            )?,
-        }
-        Ok(dx)
+    /// Training-mode forward `x → y` (`[N, C, H, W]`): batch statistics, saved for
+    /// [`BatchNorm2d::backward`], running statistics updated, `num_batches_tracked` + 1.
+    pub fn forward_train(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        x_shape: [usize; 4],
+        y: &mut B::Buf,
+    ) -> Result<()> {
+        let s = self.shape(x_shape)?;
+        be.batch_norm_train(
+            &s,
+            x,
+            &self.weight.value,
+            &self.bias.value,
+            Some((&mut self.running_mean, &mut self.running_var)),
+            self.momentum,
+            self.eps,
+            y,
+            &mut self.saved_mean,
+            &mut self.saved_rstd,
+        )?;
+        self.num_batches_tracked += 1;
+        Ok(())
+    }
+
+    /// Eval-mode forward with the running statistics.
+    pub fn forward_eval(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        x_shape: [usize; 4],
+        y: &mut B::Buf,
+    ) -> Result<()> {
+        let s = self.shape(x_shape)?;
+        be.batch_norm_eval(
+            &s,
+            x,
+            &self.weight.value,
+            &self.bias.value,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+            y,
+        )
+    }
+
+    /// Backward of the last [`BatchNorm2d::forward_train`] (whose input was `x`) from `dy`:
+    /// `dγ`, `dβ` (overwritten or accumulated), and `dx` when asked for.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        x_shape: [usize; 4],
+        dy: &B::Buf,
+        dx: Option<&mut B::Buf>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let s = self.shape(x_shape)?;
+        be.batch_norm_backward(
+            &s,
+            x,
+            dy,
+            &self.weight.value,
+            &self.saved_mean,
+            &self.saved_rstd,
+            Grads {
+                dx,
+                dw: Some(&mut self.weight.grad),
+                db: Some(&mut self.bias.grad),
+                accumulate,
+            },
+        )
+    }
+
+    /// `dx` only, parameter gradients untouched.
+    pub fn backward_input(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        x_shape: [usize; 4],
+        dy: &B::Buf,
+        dx: &mut B::Buf,
+    ) -> Result<()> {
+        let s = self.shape(x_shape)?;
+        be.batch_norm_backward(
+            &s,
+            x,
+            dy,
+            &self.weight.value,
+            &self.saved_mean,
+            &self.saved_rstd,
+            Grads {
+                dx: Some(dx),
+                ..Grads::none()
+            },
+        )
+    }
+
+    /// The running statistics, read back to the host.
+    pub fn running_stats(&self, be: &B) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((
+            download_all(be, &self.running_mean)?,
+            download_all(be, &self.running_var)?,
+        ))
+    }
+
+    /// γ then β.
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        vec![&mut self.weight, &mut self.bias]
     }
 }

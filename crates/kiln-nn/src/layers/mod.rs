@@ -1,12 +1,17 @@
-//! Layers: parameters, saved activations, and forward and backward side by side.
+//! Layers: parameters with their gradients, and forward and backward side by side, written once
+//! against the op interface ([`crate::backend::Backend`]) so that they run on every device.
 //!
-//! Tensors are plain `Vec<f32>` in NCHW with an explicit `[N, C, H, W]` shape. `forward` saves
-//! what `backward` needs; `backward` takes the output gradient, overwrites the layer's parameter
-//! gradients and returns the input gradient.
-pub mod activation;
+//! A layer does not keep its input: the model graph owns every activation (llm.c style) and
+//! hands the forward pass's input back to `backward`. Shapes are NCHW `[N, C, H, W]` for the
+//! image layers and `[rows, features]` for [`Linear`]. `backward` overwrites the layer's
+//! parameter gradients, or adds to them with `accumulate` (PyTorch's `.grad` accumulation
+//! across backward passes), and writes the input gradient when asked for.
 pub mod batch_norm;
 pub mod conv;
+pub mod linear;
+pub mod param;
 
-pub use activation::ActivationLayer;
 pub use batch_norm::BatchNorm2d;
-pub use conv::{Conv2d, ConvTranspose2d};
+pub use conv::Conv2d;
+pub use linear::Linear;
+pub use param::{Optimizer, Param};
