@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod attention;
 pub mod conv;
+pub mod dcgan;
 pub mod matmul;
 pub mod peak;
 
@@ -26,6 +27,8 @@ pub enum BenchCommand {
     /// 2-D transposed convolution.
     #[command(name = "conv-transpose2d")]
     ConvTranspose2d(conv::ConvArgs),
+    /// DCGAN: the generator's forward pass, or one full training iteration (`--train`).
+    Dcgan(dcgan::DcganBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -35,6 +38,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Attention(args) => attention::run(args),
         BenchCommand::Conv2d(args) => conv::run(args, false),
         BenchCommand::ConvTranspose2d(args) => conv::run(args, true),
+        BenchCommand::Dcgan(args) => dcgan::run(args),
     }
 }
 

@@ -68,6 +68,22 @@ impl<B: Backend> Linear<B> {
         )
     }
 
+    /// `dx = dy·W` only, the parameters' gradients untouched.
+    pub fn backward_input(&self, be: &B, dy: &B::Buf, dx: &mut B::Buf, rows: usize) -> Result<()> {
+        let dims = self.dims(rows);
+        // The weight is not read for dW, so the input is not needed: pass dy in its place.
+        be.linear_backward(
+            dy,
+            &self.weight.value,
+            dy,
+            dims,
+            Grads {
+                dx: Some(dx),
+                ..Grads::none()
+            },
+        )
+    }
+
     /// The parameters, weight first.
     pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
         let mut v = vec![&mut self.weight];

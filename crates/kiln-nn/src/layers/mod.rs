@@ -10,8 +10,10 @@ pub mod batch_norm;
 pub mod conv;
 pub mod linear;
 pub mod param;
+pub mod sequential;
 
 pub use batch_norm::BatchNorm2d;
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use param::{Optimizer, Param};
+pub use sequential::{Layer, Mode, Sequential};
