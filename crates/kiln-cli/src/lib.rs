@@ -8,6 +8,7 @@ use std::process::ExitCode;
 pub mod bench;
 pub mod gpt2;
 pub mod inspect;
+pub mod plot;
 
 #[derive(Parser, Debug)]
 #[command(

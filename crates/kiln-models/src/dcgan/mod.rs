@@ -1,12 +1,19 @@
 //! DCGAN: generator/discriminator pairs that map noise to 64×64 colour images, trained
 //! adversarially — both architectures as layer chains on the op interface, PyTorch-compatible
-//! checkpoints, and the training loop of the PyTorch DCGAN example.
+//! checkpoints, the training loop of the PyTorch DCGAN example, data sets and a sample-quality
+//! metric.
 //!
 //! | module | what |
 //! |---|---|
 //! | [`model`] | the `dcgan` and `seed` architectures, init, `state_dict` checkpoints |
-//! | [`train`] | one training step as the PyTorch example takes it, the run state, resume |
+//! | [`train`] | one training iteration as the PyTorch example takes it |
+//! | [`data`] | the synthetic shapes set, image folders, safetensors image sets, the epoch shuffler |
+//! | [`image`] | PNG/JPEG decoding, torchvision-style resize + centre crop, PNG grids |
+//! | [`quality`] | the sliced Wasserstein distance between two image sets |
+pub mod data;
+pub mod image;
 pub mod model;
+pub mod quality;
 pub mod train;
 
 pub use model::{Arch, Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, IMAGE_SIZE};
