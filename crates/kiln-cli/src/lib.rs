@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod bench;
+pub mod dcgan;
 pub mod gpt2;
 pub mod inspect;
 pub mod plot;
@@ -28,6 +29,9 @@ pub enum Command {
     /// GPT-2: generate text, compute logits, tokenize, make a checkpoint.
     #[command(subcommand)]
     Gpt2(gpt2::Gpt2Command),
+    /// DCGAN: sample images from a generator, train a generator/discriminator pair.
+    #[command(subcommand)]
+    Dcgan(dcgan::DcganCommand),
     /// Kernel benchmarks: GFLOP/s or GB/s and the fraction of this machine's measured peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -38,6 +42,7 @@ pub fn run(cli: Cli) -> kiln_tensor::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Gpt2(cmd) => gpt2::run(cmd),
+        Command::Dcgan(cmd) => dcgan::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

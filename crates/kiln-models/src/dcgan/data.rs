@@ -565,8 +565,9 @@ impl ImageFolder {
 /// The tensor [`load_images_safetensors`] reads.
 pub const IMAGES_TENSOR: &str = "images";
 
-/// Loads tensor `images`, `[N, 3, 64, 64]`, values in [0, 1] (as torchvision's `ToTensor` makes
-/// them), f32 or f16/bf16 (converted to f32). Returns `(values, N)`.
+/// Loads tensor `images`, `[N, 3, 64, 64]`, f32 or f16/bf16 (converted to f32). The values are
+/// used as stored — already in the range the networks see (PyTorch's DCGAN example normalises
+/// to [-1, 1]) — so a PyTorch run can be reproduced batch for batch. Returns `(values, N)`.
 pub fn load_images_safetensors(path: &Path) -> Result<(Vec<f32>, usize)> {
     load_images_safetensors_sized(path, 64)
 }
@@ -574,8 +575,7 @@ pub fn load_images_safetensors(path: &Path) -> Result<(Vec<f32>, usize)> {
 /// [`load_images_safetensors`] for `[N, 3, size, size]`.
 ///
 /// Errors name the file and the tensor: a missing tensor, a shape other than
-/// `[N, 3, size, size]` with `N >= 1`, a non-float dtype, non-finite values, or values outside
-/// [0, 1] (beyond a rounding tolerance of 1e-3).
+/// `[N, 3, size, size]` with `N >= 1`, a non-float dtype, or non-finite values.
 pub fn load_images_safetensors_sized(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
     let file = kiln_io::SafeTensors::open(path)?;
     let info = file.info(IMAGES_TENSOR)?;
@@ -595,19 +595,9 @@ pub fn load_images_safetensors_sized(path: &Path, size: usize) -> Result<(Vec<f3
     }
     let n = dims[0];
     let values = file.tensor(IMAGES_TENSOR)?.to_f32_vec()?;
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in &values {
-        if !v.is_finite() {
-            return Err(Error::invalid(format!(
-                "{context}: holds a non-finite value ({v})"
-            )));
-        }
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    if lo < -1e-3 || hi > 1.0 + 1e-3 {
+    if let Some(v) = values.iter().find(|v| !v.is_finite()) {
         return Err(Error::invalid(format!(
-            "{context}: values must be in [0, 1], found [{lo}, {hi}]"
+            "{context}: holds a non-finite value ({v})"
         )));
     }
     Ok((values, n))
@@ -624,7 +614,8 @@ pub enum Dataset {
     Synthetic { seed: u64, len: usize, size: usize },
     /// A decoded image folder.
     Folder(ImageFolder),
-    /// Images `[n, 3, size, size]` in [0, 1] (from [`load_images_safetensors`]).
+    /// Images `[n, 3, size, size]` as the networks see them (from [`load_images_safetensors`]):
+    /// used as stored, whatever the `range` asked for.
     Tensor {
         images: Vec<f32>,
         n: usize,
@@ -674,9 +665,7 @@ impl Dataset {
                 out.par_chunks_mut(per)
                     .zip(indices.par_iter())
                     .for_each(|(dst, &i)| {
-                        for (d, &v) in dst.iter_mut().zip(&images[i * per..(i + 1) * per]) {
-                            *d = range.from_unit(v);
-                        }
+                        dst.copy_from_slice(&images[i * per..(i + 1) * per]);
                     });
             }
         }

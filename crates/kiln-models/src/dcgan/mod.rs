@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`model`] | the `dcgan` and `seed` architectures, init, `state_dict` checkpoints |
 //! | [`train`] | one training iteration as the PyTorch example takes it |
+//! | [`run`] | a training run: data order, noise, quality figure, checkpoints, resume |
 //! | [`data`] | the synthetic shapes set, image folders, safetensors image sets, the epoch shuffler |
 //! | [`image`] | PNG/JPEG decoding, torchvision-style resize + centre crop, PNG grids |
 //! | [`quality`] | the sliced Wasserstein distance between two image sets |
@@ -14,6 +15,7 @@ pub mod data;
 pub mod image;
 pub mod model;
 pub mod quality;
+pub mod run;
 pub mod train;
 
 pub use model::{Arch, Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, IMAGE_SIZE};

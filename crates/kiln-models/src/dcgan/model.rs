@@ -359,10 +359,15 @@ impl<B: Backend> Generator<B> {
     /// that architecture; `None` tells it from the names.
     pub fn load(be: &B, path: &Path, arch: Option<Arch>) -> Result<Self> {
         let st = SafeTensors::open(path)?;
-        let arch = detect_arch(&st, arch)?;
-        let spec = generator_spec(&st, arch)?;
+        Self::from_state(be, &StateSource::file(&st), arch)
+    }
+
+    /// [`Generator::load`] from tensors already open.
+    pub fn from_state(be: &B, st: &StateSource<'_>, arch: Option<Arch>) -> Result<Self> {
+        let arch = detect_arch(st, arch)?;
+        let spec = generator_spec(st, arch)?;
         let mut g = Self::new(be, spec)?;
-        load_state(be, &mut g.net, &st)?;
+        load_state(be, &mut g.net, st)?;
         Ok(g)
     }
 
@@ -396,10 +401,15 @@ impl<B: Backend> Discriminator<B> {
     /// Loads a checkpoint (see [`Generator::load`]).
     pub fn load(be: &B, path: &Path, arch: Option<Arch>) -> Result<Self> {
         let st = SafeTensors::open(path)?;
-        let arch = detect_arch(&st, arch)?;
-        let spec = discriminator_spec(&st, arch)?;
+        Self::from_state(be, &StateSource::file(&st), arch)
+    }
+
+    /// [`Discriminator::load`] from tensors already open.
+    pub fn from_state(be: &B, st: &StateSource<'_>, arch: Option<Arch>) -> Result<Self> {
+        let arch = detect_arch(st, arch)?;
+        let spec = discriminator_spec(st, arch)?;
         let mut d = Self::new(be, spec)?;
-        load_state(be, &mut d.net, &st)?;
+        load_state(be, &mut d.net, st)?;
         Ok(d)
     }
 
@@ -409,8 +419,42 @@ impl<B: Backend> Discriminator<B> {
     }
 }
 
+/// The tensors of one network in a safetensors file: those whose names start with `prefix`
+/// (empty for a checkpoint of its own; `G.` / `D.` inside a training state).
+#[derive(Clone, Copy)]
+pub struct StateSource<'a> {
+    pub st: &'a SafeTensors,
+    pub prefix: &'a str,
+}
+
+impl<'a> StateSource<'a> {
+    /// A whole file.
+    pub fn file(st: &'a SafeTensors) -> Self {
+        StateSource { st, prefix: "" }
+    }
+    fn full(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.st.contains(&self.full(name))
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.st.info(&self.full(name))?.shape.clone())
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.st.tensor(&self.full(name))
+    }
+    /// Names under the prefix, without it.
+    fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.st.names().filter_map(|n| n.strip_prefix(self.prefix))
+    }
+    fn path(&self) -> String {
+        self.st.path().display().to_string()
+    }
+}
+
 /// The architecture of a checkpoint: `main.*` names are `dcgan`, bare indices `seed`.
-fn detect_arch(st: &SafeTensors, want: Option<Arch>) -> Result<Arch> {
+fn detect_arch(st: &StateSource<'_>, want: Option<Arch>) -> Result<Arch> {
     let found = if st.contains("main.0.weight") {
         Arch::Dcgan
     } else if st.contains("0.weight") {
@@ -418,13 +462,13 @@ fn detect_arch(st: &SafeTensors, want: Option<Arch>) -> Result<Arch> {
     } else {
         return Err(Error::invalid(format!(
             "{}: not a DCGAN checkpoint (neither `main.0.weight` nor `0.weight`)",
-            st.path().display()
+            st.path()
         )));
     };
     match want {
         Some(a) if a != found => Err(Error::invalid(format!(
             "{}: a `{}` checkpoint, not `{}`",
-            st.path().display(),
+            st.path(),
             found.name(),
             a.name()
         ))),
@@ -432,24 +476,19 @@ fn detect_arch(st: &SafeTensors, want: Option<Arch>) -> Result<Arch> {
     }
 }
 
-/// Dimensions of tensor `name`.
-fn dims(st: &SafeTensors, name: &str) -> Result<Vec<usize>> {
-    Ok(st.info(name)?.shape.clone())
-}
-
 /// Dimension `i` of a tensor of rank `rank`, or an error naming it.
-fn dim(st: &SafeTensors, name: &str, rank: usize, i: usize) -> Result<usize> {
-    let d = dims(st, name)?;
+fn dim(st: &StateSource<'_>, name: &str, rank: usize, i: usize) -> Result<usize> {
+    let d = st.shape(name)?;
     if d.len() != rank || d.contains(&0) {
         return Err(Error::invalid(format!(
             "{}: tensor `{name}` has shape {d:?}, expected {rank} non-zero dimensions",
-            st.path().display()
+            st.path()
         )));
     }
     Ok(d[i])
 }
 
-fn generator_spec(st: &SafeTensors, arch: Arch) -> Result<GeneratorSpec> {
+fn generator_spec(st: &StateSource<'_>, arch: Arch) -> Result<GeneratorSpec> {
     Ok(match arch {
         Arch::Dcgan => {
             // main.0.weight [nz, 8ngf, 4, 4], main.12.weight [ngf, nc, 4, 4]
@@ -459,7 +498,7 @@ fn generator_spec(st: &SafeTensors, arch: Arch) -> Result<GeneratorSpec> {
             if w0 % 8 != 0 {
                 return Err(Error::invalid(format!(
                     "{}: `main.0.weight` has {w0} output channels, not 8·ngf",
-                    st.path().display()
+                    st.path()
                 )));
             }
             GeneratorSpec::dcgan(nz, w0 / 8, nc)
@@ -477,7 +516,7 @@ fn generator_spec(st: &SafeTensors, arch: Arch) -> Result<GeneratorSpec> {
     })
 }
 
-fn discriminator_spec(st: &SafeTensors, arch: Arch) -> Result<DiscriminatorSpec> {
+fn discriminator_spec(st: &StateSource<'_>, arch: Arch) -> Result<DiscriminatorSpec> {
     Ok(match arch {
         Arch::Dcgan => {
             // main.0.weight [ndf, nc, 4, 4]
@@ -573,8 +612,8 @@ pub fn save_state<B: Backend>(be: &B, net: &Sequential<B>, path: &Path) -> Resul
 /// Loads every `state_dict` entry of `net` from `st`, checking names, shapes and dtypes (f32,
 /// f16 or bf16 floats; `num_batches_tracked` an integer scalar). Extra tensors are an error,
 /// as PyTorch's `load_state_dict(strict=True)`.
-pub fn load_state<B: Backend>(be: &B, net: &mut Sequential<B>, st: &SafeTensors) -> Result<()> {
-    let path = st.path().display().to_string();
+pub fn load_state<B: Backend>(be: &B, net: &mut Sequential<B>, st: &StateSource<'_>) -> Result<()> {
+    let path = st.path();
     let expected: Vec<String> = entries(net).into_iter().map(|(n, _)| n).collect();
     if let Some(extra) = st.names().find(|n| !expected.iter().any(|e| e == n)) {
         return Err(Error::invalid(format!(
@@ -582,13 +621,7 @@ pub fn load_state<B: Backend>(be: &B, net: &mut Sequential<B>, st: &SafeTensors)
         )));
     }
     let floats = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|e| match e {
-            Error::MissingTensor { .. } => Error::MissingTensor {
-                path: st.path().to_path_buf(),
-                name: name.to_string(),
-            },
-            e => e,
-        })?;
+        let t = st.tensor(name)?;
         t.expect_dims(&format!("{path}: tensor `{name}`"), shape)?;
         if !t.dtype().is_float() {
             return Err(Error::DTypeMismatch {

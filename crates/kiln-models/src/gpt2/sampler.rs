@@ -28,6 +28,20 @@ impl Rng {
         }
     }
 
+    /// The generator's whole state (to save and restore a run).
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// A generator continuing from `state` (see [`Rng::state`]). An all-zero state, which
+    /// xoshiro256** can never leave, is replaced by `Rng::new(0)`'s.
+    pub fn from_state(state: [u64; 4]) -> Self {
+        if state == [0; 4] {
+            return Rng::new(0);
+        }
+        Rng { s: state }
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
