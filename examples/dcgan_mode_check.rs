@@ -8,7 +8,12 @@ use kiln_nn::layers::Mode;
 fn main() {
     let dir = std::env::args().nth(1).unwrap();
     let be = CpuBackend::default();
-    let mut g = Generator::load(&be, &std::path::Path::new(&dir).join("generator.safetensors"), None).unwrap();
+    let mut g = Generator::load(
+        &be,
+        &std::path::Path::new(&dir).join("generator.safetensors"),
+        None,
+    )
+    .unwrap();
     let n = 512;
     let mut real = vec![0f32; n * 3 * 64 * 64];
     synthetic_batch(12345, 0, n, 64, Range::MinusOneToOne, &mut real);
@@ -24,6 +29,14 @@ fn main() {
         }
         let swd = swd_images(&real, &out, n, n, 64, Range::MinusOneToOne).unwrap();
         println!("{mode:?}: swd {swd:.4}");
-        write_grid_png(format!("/tmp/mode_{mode:?}.png").as_ref(), &out[..64 * 12288], 64, 64, Range::MinusOneToOne, None).unwrap();
+        write_grid_png(
+            format!("/tmp/mode_{mode:?}.png").as_ref(),
+            &out[..64 * 12288],
+            64,
+            64,
+            Range::MinusOneToOne,
+            None,
+        )
+        .unwrap();
     }
 }

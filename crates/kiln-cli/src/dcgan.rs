@@ -295,7 +295,7 @@ fn train(a: TrainArgs) -> Result<()> {
             "--batch must be at least 2 (batch norm needs it)",
         ));
     }
-    if !(a.lr > 0.0 && a.lr.is_finite()) || !(0.0..1.0).contains(&a.beta1) {
+    if !(a.lr > 0.0 && a.lr.is_finite() && (0.0..1.0).contains(&a.beta1)) {
         return Err(Error::invalid(format!(
             "--lr {} must be positive and --beta1 {} in [0, 1)",
             a.lr, a.beta1

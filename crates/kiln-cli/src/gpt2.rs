@@ -29,6 +29,9 @@ pub enum Gpt2Command {
     Detokenize(DetokenizeArgs),
     /// Write a randomly initialised checkpoint folder (Hub layout, tokenizer files included).
     Init(InitArgs),
+    /// Train or fine-tune on text: AdamW, warmup + cosine schedule, validation, samples,
+    /// checkpoints in the Hub layout, --resume.
+    Train(crate::gpt2_train::TrainArgs),
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +177,11 @@ pub struct InitArgs {
 
 pub fn run(cmd: Gpt2Command) -> Result<()> {
     match cmd {
+        Gpt2Command::Train(a) => {
+            let threads = a.threads;
+            check_threads(threads)?;
+            with_threads(threads, move || crate::gpt2_train::run(a))?
+        }
         Gpt2Command::Generate(a) => {
             let threads = a.threads;
             check_threads(threads)?;

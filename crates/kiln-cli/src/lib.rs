@@ -8,6 +8,7 @@ use std::process::ExitCode;
 pub mod bench;
 pub mod dcgan;
 pub mod gpt2;
+pub mod gpt2_train;
 pub mod inspect;
 pub mod plot;
 

@@ -35,17 +35,19 @@ fn default_eps() -> f32 {
 
 impl Gpt2Config {
     /// The shapes of the released GPT-2 sizes and a tiny one for tests: `124M`, `355M`, `774M`,
-    /// `1558M`, `tiny` (2 layers, 4 heads, width 64, 128 positions, the full vocabulary).
+    /// `1558M`, `mini` (4 layers, 4 heads, width 128, 256 positions) and `tiny` (2 layers, 4
+    /// heads, width 64, 128 positions), both with the full vocabulary.
     pub fn preset(size: &str) -> Result<Self> {
         let (n_layer, n_head, n_embd, n_positions) = match size.to_ascii_uppercase().as_str() {
             "124M" | "SMALL" => (12, 12, 768, 1024),
             "355M" | "MEDIUM" => (24, 16, 1024, 1024),
             "774M" | "LARGE" => (36, 20, 1280, 1024),
             "1558M" | "XL" => (48, 25, 1600, 1024),
+            "MINI" => (4, 4, 128, 256),
             "TINY" => (2, 4, 64, 128),
             _ => {
                 return Err(Error::invalid(format!(
-                    "unknown GPT-2 size `{size}` (expected 124M, 355M, 774M, 1558M or tiny)"
+                    "unknown GPT-2 size `{size}` (expected 124M, 355M, 774M, 1558M, mini or tiny)"
                 )))
             }
         };

@@ -22,13 +22,13 @@ const CHUNK: usize = 1 << 16;
 
 /// How a tensor is filled.
 #[derive(Clone, Copy, Debug)]
-enum Fill {
+pub(crate) enum Fill {
     Normal(f64),
     Const(f32),
 }
 
 /// The Hub's tensor names and shapes for `cfg`, with their init, in a fixed order.
-fn layout(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>, Fill)> {
+pub(crate) fn layout(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>, Fill)> {
     let (c, f, v, p) = (cfg.n_embd, cfg.mlp_dim(), cfg.vocab_size, cfg.n_positions);
     let std = 0.02;
     let resid = std / (2.0 * cfg.n_layer as f64).sqrt();
@@ -64,14 +64,8 @@ fn stream_seed(seed: u64, index: usize, chunk: usize) -> u64 {
     r.next_u64() ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
-/// One tensor's values in `dtype`.
-fn make_tensor(
-    index: usize,
-    shape: &[usize],
-    fill: Fill,
-    seed: u64,
-    dtype: DType,
-) -> Result<Tensor> {
+/// The f32 values of tensor `index` of the layout (shape `shape`, filled as `fill`).
+pub(crate) fn fill_values(index: usize, shape: &[usize], fill: Fill, seed: u64) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let mut vals = vec![0f32; n];
     match fill {
@@ -86,6 +80,18 @@ fn make_tensor(
                     .for_each(|v| *v = (rng.next_normal() * std) as f32);
             }),
     }
+    vals
+}
+
+/// One tensor's values in `dtype`.
+fn make_tensor(
+    index: usize,
+    shape: &[usize],
+    fill: Fill,
+    seed: u64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let vals = fill_values(index, shape, fill, seed);
     match dtype {
         DType::F32 => Tensor::from_vec(vals, shape.to_vec()),
         DType::BF16 => {

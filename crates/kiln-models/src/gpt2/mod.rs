@@ -13,7 +13,9 @@ pub mod config;
 pub mod generate;
 pub mod init;
 pub mod model;
+pub mod run;
 pub mod sampler;
+pub mod train;
 pub mod weights;
 
 pub use config::Gpt2Config;

@@ -192,6 +192,11 @@ impl<B: Backend> Gpt2Model<B> {
         &self.backend
     }
 
+    /// The backend and the weights, the latter writable (an optimiser step).
+    pub fn backend_and_weights_mut(&mut self) -> (&B, &mut Gpt2Weights<B>) {
+        (&self.backend, &mut self.weights)
+    }
+
     /// A state whose caches hold `capacity` positions (at most `n_positions`). The cache
     /// memory is allocated here, once; pages are touched only as positions are written.
     pub fn new_state(&self, capacity: usize) -> Result<Gpt2State<B>> {

@@ -234,6 +234,136 @@ impl Backend for CountingBackend {
         self.inner.softmax(&mut x.0, rows, cols)
     }
 
+    fn layer_norm_train(
+        &self,
+        x: &OpaqueBuf,
+        gamma: &OpaqueBuf,
+        beta: &OpaqueBuf,
+        y: &mut OpaqueBuf,
+        mean: &mut OpaqueBuf,
+        rstd: &mut OpaqueBuf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.inner.layer_norm_train(
+            &x.0,
+            &gamma.0,
+            &beta.0,
+            &mut y.0,
+            &mut mean.0,
+            &mut rstd.0,
+            rows,
+            dim,
+            eps,
+        )
+    }
+    fn layer_norm_backward(
+        &self,
+        x: &OpaqueBuf,
+        gamma: &OpaqueBuf,
+        mean: &OpaqueBuf,
+        rstd: &OpaqueBuf,
+        dy: &OpaqueBuf,
+        rows: usize,
+        dim: usize,
+        grads: Grads<'_, Self>,
+    ) -> Result<()> {
+        self.inner.layer_norm_backward(
+            &x.0,
+            &gamma.0,
+            &mean.0,
+            &rstd.0,
+            &dy.0,
+            rows,
+            dim,
+            inner_grads(grads),
+        )
+    }
+    fn gelu_forward(&self, x: &OpaqueBuf, y: &mut OpaqueBuf, len: usize) -> Result<()> {
+        self.inner.gelu_forward(&x.0, &mut y.0, len)
+    }
+    fn gelu_backward(
+        &self,
+        x: &OpaqueBuf,
+        dy: &OpaqueBuf,
+        dx: &mut OpaqueBuf,
+        len: usize,
+    ) -> Result<()> {
+        self.inner.gelu_backward(&x.0, &dy.0, &mut dx.0, len)
+    }
+    fn attention_train(
+        &self,
+        qkv: &OpaqueBuf,
+        out: &mut OpaqueBuf,
+        lse: &mut OpaqueBuf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.inner
+            .attention_train(&qkv.0, &mut out.0, &mut lse.0, batch, seq, heads, head_dim)
+    }
+    fn attention_backward(
+        &self,
+        qkv: &OpaqueBuf,
+        out: &OpaqueBuf,
+        dout: &OpaqueBuf,
+        lse: &OpaqueBuf,
+        dqkv: &mut OpaqueBuf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.inner.attention_backward(
+            &qkv.0,
+            &out.0,
+            &dout.0,
+            &lse.0,
+            &mut dqkv.0,
+            batch,
+            seq,
+            heads,
+            head_dim,
+        )
+    }
+    fn cross_entropy(
+        &self,
+        logits: &mut OpaqueBuf,
+        targets: &[u32],
+        rows: usize,
+        vocab: usize,
+        dscale: Option<f32>,
+    ) -> Result<f32> {
+        self.in_(targets.len());
+        self.out(1);
+        self.inner
+            .cross_entropy(&mut logits.0, targets, rows, vocab, dscale)
+    }
+    fn embedding_backward(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        dout: &OpaqueBuf,
+        dtokens: &mut OpaqueBuf,
+        dpos: &mut OpaqueBuf,
+        dim: usize,
+    ) -> Result<()> {
+        self.in_(ids.len() + positions.len());
+        self.inner
+            .embedding_backward(ids, positions, &dout.0, &mut dtokens.0, &mut dpos.0, dim)
+    }
+    fn sum_squares(&self, xs: &[&OpaqueBuf]) -> Result<f64> {
+        self.out(1);
+        let inner: Vec<&CpuBuf> = xs.iter().map(|b| &b.0).collect();
+        self.inner.sum_squares(&inner)
+    }
+    fn dropout(&self, x: &mut OpaqueBuf, len: usize, p: f32, seed: u64) -> Result<()> {
+        self.inner.dropout(&mut x.0, len, p, seed)
+    }
+
     fn conv(
         &self,
         g: &ConvGeometry,

@@ -17,15 +17,36 @@ use kiln_cpu::conv::{
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
 };
 use kiln_cpu::elementwise::activations;
-use kiln_cpu::elementwise::gelu::gelu_inplace;
+use kiln_cpu::elementwise::gelu::{self, gelu_inplace};
 use kiln_cpu::elementwise::softmax::softmax_rows_inplace;
 use kiln_cpu::gemm::{self, Epilogue, GemmOptions, MatMut, MatRef, PanelMatrix};
 use kiln_cpu::norm::batch_norm::{
     batch_norm_eval_forward, batch_norm_train_backward, batch_norm_train_forward, BnSaved,
 };
-use kiln_cpu::norm::layer_norm::layer_norm_forward;
+use kiln_cpu::norm::layer_norm::{layer_norm_backward, layer_norm_forward};
 use kiln_tensor::{convert, DType, Error, FloatElement, Result, Tensor};
 use rayon::prelude::*;
+
+/// A raw pointer that may cross threads (the writes through it are made disjoint by the caller).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint column ranges of one table to different threads.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer is only read to compute addresses.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// splitmix64's finaliser: a 64-bit mixing function (dropout masks).
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 /// A buffer of the CPU backend.
 #[derive(Clone, Debug)]
@@ -739,6 +760,258 @@ impl Backend for CpuBackend {
         softmax_rows_inplace(x, rows, cols)
     }
 
+    fn layer_norm_train(
+        &self,
+        x: &CpuBuf,
+        gamma: &CpuBuf,
+        beta: &CpuBuf,
+        y: &mut CpuBuf,
+        mean: &mut CpuBuf,
+        rstd: &mut CpuBuf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = rows
+            .checked_mul(dim)
+            .ok_or_else(|| Error::invalid("layer_norm: rows·dim overflows"))?;
+        layer_norm_forward(
+            f32s(x, "layer_norm: x", n)?,
+            f32s(gamma, "layer_norm: gamma", dim)?,
+            f32s(beta, "layer_norm: beta", dim)?,
+            rows,
+            dim,
+            eps,
+            f32s_mut(y, "layer_norm: y", n)?,
+            Some(f32s_mut(mean, "layer_norm: mean", rows)?),
+            Some(f32s_mut(rstd, "layer_norm: rstd", rows)?),
+        )
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &CpuBuf,
+        gamma: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        dy: &CpuBuf,
+        rows: usize,
+        dim: usize,
+        grads: Grads<'_, Self>,
+    ) -> Result<()> {
+        let n = rows
+            .checked_mul(dim)
+            .ok_or_else(|| Error::invalid("layer_norm: rows·dim overflows"))?;
+        let x = f32s(x, "layer_norm backward: x", n)?;
+        let gamma = f32s(gamma, "layer_norm backward: gamma", dim)?;
+        let mean = f32s(mean, "layer_norm backward: mean", rows)?;
+        let rstd = f32s(rstd, "layer_norm backward: rstd", rows)?;
+        let dy = f32s(dy, "layer_norm backward: dy", n)?;
+        // The kernel accumulates into dx, dgamma and dbeta: zeroed scratch where the caller
+        // wants them overwritten (or does not want them).
+        let mut dg = vec![0f32; dim];
+        let mut db = vec![0f32; dim];
+        match grads.dx {
+            Some(dx) => {
+                let dx = f32s_mut(dx, "layer_norm backward: dx", n)?;
+                dx.fill(0.0);
+                layer_norm_backward(dy, x, gamma, mean, rstd, rows, dim, dx, &mut dg, &mut db)?;
+            }
+            None => {
+                let mut dx = vec![0f32; n];
+                layer_norm_backward(
+                    dy, x, gamma, mean, rstd, rows, dim, &mut dx, &mut dg, &mut db,
+                )?;
+            }
+        }
+        if let Some(dw) = grads.dw {
+            store(
+                f32s_mut(dw, "layer_norm backward: dgamma", dim)?,
+                &dg,
+                grads.accumulate,
+            );
+        }
+        if let Some(dbb) = grads.db {
+            store(
+                f32s_mut(dbb, "layer_norm backward: dbeta", dim)?,
+                &db,
+                grads.accumulate,
+            );
+        }
+        Ok(())
+    }
+
+    fn gelu_forward(&self, x: &CpuBuf, y: &mut CpuBuf, len: usize) -> Result<()> {
+        gelu::gelu_forward(f32s(x, "gelu: x", len)?, f32s_mut(y, "gelu: y", len)?)
+    }
+
+    fn gelu_backward(&self, x: &CpuBuf, dy: &CpuBuf, dx: &mut CpuBuf, len: usize) -> Result<()> {
+        let dx = f32s_mut(dx, "gelu backward: dx", len)?;
+        dx.fill(0.0);
+        gelu::gelu_backward(
+            f32s(x, "gelu backward: x", len)?,
+            f32s(dy, "gelu backward: dy", len)?,
+            dx,
+        )
+    }
+
+    fn attention_train(
+        &self,
+        qkv: &CpuBuf,
+        out: &mut CpuBuf,
+        lse: &mut CpuBuf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (c, rows) = (heads * head_dim, batch * seq);
+        train_attention::forward(
+            f32s(qkv, "attention: qkv", rows * 3 * c)?,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            f32s_mut(out, "attention: out", rows * c)?,
+            f32s_mut(lse, "attention: lse", batch * heads * seq)?,
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &CpuBuf,
+        out: &CpuBuf,
+        dout: &CpuBuf,
+        lse: &CpuBuf,
+        dqkv: &mut CpuBuf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (c, rows) = (heads * head_dim, batch * seq);
+        train_attention::backward(
+            f32s(qkv, "attention backward: qkv", rows * 3 * c)?,
+            f32s(out, "attention backward: out", rows * c)?,
+            f32s(dout, "attention backward: dout", rows * c)?,
+            f32s(lse, "attention backward: lse", batch * heads * seq)?,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            f32s_mut(dqkv, "attention backward: dqkv", rows * 3 * c)?,
+        )
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut CpuBuf,
+        targets: &[u32],
+        rows: usize,
+        vocab: usize,
+        dscale: Option<f32>,
+    ) -> Result<f32> {
+        if targets.len() != rows || rows == 0 {
+            return Err(Error::invalid(format!(
+                "cross_entropy: {} targets for {rows} rows (at least one)",
+                targets.len()
+            )));
+        }
+        let mut losses = vec![0f32; rows];
+        match dscale {
+            Some(d) => {
+                let l = f32s_mut(logits, "cross_entropy: logits", rows * vocab)?;
+                train_xent::forward_backward(l, rows, vocab, targets, d, &mut losses)?
+            }
+            None => {
+                let l = f32s(logits, "cross_entropy: logits", rows * vocab)?;
+                train_xent::forward(l, rows, vocab, targets, &mut losses)?
+            }
+        }
+        Ok((losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64) as f32)
+    }
+
+    fn embedding_backward(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        dout: &CpuBuf,
+        dtokens: &mut CpuBuf,
+        dpos: &mut CpuBuf,
+        dim: usize,
+    ) -> Result<()> {
+        if ids.len() != positions.len() || dim == 0 {
+            return Err(Error::invalid(format!(
+                "embedding backward: {} ids, {} positions, width {dim}",
+                ids.len(),
+                positions.len()
+            )));
+        }
+        let dout = f32s(dout, "embedding backward: dout", ids.len() * dim)?;
+        for (name, table, idx) in [("tokens", dtokens, ids), ("positions", dpos, positions)] {
+            let len = table.len();
+            let t = f32s_mut(table, "embedding backward: table", len)?;
+            let rows = len / dim;
+            if let Some(&bad) = idx.iter().find(|&&i| i as usize >= rows) {
+                return Err(Error::invalid(format!(
+                    "embedding backward: {name} index {bad} outside a table of {rows} rows"
+                )));
+            }
+            // t[idx[i]] += dout[i], rows in order; threads take column ranges.
+            const COLS: usize = 64;
+            let ncols = dim.div_ceil(COLS);
+            let tp = SendPtr(t.as_mut_ptr());
+            (0..ncols).into_par_iter().for_each(|ci| {
+                let (c0, c1) = (ci * COLS, ((ci + 1) * COLS).min(dim));
+                for (i, &r) in idx.iter().enumerate() {
+                    let src = &dout[i * dim + c0..i * dim + c1];
+                    // SAFETY: every thread writes only columns c0..c1 of the rows; the column
+                    // ranges of different threads are disjoint and inside the table (checked
+                    // above), so no two threads touch the same element.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(tp.get().add(r as usize * dim + c0), c1 - c0)
+                    };
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, xs: &[&CpuBuf]) -> Result<f64> {
+        let mut total = 0f64;
+        for x in xs {
+            let v = f32s(x, "sum_squares", x.len())?;
+            let parts: Vec<f64> = v
+                .par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>())
+                .collect();
+            total += parts.iter().sum::<f64>();
+        }
+        Ok(total)
+    }
+
+    fn dropout(&self, x: &mut CpuBuf, len: usize, p: f32, seed: u64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::invalid(format!(
+                "dropout: p = {p} must be in [0, 1)"
+            )));
+        }
+        let scale = 1.0 / (1.0 - p);
+        // Keep element i when its 24-bit hash is ≥ p·2²⁴.
+        let threshold = (p as f64 * (1u64 << 24) as f64) as u64;
+        f32s_mut(x, "dropout", len)?
+            .par_chunks_mut(1 << 14)
+            .enumerate()
+            .for_each(|(ci, c)| {
+                for (j, v) in c.iter_mut().enumerate() {
+                    let h = mix64(seed ^ mix64((ci << 14 | j) as u64)) >> 40;
+                    *v = if h >= threshold { *v * scale } else { 0.0 };
+                }
+            });
+        Ok(())
+    }
+
     fn conv(
         &self,
         g: &ConvGeometry,
@@ -1109,6 +1382,216 @@ fn conv_bwd<W: FloatElement>(
         conv_transpose2d_backward(g, x, w, dy, dx, dw, db)
     } else {
         conv2d_backward(g, x, w, dy, dx, dw, db)
+    }
+}
+
+/// Causal attention of whole sequences for training, straight from its definition (one query
+/// row at a time, scores in f32 with the max subtracted).
+mod train_attention {
+    use kiln_tensor::{Error, Result};
+    use rayon::prelude::*;
+
+    fn check(batch: usize, seq: usize, heads: usize, d: usize) -> Result<()> {
+        if batch == 0 || seq == 0 || heads == 0 || d == 0 {
+            return Err(Error::invalid(format!(
+                "attention: empty shape (batch {batch}, seq {seq}, heads {heads}, head_dim {d})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `out`, `lse` of causal attention over `qkv [B·T, 3C]`.
+    pub fn forward(
+        qkv: &[f32],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        d: usize,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check(batch, seq, heads, d)?;
+        let c = heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        // One task per (b, h): rows of out are written per head, so gather per task and
+        // scatter after.
+        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / heads, bh % heads);
+                let row = |t: usize, part: usize| {
+                    let o = (b * seq + t) * 3 * c + part * c + h * d;
+                    &qkv[o..o + d]
+                };
+                let mut o = vec![0f32; seq * d];
+                let mut l = vec![0f32; seq];
+                let mut s = vec![0f32; seq];
+                for i in 0..seq {
+                    let q = row(i, 0);
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, sj) in s.iter_mut().enumerate().take(i + 1) {
+                        *sj = q.iter().zip(row(j, 1)).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        m = m.max(*sj);
+                    }
+                    let mut z = 0f32;
+                    for sj in s.iter_mut().take(i + 1) {
+                        *sj = (*sj - m).exp();
+                        z += *sj;
+                    }
+                    let oi = &mut o[i * d..(i + 1) * d];
+                    for (j, &p) in s.iter().enumerate().take(i + 1) {
+                        for (ov, &vv) in oi.iter_mut().zip(row(j, 2)) {
+                            *ov += p / z * vv;
+                        }
+                    }
+                    l[i] = m + z.ln();
+                }
+                (o, l)
+            })
+            .collect();
+        for (bh, (o, l)) in results.into_iter().enumerate() {
+            let (b, h) = (bh / heads, bh % heads);
+            for t in 0..seq {
+                let dst = (b * seq + t) * c + h * d;
+                out[dst..dst + d].copy_from_slice(&o[t * d..(t + 1) * d]);
+            }
+            lse[bh * seq..(bh + 1) * seq].copy_from_slice(&l);
+        }
+        Ok(())
+    }
+
+    /// `dqkv` from `dout`, recomputing `P = exp(s − lse)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        qkv: &[f32],
+        out: &[f32],
+        dout: &[f32],
+        lse: &[f32],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        d: usize,
+        dqkv: &mut [f32],
+    ) -> Result<()> {
+        check(batch, seq, heads, d)?;
+        let c = heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let results: Vec<Vec<f32>> = (0..batch * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / heads, bh % heads);
+                let row = |t: usize, part: usize| {
+                    let o = (b * seq + t) * 3 * c + part * c + h * d;
+                    &qkv[o..o + d]
+                };
+                let orow = |src: &'_ [f32], t: usize| -> Vec<f32> {
+                    let o = (b * seq + t) * c + h * d;
+                    src[o..o + d].to_vec()
+                };
+                // [T, 3, D]: dq, dk, dv of this head.
+                let mut g = vec![0f32; seq * 3 * d];
+                for i in 0..seq {
+                    let q = row(i, 0);
+                    let (oi, doi) = (orow(out, i), orow(dout, i));
+                    let dl: f32 = oi.iter().zip(&doi).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        let k = row(j, 1);
+                        let v = row(j, 2);
+                        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        let p = (s - lse[bh * seq + i]).exp();
+                        let dp: f32 = doi.iter().zip(v).map(|(a, b)| a * b).sum();
+                        let ds = p * (dp - dl) * scale;
+                        for e in 0..d {
+                            g[(i * 3) * d + e] += ds * k[e];
+                            g[(j * 3 + 1) * d + e] += ds * q[e];
+                            g[(j * 3 + 2) * d + e] += p * doi[e];
+                        }
+                    }
+                }
+                g
+            })
+            .collect();
+        for (bh, g) in results.into_iter().enumerate() {
+            let (b, h) = (bh / heads, bh % heads);
+            for t in 0..seq {
+                for part in 0..3 {
+                    let dst = (b * seq + t) * 3 * c + part * c + h * d;
+                    dqkv[dst..dst + d]
+                        .copy_from_slice(&g[(t * 3 + part) * d..(t * 3 + part + 1) * d]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cross-entropy of rows of logits, fused with its gradient.
+mod train_xent {
+    use kiln_tensor::{Error, Result};
+    use rayon::prelude::*;
+
+    fn check(rows: usize, vocab: usize, targets: &[u32], len: usize) -> Result<()> {
+        if vocab == 0 || len < rows * vocab {
+            return Err(Error::invalid(format!(
+                "cross_entropy: {len} logits for {rows} rows of {vocab}"
+            )));
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "cross_entropy: target {t} outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(max, Σ exp(x − max))` of a row.
+    fn stats(row: &[f32]) -> (f32, f32) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        (m, row.iter().map(|&x| (x - m).exp()).sum())
+    }
+
+    pub fn forward(
+        logits: &[f32],
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        losses: &mut [f32],
+    ) -> Result<()> {
+        check(rows, vocab, targets, logits.len())?;
+        losses
+            .par_iter_mut()
+            .zip(logits.par_chunks(vocab))
+            .zip(targets.par_iter())
+            .for_each(|((l, row), &t)| {
+                let (m, z) = stats(row);
+                *l = m + z.ln() - row[t as usize];
+            });
+        Ok(())
+    }
+
+    pub fn forward_backward(
+        logits: &mut [f32],
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        dscale: f32,
+        losses: &mut [f32],
+    ) -> Result<()> {
+        check(rows, vocab, targets, logits.len())?;
+        losses
+            .par_iter_mut()
+            .zip(logits[..rows * vocab].par_chunks_mut(vocab))
+            .zip(targets.par_iter())
+            .for_each(|((l, row), &t)| {
+                let (m, z) = stats(row);
+                *l = m + z.ln() - row[t as usize];
+                let inv = 1.0 / z;
+                for x in row.iter_mut() {
+                    *x = (*x - m).exp() * inv * dscale;
+                }
+                row[t as usize] -= dscale;
+            });
+        Ok(())
     }
 }
 

@@ -380,6 +380,124 @@ pub trait Backend: Send + Sync + Sized {
     /// Row-wise softmax of `x [rows, cols]`, in place.
     fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
 
+    // ---- transformer training ----
+
+    /// [`Backend::layer_norm`] that also saves each row's `mean` and `rstd = 1/√(var + eps)`
+    /// (`[rows]` each) for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_train(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::layer_norm_train`] from `dy [rows, dim]`: with `x̂ = (x − mean)·rstd`
+    /// and `g = gamma·dy`, `dx = (g − mean(g) − x̂·mean(g·x̂))·rstd`, `dgamma` (as `dw`)
+    /// `= Σ_rows dy·x̂`, `dbeta` (as `db`) `= Σ_rows dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dy: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        grads: Grads<'_, Self>,
+    ) -> Result<()>;
+
+    /// `y[..len] = gelu_tanh(x[..len])` (`x` kept for the backward pass).
+    fn gelu_forward(&self, x: &Self::Buf, y: &mut Self::Buf, len: usize) -> Result<()>;
+
+    /// `dx[..len] = gelu_tanh'(x)·dy`.
+    fn gelu_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        len: usize,
+    ) -> Result<()>;
+
+    /// Causal self-attention of `batch` whole sequences of `seq` positions, for training:
+    /// `qkv [batch·seq, 3·C]` (as [`Backend::attention`] lays it out, `C = heads·head_dim`) →
+    /// `out [batch·seq, C]`, and each query row's log-sum-exp of its scaled scores
+    /// `lse [batch, heads, seq]` for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_train(
+        &self,
+        qkv: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::attention_train`] from `dout [batch·seq, C]`: `dqkv [batch·seq,
+    /// 3·C]` (overwritten), recomputing the probabilities from `qkv` and `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        lse: &Self::Buf,
+        dqkv: &mut Self::Buf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// Mean cross-entropy of the softmax of `logits [rows, vocab]` against `targets` (host ids,
+    /// one per row); comes back to the host. With `dscale`, each row of `logits` is overwritten
+    /// by `(softmax − onehot(target))·dscale` — the gradient, in place, with no separate
+    /// probability tensor.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &[u32],
+        rows: usize,
+        vocab: usize,
+        dscale: Option<f32>,
+    ) -> Result<f32>;
+
+    /// Backward of [`Backend::embedding`]: `dtokens[ids[i]] += dout[i]`,
+    /// `dpos[positions[i]] += dout[i]` (accumulates, rows in order).
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        dout: &Self::Buf,
+        dtokens: &mut Self::Buf,
+        dpos: &mut Self::Buf,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// `Σ x²` over every element of every buffer (in order, f64 sums): one scalar back to the
+    /// host. The global gradient norm is its square root.
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> Result<f64>;
+
+    /// Inverted dropout in place: each element of `x[..len]` is zeroed with probability `p` and
+    /// the others scaled by `1/(1 − p)`; the mask is a pure function of `(seed, element)`, so
+    /// [`Backend::dropout_backward`] with the same seed applies the same mask.
+    fn dropout(&self, x: &mut Self::Buf, len: usize, p: f32, seed: u64) -> Result<()>;
+
+    /// The gradient of [`Backend::dropout`]: the same mask and scale applied to `dy` in place.
+    fn dropout_backward(&self, dy: &mut Self::Buf, len: usize, p: f32, seed: u64) -> Result<()> {
+        self.dropout(dy, len, p, seed)
+    }
+
     // ---- convolutional nets ----
 
     /// A convolution (`g.transposed` false: `x` is the image side `[N, Cb, Hb, Wb]`, `y` the
