@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Continue the run saved in --out (bit-identical to never having stopped).
     #[arg(long)]
     pub resume: bool,
+    /// Stop after this step (checkpoint written) although the schedule runs to --steps:
+    /// training in slices, continued with --resume.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
     /// No progress bar (a line per evaluation instead).
     #[arg(long)]
     pub quiet: bool,
@@ -275,7 +279,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         let step = run.step();
         let last = run.done();
-        let stopping = stop.load(Ordering::SeqCst);
+        let stopping = stop.load(Ordering::SeqCst) || a.stop_after.is_some_and(|s| step >= s);
         let val = if step % a.eval_every == 0 || last {
             run.val_loss(a.eval_batches)?
         } else {

@@ -311,6 +311,12 @@ impl<B: Backend> TrainRun<B> {
             return Err(Error::invalid("--lr and --min-lr must be finite and ≥ 0"));
         }
         let state_path = out.join(STATE_FILE);
+        if out.exists() && !out.is_dir() {
+            return Err(Error::invalid(format!(
+                "--out {}: not a folder",
+                out.display()
+            )));
+        }
         if !resume && (state_path.exists() || out.join(MODEL_FILE).exists()) {
             return Err(Error::invalid(format!(
                 "{} already holds a model: pass --resume to continue its run, or choose another \
@@ -466,6 +472,7 @@ impl<B: Backend> TrainRun<B> {
                 }
             }
         }
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let total_steps = opts.steps;
         Ok(TrainRun {
             trainer,
