@@ -208,6 +208,8 @@ trait Tiles: Sync {
         w: usize,
         scratch: &'s mut [f32],
     ) -> (&'s [f32], usize);
+    /// Hints the source of the tile at rows `p0 .. p0 + r`, columns `j0 .. j0 + w` into cache.
+    fn prefetch(&self, p0: usize, r: usize, j0: usize, w: usize);
 }
 
 /// A row-major B (`col_stride == 1`, or one column).
@@ -250,6 +252,19 @@ impl<TB: FloatElement> Tiles for Dense<'_, TB> {
         }
         (&scratch[..r * w], w)
     }
+    fn prefetch(&self, p0: usize, r: usize, j0: usize, w: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.b.col_stride == 1 {
+            let elem = std::mem::size_of::<TB>();
+            let start = self
+                .b
+                .data
+                .as_ptr()
+                .wrapping_add(p0 * self.b.row_stride + j0) as *const u8;
+            x86::prefetch_rows(start, r, self.b.row_stride * elem, w * elem);
+        }
+        let _ = (p0, r, j0, w);
+    }
 }
 
 /// B in column panels.
@@ -285,6 +300,19 @@ impl<T: FloatElement> Tiles for Panels<'_, T> {
             }
         }
         (&scratch[..r * w], w)
+    }
+    fn prefetch(&self, p0: usize, r: usize, j0: usize, w: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (k, elem) = (self.b.rows(), std::mem::size_of::<T>());
+            let data = self.b.as_slice().as_ptr();
+            for c in (0..w).step_by(PANEL) {
+                let q = (j0 + c) / PANEL;
+                let start = data.wrapping_add(q * k * PANEL + p0 * PANEL) as *const u8;
+                x86::prefetch_rows(start, 1, 0, r * PANEL * elem);
+            }
+        }
+        let _ = (p0, r, j0, w);
     }
 }
 
@@ -335,10 +363,11 @@ fn row_chains<S: Tiles>(
         let mut p = depth.start;
         while p < depth.end {
             let r = TILE_DEPTH.min(depth.end - p);
-            let (tile, ts) = src.tile(p, r, j0, w, &mut scratch);
-            for (i, a) in acc.chunks_exact_mut(w).enumerate() {
-                chain_tile(micro, &xs[i * k + p..i * k + p + r], tile, ts, a);
+            if p + r < depth.end {
+                src.prefetch(p + r, TILE_DEPTH.min(depth.end - p - r), j0, w);
             }
+            let (tile, ts) = src.tile(p, r, j0, w, &mut scratch);
+            chain_tile(micro, xs, k, p, r, tile, ts, &mut acc, w);
             p += r;
         }
         acc
@@ -357,37 +386,86 @@ fn row_chains<S: Tiles>(
     }
 }
 
-/// One chain step over a tile: `acc[j] ← acc[j] ⊕ x[q]·tile[q, j]` for `q = 0 .. x.len()` in
-/// order, `j < acc.len()`, tile row `q` at `q·ts`. [`Micro::Plain`] is the plain-Rust path's
-/// `acc + x·b` (two roundings); the SIMD kernels are FMAs.
-fn chain_tile(micro: Micro, x: &[f32], tile: &[f32], ts: usize, acc: &mut [f32]) {
-    let (r, w) = (x.len(), acc.len());
-    assert!(r > 0 && tile.len() >= (r - 1) * ts + w);
+/// Rows of A per register block of the AVX-512 chain kernel (four 16-lane accumulators each,
+/// 24 of the 32 registers) and of the AVX2 one (two 8-lane accumulators each).
+const GROUP_512: usize = 6;
+const GROUP_256: usize = 4;
+
+/// One chain step over a tile for every row: `acc_i[j] ← acc_i[j] ⊕ x_i[p0 + q]·tile[q, j]` for
+/// `q = 0 .. r` in order, `j < w`, tile row `q` at `q·ts`, `x_i` at `xs[i·k ..]`, `acc_i` at
+/// `acc[i·w ..]`. [`Micro::Plain`] is the plain-Rust path's `acc + x·b` (two roundings), the
+/// others FMAs.
+#[allow(clippy::too_many_arguments)]
+fn chain_tile(
+    micro: Micro,
+    xs: &[f32],
+    k: usize,
+    p0: usize,
+    r: usize,
+    tile: &[f32],
+    ts: usize,
+    acc: &mut [f32],
+    w: usize,
+) {
+    let m = acc.len() / w;
+    assert!(r > 0 && tile.len() >= (r - 1) * ts + w && xs.len() >= m * k && p0 + r <= k);
     match micro {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: tile rows q < r hold w elements at q·ts (asserted above), x has r and acc w
-        // elements; `Micro::pick` checked the CPU features.
-        Micro::Avx512 => unsafe {
-            x86::chain_512(r, x.as_ptr(), tile.as_ptr(), ts, acc.as_mut_ptr(), w)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Micro::Avx2 => unsafe {
-            x86::chain_256(r, x.as_ptr(), tile.as_ptr(), ts, acc.as_mut_ptr(), w)
-        },
-        Micro::Plain => {
-            for (q, &xq) in x.iter().enumerate() {
-                let row = &tile[q * ts..q * ts + w];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += xq * v;
+        Micro::Avx512 | Micro::Avx2 => {
+            let group = if micro == Micro::Avx512 {
+                GROUP_512
+            } else {
+                GROUP_256
+            };
+            let mut i = 0;
+            while i < m {
+                let g = group.min(m - i);
+                let xp = |t: usize| xs[(i + t) * k + p0..].as_ptr();
+                let ap = acc[i * w..].as_mut_ptr();
+                macro_rules! run {
+                    ($f:ident, $g:literal) => {{
+                        let x: [*const f32; $g] = std::array::from_fn(xp);
+                        let a: [*mut f32; $g] = std::array::from_fn(|t| ap.wrapping_add(t * w));
+                        // SAFETY: rows i .. i+g of xs have r elements from p0 and of acc w
+                        // elements (asserted above); tile rows q < r hold w elements at q·ts;
+                        // `Micro::pick` checked the CPU features.
+                        unsafe { x86::$f::<$g>(r, x, tile.as_ptr(), ts, a, w) }
+                    }};
                 }
+                if micro == Micro::Avx512 {
+                    match g {
+                        6 => run!(chain_512, 6),
+                        5 => run!(chain_512, 5),
+                        4 => run!(chain_512, 4),
+                        3 => run!(chain_512, 3),
+                        2 => run!(chain_512, 2),
+                        _ => run!(chain_512, 1),
+                    }
+                } else {
+                    match g {
+                        4 => run!(chain_256, 4),
+                        3 => run!(chain_256, 3),
+                        2 => run!(chain_256, 2),
+                        _ => run!(chain_256, 1),
+                    }
+                }
+                i += g;
             }
         }
-        Micro::PlainFma => {
-            for (q, &xq) in x.iter().enumerate() {
-                let row = &tile[q * ts..q * ts + w];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a = xq.mul_add(v, *a);
+        Micro::Plain | Micro::PlainFma => {
+            for (i, a) in acc.chunks_exact_mut(w).enumerate() {
+                let x = &xs[i * k + p0..i * k + p0 + r];
+                for (q, &xq) in x.iter().enumerate() {
+                    let row = &tile[q * ts..q * ts + w];
+                    if micro == Micro::Plain {
+                        for (a, &v) in a.iter_mut().zip(row) {
+                            *a += xq * v;
+                        }
+                    } else {
+                        for (a, &v) in a.iter_mut().zip(row) {
+                            *a = xq.mul_add(v, *a);
+                        }
+                    }
                 }
             }
         }
@@ -521,40 +599,54 @@ fn dots(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `acc[j] = fma(x[q], b[q·bs + j], acc[j])` for `q < r` in order, `j < w`: 128 columns
-    /// (eight accumulators) at a time, then 16, the last `w mod 16` masked.
+    /// `acc[t][j] = fma(x[t][q], b[q·bs + j], acc[t][j])` for `q < r` in order, `j < w`, for
+    /// the `G` rows `t` at once: 64 columns (four 16-lane registers per row) at a time, each
+    /// tile row loaded once into registers for all `G` rows, then 16 columns at a time, the last
+    /// `w mod 16` masked. Each element's FMAs are those of the M = 1 chain, in its order.
     ///
     /// # Safety
-    /// `x` has `r`, `acc` `w` elements; rows `q < r` of `b` have `w` readable elements at
-    /// `q·bs`; the CPU has AVX-512F.
+    /// Each `x[t]` has `r`, each `acc[t]` `w` elements; rows `q < r` of `b` have `w` readable
+    /// elements at `q·bs`; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn chain_512(
+    pub unsafe fn chain_512<const G: usize>(
         r: usize,
-        x: *const f32,
+        x: [*const f32; G],
         b: *const f32,
         bs: usize,
-        acc: *mut f32,
+        acc: [*mut f32; G],
         w: usize,
     ) {
         // SAFETY (whole body): accesses at q < r, j < w (masked past w), the contract above.
         unsafe {
             let mut j = 0;
-            while j + 128 <= w {
-                let mut a = [_mm512_setzero_ps(); 8];
-                for (c, v) in a.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(acc.add(j + 16 * c));
-                }
-                for q in 0..r {
-                    let xv = _mm512_set1_ps(*x.add(q));
-                    let row = b.add(q * bs + j);
-                    for (c, v) in a.iter_mut().enumerate() {
-                        *v = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16 * c)), *v);
+            while j + 64 <= w {
+                let mut a = [[_mm512_setzero_ps(); 4]; G];
+                for t in 0..G {
+                    for c in 0..4 {
+                        a[t][c] = _mm512_loadu_ps(acc[t].add(j + 16 * c));
                     }
                 }
-                for (c, v) in a.iter().enumerate() {
-                    _mm512_storeu_ps(acc.add(j + 16 * c), *v);
+                for q in 0..r {
+                    let row = b.add(q * bs + j);
+                    let bv = [
+                        _mm512_loadu_ps(row),
+                        _mm512_loadu_ps(row.add(16)),
+                        _mm512_loadu_ps(row.add(32)),
+                        _mm512_loadu_ps(row.add(48)),
+                    ];
+                    for t in 0..G {
+                        let xv = _mm512_set1_ps(*x[t].add(q));
+                        for c in 0..4 {
+                            a[t][c] = _mm512_fmadd_ps(xv, bv[c], a[t][c]);
+                        }
+                    }
                 }
-                j += 128;
+                for t in 0..G {
+                    for c in 0..4 {
+                        _mm512_storeu_ps(acc[t].add(j + 16 * c), a[t][c]);
+                    }
+                }
+                j += 64;
             }
             while j < w {
                 let left = w - j;
@@ -563,66 +655,100 @@ mod x86 {
                 } else {
                     (1u16 << left) - 1
                 };
-                let mut a = _mm512_maskz_loadu_ps(mask, acc.add(j));
+                let mut a = [_mm512_setzero_ps(); G];
+                for t in 0..G {
+                    a[t] = _mm512_maskz_loadu_ps(mask, acc[t].add(j));
+                }
                 for q in 0..r {
                     let v = _mm512_maskz_loadu_ps(mask, b.add(q * bs + j));
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(q)), v, a);
+                    for t in 0..G {
+                        a[t] = _mm512_fmadd_ps(_mm512_set1_ps(*x[t].add(q)), v, a[t]);
+                    }
                 }
-                _mm512_mask_storeu_ps(acc.add(j), mask, a);
+                for t in 0..G {
+                    _mm512_mask_storeu_ps(acc[t].add(j), mask, a[t]);
+                }
                 j += 16;
             }
         }
     }
 
-    /// [`chain_512`] on AVX2: 64 columns at a time, then 8, the last `w mod 8` by scalar FMA.
+    /// [`chain_512`] on AVX2: 16 columns (two 8-lane registers per row) at a time, then 8, the
+    /// last `w mod 8` by scalar FMA.
     ///
     /// # Safety
     /// As [`chain_512`], with AVX2 and FMA instead of AVX-512F.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn chain_256(
+    pub unsafe fn chain_256<const G: usize>(
         r: usize,
-        x: *const f32,
+        x: [*const f32; G],
         b: *const f32,
         bs: usize,
-        acc: *mut f32,
+        acc: [*mut f32; G],
         w: usize,
     ) {
         // SAFETY (whole body): accesses at q < r, j < w, the contract above.
         unsafe {
             let mut j = 0;
-            while j + 64 <= w {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for (c, v) in a.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(acc.add(j + 8 * c));
-                }
-                for q in 0..r {
-                    let xv = _mm256_set1_ps(*x.add(q));
-                    let row = b.add(q * bs + j);
-                    for (c, v) in a.iter_mut().enumerate() {
-                        *v = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row.add(8 * c)), *v);
+            while j + 16 <= w {
+                let mut a = [[_mm256_setzero_ps(); 2]; G];
+                for t in 0..G {
+                    for c in 0..2 {
+                        a[t][c] = _mm256_loadu_ps(acc[t].add(j + 8 * c));
                     }
                 }
-                for (c, v) in a.iter().enumerate() {
-                    _mm256_storeu_ps(acc.add(j + 8 * c), *v);
+                for q in 0..r {
+                    let row = b.add(q * bs + j);
+                    let bv = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
+                    for t in 0..G {
+                        let xv = _mm256_set1_ps(*x[t].add(q));
+                        for c in 0..2 {
+                            a[t][c] = _mm256_fmadd_ps(xv, bv[c], a[t][c]);
+                        }
+                    }
                 }
-                j += 64;
+                for t in 0..G {
+                    for c in 0..2 {
+                        _mm256_storeu_ps(acc[t].add(j + 8 * c), a[t][c]);
+                    }
+                }
+                j += 16;
             }
             while j + 8 <= w {
-                let mut a = _mm256_loadu_ps(acc.add(j));
-                for q in 0..r {
-                    let v = _mm256_loadu_ps(b.add(q * bs + j));
-                    a = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(q)), v, a);
+                for t in 0..G {
+                    let mut a = _mm256_loadu_ps(acc[t].add(j));
+                    for q in 0..r {
+                        let v = _mm256_loadu_ps(b.add(q * bs + j));
+                        a = _mm256_fmadd_ps(_mm256_set1_ps(*x[t].add(q)), v, a);
+                    }
+                    _mm256_storeu_ps(acc[t].add(j), a);
                 }
-                _mm256_storeu_ps(acc.add(j), a);
                 j += 8;
             }
             while j < w {
-                let mut a = *acc.add(j);
-                for q in 0..r {
-                    a = (*x.add(q)).mul_add(*b.add(q * bs + j), a);
+                for t in 0..G {
+                    let mut a = *acc[t].add(j);
+                    for q in 0..r {
+                        a = (*x[t].add(q)).mul_add(*b.add(q * bs + j), a);
+                    }
+                    *acc[t].add(j) = a;
                 }
-                *acc.add(j) = a;
                 j += 1;
+            }
+        }
+    }
+
+    /// Prefetch hints for `rows` rows of `bytes` bytes each, `stride` bytes apart, from `p`
+    /// (a hint only: never faults, whatever the address).
+    #[inline]
+    pub fn prefetch_rows(p: *const u8, rows: usize, stride: usize, bytes: usize) {
+        for q in 0..rows {
+            let row = p.wrapping_add(q * stride);
+            let mut o = 0;
+            while o < bytes {
+                // SAFETY: prefetch is a hint and does not fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(o) as *const i8) };
+                o += 64;
             }
         }
     }
