@@ -8,6 +8,8 @@ use std::process::ExitCode;
 pub mod bench;
 pub mod gpt2;
 pub mod inspect;
+pub mod request;
+pub mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,9 @@ pub enum Command {
     /// Kernel benchmarks: GFLOP/s or GB/s and the fraction of this machine's measured peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve GPT-2 over HTTP with the OpenAI API (completions, chat, streaming), decoding
+    /// concurrent requests together.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -38,6 +43,7 @@ pub fn run(cli: Cli) -> kiln_tensor::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Gpt2(cmd) => gpt2::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
