@@ -78,7 +78,10 @@ impl<'a> Fields<'a> {
     pub fn f64(&self, name: &str) -> Result<Option<f64>, ApiError> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| Self::wrong(name, "a number", v)),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| Self::wrong(name, "a number", v)),
         }
     }
     pub fn i64(&self, name: &str) -> Result<Option<i64>, ApiError> {
@@ -252,7 +255,11 @@ pub fn prompts(f: &Fields<'_>) -> Result<Vec<Prompt>, ApiError> {
     };
     let ids = |a: &Vec<Value>| -> Option<Vec<u32>> {
         a.iter()
-            .map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32))
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+            })
             .collect()
     };
     let v = f

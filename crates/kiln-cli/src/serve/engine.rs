@@ -212,11 +212,15 @@ impl Scheduler {
             if !self.admit() {
                 break;
             }
-            self.metrics.running.store(self.live.len(), Ordering::Relaxed);
+            self.metrics
+                .running
+                .store(self.live.len(), Ordering::Relaxed);
             if !self.live.is_empty() {
                 self.decode_step();
             }
-            self.metrics.running.store(self.live.len(), Ordering::Relaxed);
+            self.metrics
+                .running
+                .store(self.live.len(), Ordering::Relaxed);
         }
         // The channel is closed: the server is going away.
         for l in self.live.drain(..) {
@@ -342,17 +346,19 @@ impl Scheduler {
         let gpt2 = self.gpt2.clone();
         let live = &mut self.live;
         let logits = &mut self.logits;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> kiln_tensor::Result<Vec<f32>> {
-            let mut all = Vec::with_capacity(bsz * v);
-            // Chunks of at most FEW_ROWS sequences: within one, each row is its own product.
-            for chunk in live.chunks_mut(kiln_cpu::gemm::FEW_ROWS) {
-                let ids: Vec<u32> = chunk.iter().map(|l| l.next).collect();
-                let mut states: Vec<&mut Gpt2State> = chunk.iter_mut().map(|l| &mut l.state).collect();
-                gpt2.model.forward_batch(&ids, &mut states, logits)?;
-                all.extend_from_slice(logits);
-            }
-            Ok(all)
-        }));
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| -> kiln_tensor::Result<Vec<f32>> {
+                let mut all = Vec::with_capacity(bsz * v);
+                // Chunks of at most FEW_ROWS sequences: within one, each row is its own product.
+                for chunk in live.chunks_mut(kiln_cpu::gemm::FEW_ROWS) {
+                    let ids: Vec<u32> = chunk.iter().map(|l| l.next).collect();
+                    let mut states: Vec<&mut Gpt2State> =
+                        chunk.iter_mut().map(|l| &mut l.state).collect();
+                    gpt2.model.forward_batch(&ids, &mut states, logits)?;
+                    all.extend_from_slice(logits);
+                }
+                Ok(all)
+            }));
         let mut all = match result {
             Ok(Ok(all)) => all,
             Ok(Err(e)) => return self.fail_all(e.to_string()),
@@ -403,7 +409,10 @@ impl Scheduler {
                 .metrics
                 .ttft
                 .observe(now.duration_since(l.started).as_secs_f64()),
-            Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .itl
+                .observe(now.duration_since(t).as_secs_f64()),
         }
         l.last_token = Some(now);
         if id == EOT {
@@ -448,7 +457,11 @@ impl Scheduler {
             return self.done(l, Finish::Stop);
         }
         // Hold back the longest end of the text that could begin a stop string.
-        let keep = if last { 0 } else { stop_prefix_len(&l.held, &l.req.stop) };
+        let keep = if last {
+            0
+        } else {
+            stop_prefix_len(&l.held, &l.req.stop)
+        };
         let cut = l.held.len() - keep;
         let text: String = l.held.drain(..cut).collect();
         let sent = l.req.events.send(Event::Token {

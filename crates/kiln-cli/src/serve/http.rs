@@ -82,10 +82,7 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             Err(p) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
-                format!(
-                    "internal error: {}",
-                    super::engine::panic_message(&p)
-                ),
+                format!("internal error: {}", super::engine::panic_message(&p)),
             )
             .into_response(),
         }
@@ -429,7 +426,12 @@ fn prompt_logprobs(gpt2: &Gpt2, ids: &[u32], top: usize) -> Option<Vec<TokenLogp
         }
         let row = &logits[(t - 1) * v..t * v];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + row.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+        let lse = max
+            + row
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln() as f32;
         let mut order: Vec<u32> = (0..v as u32).collect();
         let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
         let mut tops = Vec::new();

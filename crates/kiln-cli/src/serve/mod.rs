@@ -70,7 +70,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         return Err(Error::invalid("--threads must be at least 1"));
     }
     if a.max_batch == 0 || a.max_queue == 0 {
-        return Err(Error::invalid("--max-batch and --max-queue must be at least 1"));
+        return Err(Error::invalid(
+            "--max-batch and --max-queue must be at least 1",
+        ));
     }
     if !(a.timeout_secs.is_finite() && a.timeout_secs > 0.0)
         || !(a.shutdown_secs.is_finite() && a.shutdown_secs >= 0.0)
@@ -234,13 +236,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
