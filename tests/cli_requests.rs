@@ -93,15 +93,15 @@ fn sampling_flags_take_negative_numbers_to_their_range_checks() {
         (
             "--temperature",
             "-1",
-            "temperature must be a finite number ≥ 0, got -1",
+            "--temperature must be a finite number ≥ 0, got -1",
         ),
-        ("--top-p", "-0.5", "top_p must be in (0, 1], got -0.5"),
-        ("--top-p", "0", "top_p must be in (0, 1], got 0"),
-        ("--top-k", "-3", "top_k must be an integer ≥ 0"),
+        ("--top-p", "-0.5", "--top-p must be in (0, 1], got -0.5"),
+        ("--top-p", "0", "--top-p must be in (0, 1], got 0"),
+        ("--top-k", "-3", "--top-k must be an integer ≥ 0"),
         (
             "--repetition-penalty",
             "-2",
-            "repetition_penalty must be a finite number > 0",
+            "--repetition-penalty must be a finite number > 0",
         ),
     ] {
         let err = fails_quietly(&[

@@ -36,9 +36,17 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// On the command line a message that starts with the field names the flag instead
+/// (`top_p must be …` → `--top-p must be …`).
 impl From<FieldError> for kiln_tensor::Error {
     fn from(e: FieldError) -> Self {
-        kiln_tensor::Error::invalid(e.message)
+        let msg = match e.message.strip_prefix(e.param) {
+            Some(rest) if rest.starts_with(' ') => {
+                format!("--{}{rest}", e.param.replace('_', "-"))
+            }
+            _ => e.message,
+        };
+        kiln_tensor::Error::invalid(msg)
     }
 }
 
@@ -118,9 +126,9 @@ pub fn check_context(
         return Err(FieldError {
             param: "max_tokens",
             message: format!(
-                "this model's context is {n_positions} tokens, but {total} were requested \
-                 ({prompt_tokens} in the prompt + {max_tokens} to generate); shorten the prompt \
-                 or ask for fewer tokens"
+                "this model's context of {n_positions} tokens is exceeded: {total} were \
+                 requested ({prompt_tokens} in the prompt + {max_tokens} to generate); shorten \
+                 the prompt or ask for fewer tokens"
             ),
             code: Some("context_length_exceeded"),
         });
