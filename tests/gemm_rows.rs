@@ -44,6 +44,7 @@ enum Layout {
 }
 
 /// `C = A·B` (then `opts`) with `isa`, for B `k × n` given row-major in `b`, in `layout`.
+#[allow(clippy::too_many_arguments)]
 fn product<T: FloatElement>(
     isa: Isa,
     layout: Layout,

@@ -221,7 +221,7 @@ fn mixed_request(i: usize) -> Value {
         "model": "gpt2",
         "prompt": prompts[i % prompts.len()],
         "max_tokens": 4 + (i * 7) % 37,
-        "stream": i % 3 == 0,
+        "stream": i.is_multiple_of(3),
     });
     match i % 4 {
         0 => body["temperature"] = json!(0),

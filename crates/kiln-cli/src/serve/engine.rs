@@ -95,14 +95,14 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Queues the sequences of one request, all or none: `Err(())` when the queue has no room
-    /// for them.
-    pub fn submit(&self, seqs: Vec<SeqRequest>) -> Result<(), ()> {
+    /// Queues the sequences of one request, all or none: false when the queue has no room for
+    /// them.
+    pub fn submit(&self, seqs: Vec<SeqRequest>) -> bool {
         let n = seqs.len();
         let mut cur = self.waiting.load(Ordering::SeqCst);
         loop {
             if cur + n > self.max_queue {
-                return Err(());
+                return false;
             }
             match self
                 .waiting
@@ -117,7 +117,7 @@ impl EngineHandle {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        Ok(())
+        true
     }
 }
 

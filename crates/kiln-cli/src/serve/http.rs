@@ -363,7 +363,7 @@ async fn run_job(st: Arc<AppState>, job: Job) -> Response {
         )
         .into_response();
     }
-    if st.engine.submit(seqs).is_err() {
+    if !st.engine.submit(seqs) {
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",

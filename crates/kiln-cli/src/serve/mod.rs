@@ -74,9 +74,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
             "--max-batch and --max-queue must be at least 1",
         ));
     }
-    if !(a.timeout_secs.is_finite() && a.timeout_secs > 0.0)
-        || !(a.shutdown_secs.is_finite() && a.shutdown_secs >= 0.0)
-    {
+    let timeout_ok = a.timeout_secs.is_finite() && a.timeout_secs > 0.0;
+    let shutdown_ok = a.shutdown_secs.is_finite() && a.shutdown_secs >= 0.0;
+    if !timeout_ok || !shutdown_ok {
         return Err(Error::invalid(
             "--timeout-secs must be > 0 and --shutdown-secs ≥ 0",
         ));

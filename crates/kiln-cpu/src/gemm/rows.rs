@@ -112,7 +112,7 @@ pub fn rows_dense<TB: FloatElement>(
     let Some(chain) = super::gemv::chain_of::<TB>(isa, k, n, b.row_stride, b.col_stride) else {
         return false;
     };
-    let m = if k == 0 { 0 } else { xs.len() / k };
+    let m = xs.len().checked_div(k).unwrap_or(0);
     debug_assert!(xs.len() == m * k && ys.len() == m * n);
     if k == 0 {
         ys.fill(0.0);
@@ -596,6 +596,8 @@ fn dots(
 }
 
 #[cfg(target_arch = "x86_64")]
+// Register blocks indexed by row and column read best as index loops.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 
