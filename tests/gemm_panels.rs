@@ -1,5 +1,5 @@
 //! B in column panels (`PanelMatrix`): the M = 1 product is the ordered FMA chain of every
-//! column (bitwise, on every path and thread count), a few rows are bitwise their single-row
+//! column (bitwise, on every path and thread count), up to `FEW_ROWS` rows are bitwise their single-row
 //! products, more rows are bitwise the packed GEMM of the dense matrix; everything against a
 //! naive f64 reference with the tolerance of `tests/gemm.rs`
 //! (`(K + 4)·u·(|alpha|·Σ_p|a_p·b_p| + |beta·c|) + 2·u·|c|`, plus `8·u·|gelu| + 1e-7` after GELU).
@@ -211,7 +211,7 @@ fn gemm_case<T: FloatElement>() {
                         tol[e]
                     );
                 }
-                if m <= 4 {
+                if m <= kiln_cpu::gemm::FEW_ROWS {
                     // Each row is bitwise the M = 1 product of that row.
                     for i in 0..m {
                         let mut row = c0[i * n..(i + 1) * n].to_vec();

@@ -4,10 +4,11 @@
 //! `model.safetensors`, `vocab.json`, `merges.txt`); `kiln gpt2 init` writes one with random
 //! weights. Errors end the command with one `error:` line and exit status 1.
 use crate::bench::with_threads;
+use crate::request::{check_context, Sampling};
 use clap::{Args, Subcommand};
 use kiln_models::gpt2::{
     init_checkpoint, ContextPolicy, GenerateOptions, Generation, Gpt2, Gpt2Config, LoadOptions,
-    MatmulPrecision, SamplerConfig,
+    MatmulPrecision,
 };
 use kiln_models::tokenizer::Gpt2Tokenizer;
 use kiln_tensor::{DType, Error, Result, Tensor};
@@ -58,17 +59,17 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Sampling temperature (sampling is used when this, --top-k or --top-p is given).
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Sample among the k most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens (0 keeps all).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i64>,
     /// Sample among the most likely tokens whose probabilities sum to p.
-    #[arg(long)]
-    pub top_p: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
     /// Penalty on tokens already in the text (1.0 = none; CTRL's rule).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f64,
     /// Seed of the sampler's random generator.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -254,6 +255,16 @@ fn folder_tokenizer(dir: &Path) -> Result<Gpt2Tokenizer> {
     }
 }
 
+/// Writes `text` to stdout. A reader that closed the pipe (`kiln … | head`) ends the output
+/// quietly, as other Unix tools do; other write errors are errors.
+fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("<stdout>", e)),
+        _ => Ok(()),
+    }
+}
+
 fn read_prompt_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     String::from_utf8(bytes).map_err(|e| {
@@ -338,16 +349,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         return Err(Error::invalid("the prompt is empty"));
     }
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
-    let sampling = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
-    let sampler = SamplerConfig {
-        greedy: a.greedy || !sampling,
-        temperature: a.temperature.unwrap_or(1.0),
-        top_k: a.top_k.unwrap_or(0),
-        top_p: a.top_p.unwrap_or(1.0),
-        repetition_penalty: a.repetition_penalty,
+    // The same checks as `kiln serve` (crate::request), all before any output.
+    let sampler = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        repetition_penalty: Some(a.repetition_penalty),
         seed: a.seed,
-    };
-    sampler.validate()?;
+        greedy: a.greedy,
+    }
+    .config(true)?;
     if let Some(size) = &a.init_if_missing {
         if !a.model.join("config.json").exists() {
             let cfg = Gpt2Config::preset(size)?;
@@ -379,8 +390,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         },
         allow_special: a.allow_special,
     };
+    let n_pos = gpt2.model.config.n_positions;
+    let fits = |ids: &[u32]| -> Result<()> {
+        if a.truncate && !ids.is_empty() {
+            return Ok(());
+        }
+        Ok(check_context(ids.len(), a.max_new_tokens, n_pos)?)
+    };
     let mut out = std::io::stdout().lock();
     if let Some(prompts) = &batch {
+        for (i, p) in prompts.iter().enumerate() {
+            fits(&gpt2.encode(p, a.allow_special))
+                .map_err(|e| Error::invalid(format!("prompt {i} (line {}): {e}", i + 1)))?;
+        }
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let gens = gpt2.generate_batch(&refs, &opts, |_, _, _| true)?;
         let threads = rayon::current_num_threads();
@@ -413,12 +435,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let prompt_ids = gpt2.encode(&prompt, a.allow_special);
+    fits(&prompt_ids)?;
     if !a.json {
         let _ = out.write_all(prompt.as_bytes());
         let _ = out.flush();
     }
     let stream = !a.json;
-    let gen = gpt2.generate(&prompt, &opts, |_, text| {
+    let gen = gpt2.generate_ids(&prompt_ids, &opts, |_, text| {
         if stream && !text.is_empty() {
             // A closed pipe stops the output, not the run.
             let _ = out.write_all(text.as_bytes());
@@ -491,17 +515,14 @@ fn logits(a: LogitsArgs) -> Result<()> {
 fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = folder_tokenizer(&a.model)?;
     let ids = tok.encode_with_special(&a.text, a.allow_special);
-    println!("{}", json!(ids));
-    Ok(())
+    print_out(&format!("{}\n", json!(ids)))
 }
 
 fn detokenize(a: DetokenizeArgs) -> Result<()> {
     let tok = folder_tokenizer(&a.model)?;
     let ids = parse_ids(&a.ids)?;
     let text = tok.decode(&ids)?;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
-    Ok(())
+    print_out(&format!("{text}\n"))
 }
 
 fn init(a: InitArgs) -> Result<()> {

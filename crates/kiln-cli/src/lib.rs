@@ -11,6 +11,8 @@ pub mod gpt2;
 pub mod gpt2_train;
 pub mod inspect;
 pub mod plot;
+pub mod request;
+pub mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +38,9 @@ pub enum Command {
     /// Kernel benchmarks: GFLOP/s or GB/s and the fraction of this machine's measured peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve GPT-2 over HTTP with the OpenAI API (completions, chat, streaming), decoding
+    /// concurrent requests together.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -45,6 +50,7 @@ pub fn run(cli: Cli) -> kiln_tensor::Result<()> {
         Command::Gpt2(cmd) => gpt2::run(cmd),
         Command::Dcgan(cmd) => dcgan::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -67,60 +67,40 @@ pub fn gemv<TB: FloatElement>(isa: Isa, x: &[f32], b: &MatRef<'_, TB>, y: &mut [
     true
 }
 
-/// A few rows at once (`xs.len()` = m ≥ 1, a batched decode step): `ys[i][j] = Σ_p xs[i][p]·B[p, j]`
-/// for B `k × n` with a unit row or column stride. B is cut into column blocks of about half of
-/// L2; each block is read from memory once and then summed against every row while it is in
-/// L2. Each output's arithmetic is that of [`gemv`] (the same kernels on a column range), so a
-/// row of a batch is bitwise the row computed alone, for any thread count. Returns false
-/// (touching nothing) when B's layout is neither row- nor column-contiguous.
-pub fn gemv_rows_batch<TB: FloatElement>(
+/// How [`gemv`] forms each output for this B and `isa` ([`super::rows::Chain`]), or `None` when
+/// it does not stream B's layout (neither a unit row nor a unit column stride). The batched
+/// decode kernels (`rows.rs`) form each output in the same order.
+pub(super) fn chain_of<TB: FloatElement>(
     isa: Isa,
-    xs: &[Vec<f32>],
-    b: &MatRef<'_, TB>,
-    ys: &mut [Vec<f32>],
-) -> bool {
-    let (k, n) = (b.rows, b.cols);
-    let row_major = b.col_stride == 1 || n == 1;
-    if !row_major && b.row_stride != 1 && k != 1 {
-        return false;
+    k: usize,
+    n: usize,
+    row_stride: usize,
+    col_stride: usize,
+) -> Option<super::rows::Chain> {
+    use super::rows::Chain;
+    let row_major = col_stride == 1 || n == 1;
+    if !row_major && row_stride != 1 && k != 1 {
+        return None;
     }
-    let l2 = super::blocking::CacheSizes::detect().l2;
-    let block = (l2 / 2 / (k.max(1) * std::mem::size_of::<TB>()))
-        .next_multiple_of(64)
-        .clamp(64, n.next_multiple_of(64).max(64));
-    let blocks = n.div_ceil(block);
-    let threads = if k * n * std::mem::size_of::<TB>() >= PARALLEL_BYTES {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    // Each task fills its block of every row into its own buffers, copied out afterwards.
-    let run = |bi: usize| -> Vec<Vec<f32>> {
-        let j0 = bi * block;
-        let w = block.min(n - j0);
-        xs.iter()
-            .map(|x| {
-                let mut yc = vec![0f32; w];
-                if row_major {
-                    gemv_rows(isa, x, b, j0, &mut yc);
-                } else {
-                    gemv_cols(isa, x, b, j0, &mut yc);
-                }
-                yc
-            })
-            .collect()
-    };
-    let parts: Vec<Vec<Vec<f32>>> = if threads > 1 && blocks > 1 {
-        (0..blocks).into_par_iter().map(run).collect()
-    } else {
-        (0..blocks).map(run).collect()
-    };
-    for (bi, part) in parts.into_iter().enumerate() {
-        for (y, yc) in ys.iter_mut().zip(part) {
-            y[bi * block..bi * block + yc.len()].copy_from_slice(&yc);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if row_major {
+            if x86::streams_fn::<TB>(isa).is_some() && depth_streams::<TB>(isa, k, n) {
+                return Some(Chain::FmaStreams);
+            }
+            if x86::rows_fn::<TB>(isa).is_some() {
+                return Some(Chain::Fma);
+            }
+        } else if x86::cols_fn::<TB>(isa).is_some() {
+            return Some(Chain::Dots);
         }
     }
-    true
+    let _ = (isa, k);
+    Some(if row_major {
+        Chain::MulAdd
+    } else {
+        Chain::DotMulAdd
+    })
 }
 
 /// Row-major B: `yc[j] = Σ_p x[p]·B[p, j0 + j]`.

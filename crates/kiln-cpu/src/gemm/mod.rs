@@ -16,7 +16,7 @@
 //! Structure (BLIS, see `docs/gemm.md`): [`blocking`] derives `MC/KC/NC` from the cache sizes;
 //! [`pack`] packs A and B panels (widening f16/bf16); [`micro`], [`avx2`], [`avx512`] are the
 //! register-blocked microkernels; [`driver`] is the loop nest, the macro-kernel and the
-//! threading; [`gemv`] is the M = 1 path.
+//! threading; [`gemv`] is the M = 1 path; [`rows`] the batch-invariant path of a few rows.
 use kiln_tensor::{DType, Error, FloatElement, Result};
 use std::sync::OnceLock;
 
@@ -31,6 +31,7 @@ pub mod gemv;
 pub mod micro;
 pub mod pack;
 pub mod panels;
+pub mod rows;
 
 pub use driver::{APanelSource, PanelSource, ViewPanels};
 pub use panels::{gemm_panel_matrix, gemm_panel_matrix_with_isa, PanelMatrix};
@@ -749,15 +750,13 @@ unsafe fn run_blis_into<TB: FloatElement>(
     unsafe { driver::gemm_blis(kern, blk, &prod, threads) };
 }
 
-/// Up to this many rows of A, a product streams B like the M = 1 path ([`gemv::gemv_rows_batch`])
-/// instead of packing it: a batched decode step of a few sequences reads each weight once,
-/// where packing the whole of B for so few rows cost more than the arithmetic. Measured on GPT-2
-/// 124M decode (tokens/s of the whole batch, 1 thread, f32 / bf16): batch 2 packed 36 / 32,
-/// streamed 55 / 102; batch 4 packed 65 / 60, streamed 71 / 117; batch 8 packed 124 / 117,
-/// streamed 90 / 133 — from 8 rows on the microkernel's arithmetic wins (f32), so the limit is 4.
-pub const FEW_ROWS: usize = 4;
+/// Up to this many rows of A, a product streams B like the M = 1 path ([`rows`]) instead of
+/// packing it, and each row of C is bitwise the M = 1 product of that row of A: a batched decode
+/// step of up to this many sequences gives every sequence exactly the logits it gets alone, and
+/// reads each weight tile once for all of them (see `docs/gemm.md`, "Batch invariance").
+pub const FEW_ROWS: usize = 64;
 
-/// `C = alpha·A·B + beta·C` then the epilogue for `2 ≤ m ≤ FEW_ROWS` by [`gemv::gemv_rows_batch`]:
+/// `C = alpha·A·B + beta·C` then the epilogue for `2 ≤ m ≤ FEW_ROWS` by [`rows::rows_dense`]:
 /// each row of C is bitwise the M = 1 result for that row of A. Returns false, touching nothing,
 /// when B's layout is not one the GEMV path streams.
 fn gemm_few_rows<TB: FloatElement>(
@@ -767,28 +766,35 @@ fn gemm_few_rows<TB: FloatElement>(
     c: &mut MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> bool {
-    let (m, k, n) = (a.rows, b.rows, b.cols);
-    let xs: Vec<Vec<f32>> = (0..m)
-        .map(|i| {
-            (0..k)
-                .map(|p| a.data[i * a.row_stride + p * a.col_stride])
-                .collect()
-        })
-        .collect();
-    let mut ys = vec![vec![0f32; n]; m];
-    if !gemv::gemv_rows_batch(isa, &xs, b, &mut ys) {
+    let (m, n) = (a.rows, b.cols);
+    let xs = rows_of(a);
+    let mut ys = vec![0f32; m * n];
+    if !rows::rows_dense(isa, &xs, b, &mut ys) {
         return false;
     }
-    store_rows(&ys, c, opts);
+    store_rows(&ys, n, c, opts);
     true
 }
 
-/// Row `i` of C from the plain product row `ys[i]`: `C[i, j] = alpha·ys[i][j] + beta·C[i, j]`,
+/// A `[m, k]` copied row-major and contiguous.
+fn rows_of(a: &MatRef<'_, f32>) -> Vec<f32> {
+    let (m, k) = (a.rows, a.cols);
+    let mut xs = Vec::with_capacity(m * k);
+    for i in 0..m {
+        if a.col_stride == 1 {
+            xs.extend_from_slice(&a.data[i * a.row_stride..i * a.row_stride + k]);
+        } else {
+            xs.extend((0..k).map(|p| a.data[i * a.row_stride + p * a.col_stride]));
+        }
+    }
+    xs
+}
+
+/// Row `i` of C from the plain product row `ys[i·n ..][..n]`: `C[i, j] = alpha·y + beta·C[i, j]`,
 /// then the epilogue, as the M = 1 path writes a row (scale, then the row epilogue, when C's row
 /// is contiguous and not read).
-fn store_rows(ys: &[Vec<f32>], c: &mut MatMut<'_>, opts: &GemmOptions<'_>) {
-    for (i, y) in ys.iter().enumerate() {
-        let n = y.len();
+fn store_rows(ys: &[f32], n: usize, c: &mut MatMut<'_>, opts: &GemmOptions<'_>) {
+    for (i, y) in ys.chunks_exact(n).enumerate() {
         if c.col_stride == 1 && opts.beta == 0.0 {
             let row = &mut c.data[i * c.row_stride..i * c.row_stride + n];
             row.copy_from_slice(y);

@@ -42,8 +42,8 @@ const STREAMS: usize = 3;
 /// B larger than this (bytes) is split among threads (as [`super::gemv`]).
 const PARALLEL_BYTES: usize = 256 << 10;
 
-/// Up to this many rows of A a product streams the panels like the M = 1 path, once per block
-/// of panels for all rows (see [`super::FEW_ROWS`]).
+/// Up to this many rows of A a product streams the panels like the M = 1 path, each tile once
+/// for all rows (see [`super::FEW_ROWS`], [`super::rows`]).
 const FEW_ROWS: usize = super::FEW_ROWS;
 
 /// The position of column `j` (`0 ≤ j < 32`) inside a panel row of `dtype` elements.
@@ -278,64 +278,6 @@ impl<T: FloatElement> PanelMatrix<T> {
             let w = PANEL.min(yc.len() - q * PANEL);
             yc[q * PANEL..q * PANEL + w].copy_from_slice(&tmp[0][..w]);
         }
-    }
-
-    /// Rows `xs[i]` against the panels at once (`ys[i] = xs[i]·B`): panels are taken in blocks
-    /// of about half of L2, each block read from memory once and applied to every row from
-    /// cache. Each row is bitwise its [`PanelMatrix::gemv`].
-    pub fn gemv_rows(&self, isa: Isa, xs: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<()> {
-        if xs.len() != ys.len()
-            || xs.iter().any(|x| x.len() != self.k)
-            || ys.iter().any(|y| y.len() != self.n)
-        {
-            return Err(Error::invalid(format!(
-                "panel gemv: {} input rows, {} output rows, B is {}x{}",
-                xs.len(),
-                ys.len(),
-                self.k,
-                self.n
-            )));
-        }
-        if self.n == 0 || xs.is_empty() {
-            return Ok(());
-        }
-        if self.k == 0 {
-            ys.iter_mut().for_each(|y| y.fill(0.0));
-            return Ok(());
-        }
-        let l2 = super::blocking::CacheSizes::detect().l2;
-        let panel_bytes = self.k * PANEL * std::mem::size_of::<T>();
-        let block = (l2 / 2 / panel_bytes).clamp(1, self.panels());
-        let blocks = self.panels().div_ceil(block);
-        let threads = if self.matrix_bytes() >= PARALLEL_BYTES {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        // Each task writes its block of every row into its own buffer, copied out afterwards.
-        let run = |bi: usize| -> Vec<Vec<f32>> {
-            let q0 = bi * block;
-            let w = (block * PANEL).min(self.n - q0 * PANEL);
-            xs.iter()
-                .map(|x| {
-                    let mut yc = vec![0f32; w];
-                    self.gemv_run(isa, x, q0, &mut yc);
-                    yc
-                })
-                .collect()
-        };
-        let parts: Vec<Vec<Vec<f32>>> = if threads > 1 && blocks > 1 {
-            (0..blocks).into_par_iter().map(run).collect()
-        } else {
-            (0..blocks).map(run).collect()
-        };
-        for (bi, part) in parts.into_iter().enumerate() {
-            let j0 = bi * block * PANEL;
-            for (y, yc) in ys.iter_mut().zip(part) {
-                y[j0..j0 + yc.len()].copy_from_slice(&yc);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -668,7 +610,7 @@ mod x86 {
 
 /// `C = alpha·A·B + beta·C` then the epilogue, B in column panels. Shapes: A `[m, k]`, C
 /// `[m, n]`, any strides. One row goes through [`PanelMatrix::gemv`], up to
-/// [`super::FEW_ROWS`] rows through [`PanelMatrix::gemv_rows`] (each row bitwise its M = 1
+/// [`super::FEW_ROWS`] rows through [`super::rows::rows_panels`] (each row bitwise its M = 1
 /// result), more through the packed GEMM with the panels as the B source (bitwise what
 /// [`super::gemm`] computes from the dense matrix). Bitwise identical for any thread count.
 pub fn gemm_panel_matrix<T: FloatElement>(
@@ -700,29 +642,21 @@ pub fn gemm_panel_matrix_with_isa<T: FloatElement>(
         return Ok(());
     }
     if m <= FEW_ROWS && k > 0 {
-        let xs: Vec<Vec<f32>> = (0..m)
-            .map(|i| {
-                (0..k)
-                    .map(|p| a.data[i * a.row_stride + p * a.col_stride])
-                    .collect()
-            })
-            .collect();
+        let xs = super::rows_of(&a);
         if m == 1 && c.col_stride == 1 && opts.beta == 0.0 {
             // A decode step: the product straight into C's row (no buffer, no copy).
             let row = &mut c.data[..n];
-            b.gemv(isa, &xs[0], row)?;
+            b.gemv(isa, &xs, row)?;
             super::finish_row(row, opts);
             return Ok(());
         }
-        let mut ys = vec![vec![0f32; n]; m];
+        let mut ys = vec![0f32; m * n];
         if m == 1 {
-            b.gemv(isa, &xs[0], &mut ys[0])?;
+            b.gemv(isa, &xs, &mut ys)?;
         } else {
-            let xr: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-            let mut yr: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
-            b.gemv_rows(isa, &xr, &mut yr)?;
+            super::rows::rows_panels(isa, &xs, b, &mut ys);
         }
-        super::store_rows(&ys, &mut c, opts);
+        super::store_rows(&ys, n, &mut c, opts);
         return Ok(());
     }
     super::gemm_panels_with_isa(isa, a, b, c, opts)
