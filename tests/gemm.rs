@@ -141,6 +141,7 @@ fn check<TB: FloatElement>(isa: Option<Isa>, case: Case, seed: u64) -> Vec<f32> 
         alpha,
         beta,
         epilogue,
+        ..Default::default()
     };
     let av = MatRef::strided(&a, m, k, ars, acs);
     let bv = MatRef::strided(&b, k, n, brs, bcs);

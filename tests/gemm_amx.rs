@@ -142,6 +142,7 @@ fn run_case(cfg: &AmxConfig, cs: Case, via: Via, seed: u64) -> Vec<f32> {
         alpha,
         beta,
         epilogue,
+        ..Default::default()
     };
     let av = MatRef::strided(&a[..], m, k, ars, acs);
     let bv = MatRef::strided(&b[..], k, n, brs, bcs);

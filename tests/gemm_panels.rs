@@ -168,6 +168,7 @@ fn gemm_case<T: FloatElement>() {
                 alpha,
                 beta,
                 epilogue,
+                ..Default::default()
             };
             let (want, tol) = reference(
                 &a,

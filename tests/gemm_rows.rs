@@ -1,12 +1,12 @@
 //! Batch invariance of the few-rows path (`kiln_cpu::gemm::rows`): a product of `2 ≤ m ≤
-//! FEW_ROWS` rows gives every row bitwise the M = 1 product of that row — for every B layout a
+//! INVARIANT_ROWS` rows gives every row bitwise the M = 1 product of that row — for every B layout a
 //! decode step uses (f32/bf16/f16 row-major, column-major `wteᵀ`, column panels), every ISA path,
 //! odd sizes, the depth-stream GEMV's four runs, the epilogue and beta, on 1 and 2 threads — and
 //! stays within the f64 reference's tolerance.
 use half::{bf16, f16};
 use kiln_cpu::gemm::{
     gemm_panel_matrix_with_isa, gemm_with_isa, Epilogue, GemmOptions, Isa, MatMut, MatRef,
-    PanelMatrix, FEW_ROWS,
+    PanelMatrix, INVARIANT_ROWS,
 };
 use kiln_tensor::FloatElement;
 
@@ -86,6 +86,7 @@ fn case<T: FloatElement>(k: usize, n: usize, ms: &[usize], isas: &[Isa], layouts
                 let opts = GemmOptions {
                     beta,
                     epilogue,
+                    rows_invariant: true,
                     ..Default::default()
                 };
                 // Each row alone (M = 1), on one thread.
@@ -183,14 +184,14 @@ fn few_rows_are_bitwise_their_single_rows_f16() {
 }
 
 /// Decode-sized products (GPT-2 shapes, split among threads) at the batch sizes a server runs,
-/// up to [`FEW_ROWS`], on the SIMD paths.
+/// up to [`INVARIANT_ROWS`], on the SIMD paths.
 #[test]
 fn decode_shapes_up_to_the_row_limit() {
     let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
         .into_iter()
         .filter(|i| i.is_available())
         .collect();
-    case::<f32>(768, 2304, &[4, 16, FEW_ROWS], &isas, &ALL);
+    case::<f32>(768, 2304, &[4, 16, INVARIANT_ROWS], &isas, &ALL);
     case::<bf16>(3072, 768, &[16, 33], &isas, &ALL);
     // wteᵀ-like: many columns, column-major (the logits).
     case::<f32>(

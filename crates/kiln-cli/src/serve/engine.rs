@@ -6,13 +6,13 @@
 //!     admit waiting sequences while the batch has room (and the step's prefill budget lasts):
 //!         prefill each alone (one forward of its prompt), sample its first token
 //!     one batched decode step over every live sequence: forward_batch (chunks of at most
-//!         gemm::FEW_ROWS rows), then each sequence samples with its own sampler
+//!         gemm::INVARIANT_ROWS rows), then each sequence samples with its own sampler
 //!     a sequence that is done (end of text, max_tokens, a stop string) leaves at once
 //! ```
 //!
 //! A sequence gets exactly the tokens it gets generated alone with the same settings
 //! (`kiln gpt2 generate`): its prompt is prefilled on its own, its sampler is its own, and each
-//! row of a batched product of up to `FEW_ROWS` rows is bitwise that row's own product
+//! row of a row-invariant batched product of up to `INVARIANT_ROWS` rows is bitwise that row's own product
 //! (`docs/gemm.md`, "Batch invariance").
 use super::metrics::Metrics;
 use kiln_models::gpt2::{Gpt2, Gpt2State, Logits, Sampler, SamplerConfig, TextStream, EOT};
@@ -349,8 +349,8 @@ impl Scheduler {
         let result =
             std::panic::catch_unwind(AssertUnwindSafe(|| -> kiln_tensor::Result<Vec<f32>> {
                 let mut all = Vec::with_capacity(bsz * v);
-                // Chunks of at most FEW_ROWS sequences: within one, each row is its own product.
-                for chunk in live.chunks_mut(kiln_cpu::gemm::FEW_ROWS) {
+                // Chunks of at most INVARIANT_ROWS sequences: within one, each row is its own product.
+                for chunk in live.chunks_mut(kiln_cpu::gemm::INVARIANT_ROWS) {
                     let ids: Vec<u32> = chunk.iter().map(|l| l.next).collect();
                     let mut states: Vec<&mut Gpt2State> =
                         chunk.iter_mut().map(|l| &mut l.state).collect();

@@ -267,6 +267,12 @@ pub struct GemmOptions<'a> {
     /// `beta == 0` means C is write-only: its previous contents (even NaN) are ignored.
     pub beta: f32,
     pub epilogue: Epilogue<'a>,
+    /// Every row of C is bitwise the M = 1 product of its row of A (the batch invariance a
+    /// batched decode step needs), for products of up to [`INVARIANT_ROWS`] rows; larger ones,
+    /// and every product without it beyond [`FEW_ROWS`] rows, use the blocked GEMM, which is
+    /// faster for compute-bound products (a prompt's prefill, training) but sums in another
+    /// order.
+    pub rows_invariant: bool,
 }
 
 impl Default for GemmOptions<'_> {
@@ -275,6 +281,7 @@ impl Default for GemmOptions<'_> {
             alpha: 1.0,
             beta: 0.0,
             epilogue: Epilogue::None,
+            rows_invariant: false,
         }
     }
 }
@@ -687,7 +694,7 @@ pub fn gemm_with_isa<TB: FloatElement>(
     if m == 1 && gemm_m1(isa, &a, &b, &mut *c.data, c.col_stride, false, opts) {
         return Ok(());
     }
-    if (2..=FEW_ROWS).contains(&m) && gemm_few_rows(isa, &a, &b, &mut c, opts) {
+    if (2..=rows_limit(opts)).contains(&m) && gemm_few_rows(isa, &a, &b, &mut c, opts) {
         return Ok(());
     }
     if n == 1 && m > 1 && TB::DTYPE == DType::F32 {
@@ -754,7 +761,20 @@ unsafe fn run_blis_into<TB: FloatElement>(
 /// packing it, and each row of C is bitwise the M = 1 product of that row of A: a batched decode
 /// step of up to this many sequences gives every sequence exactly the logits it gets alone, and
 /// reads each weight tile once for all of them (see `docs/gemm.md`, "Batch invariance").
-pub const FEW_ROWS: usize = 64;
+pub const FEW_ROWS: usize = 4;
+
+/// Most rows a product with [`GemmOptions::rows_invariant`] computes row by row in the M = 1
+/// order (a batched decode step of up to this many sequences).
+pub const INVARIANT_ROWS: usize = 64;
+
+/// Products of up to this many rows take the row kernels ([`rows`]).
+pub(crate) fn rows_limit(opts: &GemmOptions<'_>) -> usize {
+    if opts.rows_invariant {
+        INVARIANT_ROWS
+    } else {
+        FEW_ROWS
+    }
+}
 
 /// `C = alpha·A·B + beta·C` then the epilogue for `2 ≤ m ≤ FEW_ROWS` by [`rows::rows_dense`]:
 /// each row of C is bitwise the M = 1 result for that row of A. Returns false, touching nothing,

@@ -42,10 +42,6 @@ const STREAMS: usize = 3;
 /// B larger than this (bytes) is split among threads (as [`super::gemv`]).
 const PARALLEL_BYTES: usize = 256 << 10;
 
-/// Up to this many rows of A a product streams the panels like the M = 1 path, each tile once
-/// for all rows (see [`super::FEW_ROWS`], [`super::rows`]).
-const FEW_ROWS: usize = super::FEW_ROWS;
-
 /// The position of column `j` (`0 ≤ j < 32`) inside a panel row of `dtype` elements.
 ///
 /// bf16: column `16h + i` (`i < 8`) is element `16h + 2i`, column `16h + 8 + i` element
@@ -610,7 +606,8 @@ mod x86 {
 
 /// `C = alpha·A·B + beta·C` then the epilogue, B in column panels. Shapes: A `[m, k]`, C
 /// `[m, n]`, any strides. One row goes through [`PanelMatrix::gemv`], up to
-/// [`super::FEW_ROWS`] rows through [`super::rows::rows_panels`] (each row bitwise its M = 1
+/// [`super::FEW_ROWS`] rows (or [`super::INVARIANT_ROWS`] with
+/// [`super::GemmOptions::rows_invariant`]) through [`super::rows::rows_panels`] (each row bitwise its M = 1
 /// result), more through the packed GEMM with the panels as the B source (bitwise what
 /// [`super::gemm`] computes from the dense matrix). Bitwise identical for any thread count.
 pub fn gemm_panel_matrix<T: FloatElement>(
@@ -641,7 +638,7 @@ pub fn gemm_panel_matrix_with_isa<T: FloatElement>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if m <= FEW_ROWS && k > 0 {
+    if m <= super::rows_limit(opts) && k > 0 {
         let xs = super::rows_of(&a);
         if m == 1 && c.col_stride == 1 && opts.beta == 0.0 {
             // A decode step: the product straight into C's row (no buffer, no copy).

@@ -1,6 +1,7 @@
 //! Batch-invariant products of a few rows: a batched decode step, `Y [m, n] = X [m, k] · B`, with
 //! every row of `Y` bitwise the M = 1 product of that row of `X` ([`super::gemv`],
-//! [`super::PanelMatrix::gemv`]), for any `m ≤` [`super::FEW_ROWS`] and any thread count, while
+//! [`super::PanelMatrix::gemv`]), for any `m ≤` [`super::INVARIANT_ROWS`] (products of more than [`super::FEW_ROWS`] rows
+//! come here only with [`super::GemmOptions::rows_invariant`]) and any thread count, while
 //! each tile of B is read from memory once for all `m` rows.
 //!
 //! The rule: an output element's value is fixed by the order of its floating-point operations,

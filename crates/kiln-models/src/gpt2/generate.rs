@@ -425,7 +425,8 @@ fn fit_prompt<'a, B: Backend>(
 /// own, then every unfinished sequence takes its next step in one
 /// [`Gpt2Model::forward_batch`], so the weights are read once per step for the whole batch.
 /// Each sequence has its own sampler built from `opts.sampler` (the same seed), and products of
-/// up to `gemm::FEW_ROWS` rows give each row bitwise its own result, so a sequence's tokens are
+/// up to `gemm::INVARIANT_ROWS` rows give each row bitwise its own result (the batched step's
+/// products are row-invariant), so a sequence's tokens are
 /// those of generating it alone (beyond that batch size, up to the rounding of the blocked
 /// products). `on_token(seq, id)`
 /// is called after each choice; `Ok(false)` stops that sequence. `decode_ms` of every result is

@@ -260,7 +260,7 @@ impl<B: Backend> Gpt2Model<B> {
         let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
         be.embedding(ids, &positions, &w.wte, &w.wpe, c, &mut s.x)?;
 
-        self.blocks(s, t, |l, qkv, att| {
+        self.blocks(s, t, false, |l, qkv, att| {
             be.attention(qkv, t, &mut [&mut caches[l]], att)
         })?;
         // logits = ln_f(x) · wteᵀ, for the rows asked for.
@@ -270,16 +270,19 @@ impl<B: Backend> Gpt2Model<B> {
             be.copy(&s.x, first * c, &mut s.h, 0, rows * c)?;
             std::mem::swap(&mut s.x, &mut s.h);
         }
-        self.head(s, rows, logits)
+        self.head(s, rows, false, logits)
     }
 
     /// The transformer blocks over `rows` positions, `s.x` `[rows, C]` updated in place (`h`,
     /// `qkv`, `att`, `mlp` are scratch of `[rows, C]`, `[rows, 3C]`, `[rows, C]`, `[rows, F]`);
-    /// `attend(layer, qkv, att)` runs layer `layer`'s attention against the right caches.
+    /// `attend(layer, qkv, att)` runs layer `layer`'s attention against the right caches. With
+    /// `invariant`, every row's products are bitwise those of the row alone (a batched decode
+    /// step).
     fn blocks(
         &self,
         s: &mut Scratch<B>,
         rows: usize,
+        invariant: bool,
         mut attend: impl FnMut(usize, &B::Buf, &mut B::Buf) -> Result<()>,
     ) -> Result<()> {
         let be = &self.backend;
@@ -297,7 +300,7 @@ impl<B: Backend> Gpt2Model<B> {
         for (l, b) in self.weights.blocks.iter().enumerate() {
             // x += attn(ln_1(x)) · W_proj + b_proj
             be.layer_norm(x, &b.ln_1_w, &b.ln_1_b, h, rows, c, eps)?;
-            let d = LinearDims::new(rows, c, 3 * c);
+            let d = LinearDims::new(rows, c, 3 * c).rows_invariant(invariant);
             be.linear(h, &b.c_attn_w, Some(&b.c_attn_b), qkv, d, Activation::None)?;
             attend(l, qkv, att)?;
             let d = LinearDims::new(rows, c, c);
@@ -312,7 +315,7 @@ impl<B: Backend> Gpt2Model<B> {
             be.add(x, h, rows * c)?;
             // x += gelu(ln_2(x) · W_fc + b_fc) · W_mproj + b_mproj
             be.layer_norm(x, &b.ln_2_w, &b.ln_2_b, h, rows, c, eps)?;
-            let d = LinearDims::new(rows, c, f);
+            let d = LinearDims::new(rows, c, f).rows_invariant(invariant);
             be.linear(h, &b.fc_w, Some(&b.fc_b), mlp, d, Activation::GeluTanh)?;
             let d = LinearDims::new(rows, f, c);
             be.linear(
@@ -330,7 +333,13 @@ impl<B: Backend> Gpt2Model<B> {
 
     /// `logits [rows, V] = ln_f(x) · wteᵀ` for the first `rows` rows of `s.x` (through `s.h`),
     /// downloaded into `out`.
-    fn head(&self, s: &mut Scratch<B>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn head(
+        &self,
+        s: &mut Scratch<B>,
+        rows: usize,
+        invariant: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let be = &self.backend;
         let w = &self.weights;
         let cfg = &self.config;
@@ -344,7 +353,7 @@ impl<B: Backend> Gpt2Model<B> {
             c,
             cfg.layer_norm_epsilon,
         )?;
-        let d = LinearDims::transposed(rows, c, v);
+        let d = LinearDims::transposed(rows, c, v).rows_invariant(invariant);
         be.linear(&s.h, w.lm_head(), None, &mut s.logits, d, Activation::None)?;
         out.clear();
         out.resize(rows * v, 0.0);
@@ -356,7 +365,9 @@ impl<B: Backend> Gpt2Model<B> {
     ///
     /// The linear layers run as `[B, C]` products, so the weights are streamed from memory once
     /// for all `B` sequences instead of once per sequence (decode is bound by those bytes); the
-    /// attention runs per sequence on its own cache. An empty batch, a length mismatch, an id
+    /// attention runs per sequence on its own cache. The products are row-invariant
+    /// ([`LinearDims::rows_invariant`]): up to `kiln_cpu::gemm::INVARIANT_ROWS` sequences, each
+    /// sequence's logits are bitwise those of its own [`Gpt2Model::forward`] step. An empty batch, a length mismatch, an id
     /// outside the vocabulary or a full cache is an error and leaves every state unchanged.
     pub fn forward_batch(
         &self,
@@ -399,14 +410,14 @@ impl<B: Backend> Gpt2Model<B> {
                 .map(|st| st.len() as u32)
                 .collect();
             be.embedding(ids, &positions, &w.wte, &w.wpe, c, &mut s.x)?;
-            self.blocks(&mut s, bsz, |l, qkv, att| {
+            self.blocks(&mut s, bsz, true, |l, qkv, att| {
                 // Each sequence attends over its own cache.
                 let mut caches: Vec<&mut KvCache<B>> = std::iter::once(&mut first.caches[l])
                     .chain(rest.iter_mut().map(|st| &mut st.caches[l]))
                     .collect();
                 be.attention(qkv, 1, &mut caches, att)
             })?;
-            self.head(&mut s, bsz, logits)
+            self.head(&mut s, bsz, true, logits)
         })();
         first.scratch = s;
         result

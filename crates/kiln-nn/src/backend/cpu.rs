@@ -610,6 +610,7 @@ impl Backend for CpuBackend {
         };
         let opts = GemmOptions {
             epilogue,
+            rows_invariant: d.rows_invariant,
             ..Default::default()
         };
         let a = MatRef::row_major(x, m, k);

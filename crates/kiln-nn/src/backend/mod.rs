@@ -52,6 +52,10 @@ pub struct LinearDims {
     pub k: usize,
     pub n: usize,
     pub w_transposed: bool,
+    /// Every row of `y` must be bitwise the product of its row of `x` alone (a batched decode
+    /// step whose sequences must not depend on each other); off, a backend may sum in another
+    /// order for speed.
+    pub rows_invariant: bool,
 }
 
 impl LinearDims {
@@ -62,6 +66,7 @@ impl LinearDims {
             k,
             n,
             w_transposed: false,
+            rows_invariant: false,
         }
     }
     /// `x [m, k] · Wᵀ` with `W` stored `[n, k]`.
@@ -71,6 +76,14 @@ impl LinearDims {
             ..Self::new(m, k, n)
         }
     }
+    /// The same product with [`LinearDims::rows_invariant`] set to `on`.
+    pub fn rows_invariant(self, on: bool) -> Self {
+        LinearDims {
+            rows_invariant: on,
+            ..self
+        }
+    }
+
     /// Elements of `x`, `W` and `y`.
     pub fn lens(&self) -> Result<(usize, usize, usize)> {
         let mul = |a: usize, b: usize| {
