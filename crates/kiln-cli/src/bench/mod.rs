@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod attention;
 pub mod conv;
 pub mod dcgan;
+pub mod gpt2_train;
 pub mod matmul;
 pub mod peak;
 
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     ConvTranspose2d(conv::ConvArgs),
     /// DCGAN: the generator's forward pass, or one full training iteration (`--train`).
     Dcgan(dcgan::DcganBenchArgs),
+    /// One GPT-2 training step (forward, backward, AdamW) on random tokens.
+    #[command(name = "gpt2-train")]
+    Gpt2Train(gpt2_train::Gpt2TrainBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -39,6 +43,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Conv2d(args) => conv::run(args, false),
         BenchCommand::ConvTranspose2d(args) => conv::run(args, true),
         BenchCommand::Dcgan(args) => dcgan::run(args),
+        BenchCommand::Gpt2Train(args) => gpt2_train::run(args),
     }
 }
 
