@@ -215,8 +215,33 @@ pub fn attention_backward_with(
 // Tile kernels
 // ---------------------------------------------------------------------------------------------
 
+/// Which `A` entries of a product are known to be zero (diagonal blocks of the causal mask):
+/// the kernel skips them, which changes nothing but the time (`x + 0·y = x`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tri {
+    /// No known zeros.
+    Full,
+    /// `a(r, k) = 0` for `k < r`: row `r` sums over `k ≥ r` only.
+    KFrom,
+    /// `a(r, k) = 0` for `k > r`: row `r` sums over `k ≤ r` only.
+    KTo,
+}
+
+impl Tri {
+    /// The range of `k` a tile of rows `r0..r1` needs (of `0..kc`).
+    #[inline(always)]
+    fn k_range(self, r0: usize, r1: usize, kc: usize) -> (usize, usize) {
+        match self {
+            Tri::Full => (0, kc),
+            Tri::KFrom => (r0.min(kc), kc),
+            Tri::KTo => (0, r1.min(kc)),
+        }
+    }
+}
+
 /// One product `out[r·ldo + c] (+)= Σ_{k<kc} a[r·ars + k·aks] · b[k·ldb + c]` for `r < m`,
-/// `c < n` (`n` a multiple of [`PAD`]); with `acc` false, `out` is overwritten.
+/// `c < n` (`n` a multiple of [`PAD`]); with `acc` false, `out` is overwritten. `tri` names
+/// entries of `A` known to be zero, which are skipped.
 #[derive(Clone, Copy)]
 struct Mm<'a> {
     m: usize,
@@ -229,6 +254,7 @@ struct Mm<'a> {
     ldb: usize,
     ldo: usize,
     acc: bool,
+    tri: Tri,
 }
 
 impl Mm<'_> {
@@ -269,6 +295,55 @@ trait Kern {
     fn probs_row(s: &mut [f32], cl: f32, lse2: f32);
     /// `dp_c = p_c·(dp_c − dl)` (equal lengths, a multiple of [`PAD`]).
     fn ds_row(p: &[f32], dp: &mut [f32], dl: f32);
+    /// Transposed copy: `dst[c·ld + j] = src[j·stride + c]·scale` for `j < n`, `c < d`, and
+    /// zeros in columns `n..npad` of the first `d` rows of `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_t(
+        src: &[f32],
+        stride: usize,
+        n: usize,
+        d: usize,
+        scale: f32,
+        dst: &mut [f32],
+        ld: usize,
+        npad: usize,
+    ) {
+        pack_t_bounds(src, stride, n, d, dst, ld, npad);
+        for j in 0..n {
+            for (cc, &x) in src[j * stride..j * stride + d].iter().enumerate() {
+                dst[cc * ld + j] = x * scale;
+            }
+        }
+        zero_pad_columns(dst, d, ld, n, npad);
+    }
+}
+
+/// The bounds every `pack_t` relies on (a failure is a bug, never bad input).
+fn pack_t_bounds(
+    src: &[f32],
+    stride: usize,
+    n: usize,
+    d: usize,
+    dst: &[f32],
+    ld: usize,
+    npad: usize,
+) {
+    assert!(n <= npad && npad <= ld);
+    if n > 0 && d > 0 {
+        assert!(src.len() >= (n - 1) * stride + d);
+    }
+    if d > 0 {
+        assert!(dst.len() >= (d - 1) * ld + npad);
+    }
+}
+
+/// Zeros columns `n..npad` of rows `0..d` of `dst` (row length `ld`).
+fn zero_pad_columns(dst: &mut [f32], d: usize, ld: usize, n: usize, npad: usize) {
+    if n < npad {
+        for cc in 0..d {
+            dst[cc * ld + n..cc * ld + npad].fill(0.0);
+        }
+    }
 }
 
 /// The reference: plain loops, `std`'s `exp2`.
@@ -282,7 +357,8 @@ impl Kern for Scalar {
             if !mm.acc {
                 orow.fill(0.0);
             }
-            for k in 0..mm.kc {
+            let (k0, k1) = mm.tri.k_range(r, r + 1, mm.kc);
+            for k in k0..k1 {
                 let av = mm.a[r * mm.ars + k * mm.aks];
                 for (o, &bv) in orow.iter_mut().zip(&mm.b[k * mm.ldb..k * mm.ldb + mm.n]) {
                     *o += av * bv;
@@ -364,6 +440,7 @@ macro_rules! simd_kern {
                         out.as_mut_ptr(),
                         mm.ldo,
                         mm.acc,
+                        mm.tri,
                     )
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -412,6 +489,41 @@ macro_rules! simd_kern {
                 Scalar::probs_row(s, cl, lse2)
             }
 
+            fn pack_t(
+                src: &[f32],
+                stride: usize,
+                n: usize,
+                d: usize,
+                scale: f32,
+                dst: &mut [f32],
+                ld: usize,
+                npad: usize,
+            ) {
+                pack_t_bounds(src, stride, n, d, dst, ld, npad);
+                assert!(isa_ok($isa));
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 present (both SIMD paths have it); reads `src[j·stride + c]`,
+                // writes `dst[c·ld + j]` for `j < n`, `c < d`: inside the asserted bounds.
+                unsafe {
+                    crate::attention::vector::x86::transpose_scaled(
+                        src.as_ptr(),
+                        stride,
+                        n,
+                        d,
+                        scale,
+                        dst.as_mut_ptr(),
+                        ld,
+                    )
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                for j in 0..n {
+                    for cc in 0..d {
+                        dst[cc * ld + j] = src[j * stride + cc] * scale;
+                    }
+                }
+                zero_pad_columns(dst, d, ld, n, npad);
+            }
+
             fn ds_row(p: &[f32], dp: &mut [f32], dl: f32) {
                 assert!(isa_ok($isa) && dp.len().is_multiple_of(PAD) && p.len() >= dp.len());
                 #[cfg(target_arch = "x86_64")]
@@ -447,7 +559,7 @@ simd_kern!(
 /// The vector kernels, written once over [`Vf32`] and instantiated per instruction set.
 #[allow(clippy::needless_range_loop)] // register tiles read best as acc[r][u]
 mod generic {
-    use super::Vf32;
+    use super::{Tri, Vf32};
 
     /// Rows `0..R`, columns `0..NV·LANES` of the product (see `Mm`), accumulators in registers.
     ///
@@ -515,6 +627,7 @@ mod generic {
         out: *mut f32,
         ldo: usize,
         acc: bool,
+        tri: Tri,
     ) {
         let mut c0 = 0;
         while c0 < n {
@@ -523,14 +636,19 @@ mod generic {
             let mut r0 = 0;
             while r0 < m {
                 let rr = (m - r0).min(6);
-                let ap = a.add(r0 * ars);
+                let (k0, k1) = tri.k_range(r0, r0 + rr, kc);
+                // Offsets `k0·aks`, `k0·ldb` stay inside the operands (k0 < kc) or are unused
+                // (k0 = kc: no step runs).
+                let ap = a.add(r0 * ars).wrapping_add(k0 * aks);
+                let bk = bp.wrapping_add(k0 * ldb);
                 let op = out.add(r0 * ldo + c0);
+                let nk = k1 - k0;
                 macro_rules! go {
                     ($r:literal) => {
                         if wide {
-                            tile::<V, $r, NV>(kc, ap, ars, aks, bp, ldb, op, ldo, acc)
+                            tile::<V, $r, NV>(nk, ap, ars, aks, bk, ldb, op, ldo, acc)
                         } else {
-                            tile::<V, $r, 1>(kc, ap, ars, aks, bp, ldb, op, ldo, acc)
+                            tile::<V, $r, 1>(nk, ap, ars, aks, bk, ldb, op, ldo, acc)
                         }
                     };
                 }
@@ -615,7 +733,7 @@ mod generic {
 mod x86 {
     //! Entry points: each enables one instruction set and inlines the generic kernel.
     //! Safety (all): the CPU has the enabled features, and the generic kernel's contract holds.
-    use super::generic;
+    use super::{generic, Tri};
     use crate::attention::vector::x86::{F32x16, F32x8};
 
     macro_rules! entries {
@@ -633,8 +751,9 @@ mod x86 {
                 out: *mut f32,
                 ldo: usize,
                 acc: bool,
+                tri: Tri,
             ) {
-                generic::gemm::<$v, $nv>(m, n, kc, a, ars, aks, b, ldb, out, ldo, acc)
+                generic::gemm::<$v, $nv>(m, n, kc, a, ars, aks, b, ldb, out, ldo, acc, tri)
             }
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $cols(
@@ -804,17 +923,7 @@ fn forward<K: Kern>(qkv: &[f32], dims: Dims, out: &mut [f32], lse: &mut [f32]) {
                 ],
             );
             // Qᵀ scaled by log2(e)/√D: qt[c·BLOCK_Q + r], lanes past the block zero.
-            for r in 0..nqp {
-                if r < nq {
-                    for (cc, &x) in q.from(i0 + r)[..d].iter().enumerate() {
-                        qt[cc * BLOCK_Q + r] = x * cl;
-                    }
-                } else {
-                    for cc in 0..d {
-                        qt[cc * BLOCK_Q + r] = 0.0;
-                    }
-                }
-            }
+            K::pack_t(q.from(i0), q.stride, nq, d, cl, qt, BLOCK_Q, nqp);
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             o[..nq * dp].fill(0.0);
@@ -835,6 +944,7 @@ fn forward<K: Kern>(qkv: &[f32], dims: Dims, out: &mut [f32], lse: &mut [f32]) {
                         ldb: BLOCK_Q,
                         ldo: BLOCK_Q,
                         acc: false,
+                        tri: Tri::Full,
                     },
                     st,
                 );
@@ -872,6 +982,7 @@ fn forward<K: Kern>(qkv: &[f32], dims: Dims, out: &mut [f32], lse: &mut [f32]) {
                         ldb: ldv,
                         ldo: dp,
                         acc: true,
+                        tri: if j0 == i0 { Tri::KTo } else { Tri::Full },
                     },
                     o,
                 );
@@ -1010,25 +1121,16 @@ fn backward_head<K: Kern>(
             let nk = (seq - j0).min(BLOCK_K);
             let nkp = nk.div_ceil(PAD) * PAD;
             // Kᵀ and Vᵀ of the key block, zero past nk: kt[c·BLOCK_K + j].
-            for j in 0..nkp {
-                if j < nk {
-                    let (kr, vr) = (&k_in.from(j0 + j)[..d], &v.from(j0 + j)[..d]);
-                    for cc in 0..d {
-                        kt[cc * BLOCK_K + j] = kr[cc];
-                        vt[cc * BLOCK_K + j] = vr[cc];
-                    }
-                } else {
-                    for cc in 0..d {
-                        kt[cc * BLOCK_K + j] = 0.0;
-                        vt[cc * BLOCK_K + j] = 0.0;
-                    }
-                }
-            }
+            K::pack_t(k_in.from(j0), k_in.stride, nk, d, 1.0, kt, BLOCK_K, nkp);
+            K::pack_t(v.from(j0), v.stride, nk, d, 1.0, vt, BLOCK_K, nkp);
             dk[..nk * dp].fill(0.0);
             dv[..nk * dp].fill(0.0);
             let mut i0 = j0;
             while i0 < seq {
                 let nq = (seq - i0).min(BLOCK_Q);
+                // In the diagonal block, P and dS are zero above the diagonal.
+                let diag = i0 == j0;
+                let diag_from = if diag { Tri::KFrom } else { Tri::Full };
                 // S = Q·Kᵀ (raw scores, unscaled): s[i·BLOCK_K + j].
                 K::gemm(
                     &Mm {
@@ -1042,6 +1144,7 @@ fn backward_head<K: Kern>(
                         ldb: BLOCK_K,
                         ldo: BLOCK_K,
                         acc: false,
+                        tri: Tri::Full,
                     },
                     s,
                 );
@@ -1065,6 +1168,7 @@ fn backward_head<K: Kern>(
                         ldb: dout.stride,
                         ldo: dp,
                         acc: true,
+                        tri: diag_from,
                     },
                     dv,
                 );
@@ -1081,6 +1185,7 @@ fn backward_head<K: Kern>(
                         ldb: BLOCK_K,
                         ldo: BLOCK_K,
                         acc: false,
+                        tri: Tri::Full,
                     },
                     dpb,
                 );
@@ -1102,6 +1207,7 @@ fn backward_head<K: Kern>(
                         ldb: q.stride,
                         ldo: dp,
                         acc: true,
+                        tri: diag_from,
                     },
                     dk,
                 );
@@ -1117,6 +1223,7 @@ fn backward_head<K: Kern>(
                         ldb: k.stride,
                         ldo: dp,
                         acc: true,
+                        tri: if diag { Tri::KTo } else { Tri::Full },
                     },
                     &mut dq[i0 * dp..],
                 );

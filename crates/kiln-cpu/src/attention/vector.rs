@@ -12,13 +12,18 @@
 use crate::elementwise::activations::Isa;
 
 /// Whether the training kernels can run `isa` here (their AVX-512 path also uses AVX2 and FMA,
-/// which every AVX-512 CPU has).
+/// which every AVX-512 CPU has). Detected once per process.
 pub(crate) fn isa_ok(isa: Isa) -> bool {
-    let avail = Isa::available();
+    static HAS: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+    let (avx2, avx512) = *HAS.get_or_init(|| {
+        let avail = Isa::available();
+        let avx2 = avail.contains(&Isa::Avx2);
+        (avx2, avx2 && avail.contains(&Isa::Avx512))
+    });
     match isa {
         Isa::Scalar => true,
-        Isa::Avx2 => avail.contains(&Isa::Avx2),
-        Isa::Avx512 => avail.contains(&Isa::Avx512) && avail.contains(&Isa::Avx2),
+        Isa::Avx2 => avx2,
+        Isa::Avx512 => avx512,
     }
 }
 
@@ -84,6 +89,70 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 pub(crate) mod x86 {
     use super::{Vf32, LN2_HI, LN2_LO, P2, PE};
     use std::arch::x86_64::*;
+
+    /// `dst[c·ld + j] = src[j·stride + c]·scale` for `j < n`, `c < d`: 8×8 blocks transposed
+    /// in registers, scalar edges.
+    ///
+    /// Safety: AVX2 present; `src` readable at `j·stride + c` and `dst` writable at `c·ld + j`
+    /// for every `j < n`, `c < d`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose_scaled(
+        src: *const f32,
+        stride: usize,
+        n: usize,
+        d: usize,
+        scale: f32,
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        let (n8, d8) = (n / 8 * 8, d / 8 * 8);
+        let sc = _mm256_set1_ps(scale);
+        for j0 in (0..n8).step_by(8) {
+            for c0 in (0..d8).step_by(8) {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|k| _mm256_loadu_ps(src.add((j0 + k) * stride + c0)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let o = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (k, v) in o.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((c0 + k) * ld + j0), _mm256_mul_ps(*v, sc));
+                }
+            }
+            for c in d8..d {
+                for j in j0..j0 + 8 {
+                    *dst.add(c * ld + j) = *src.add(j * stride + c) * scale;
+                }
+            }
+        }
+        for j in n8..n {
+            for c in 0..d {
+                *dst.add(c * ld + j) = *src.add(j * stride + c) * scale;
+            }
+        }
+    }
 
     /// 8 lanes, AVX2 + FMA.
     #[derive(Clone, Copy)]
