@@ -29,6 +29,10 @@ pub struct AttentionArgs {
     /// One decode step against a KV cache of `seq` positions instead of a prefill.
     #[arg(long)]
     pub decode: bool,
+    /// Training attention (causal, fused QKV layout): forward with log-sum-exp plus backward;
+    /// GFLOP/s count the backward as 2.5× the forward's flops.
+    #[arg(long)]
+    pub backward: bool,
     /// Storage type of K and V: f32, bf16 or f16.
     #[arg(long = "kv-dtype", default_value = "f32")]
     pub kv_dtype: String,
@@ -48,6 +52,9 @@ pub fn run(args: AttentionArgs) -> Result<()> {
         return Err(Error::invalid(
             "bench attention: every size must be positive",
         ));
+    }
+    if args.backward {
+        return super::attention_train::run(&args);
     }
     let dtype = DType::parse(&args.kv_dtype)
         .filter(|d| d.is_float())
@@ -198,7 +205,7 @@ fn bench<T: FloatElement>(a: &AttentionArgs) -> Result<BenchRecord> {
 }
 
 /// The process's peak resident set (VmHWM), in MiB (Linux only).
-fn peak_rss_mib() -> Option<f64> {
+pub(super) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -207,7 +214,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// CPU time (user + system, all threads) of this process in seconds, from `/proc/self/stat`
 /// (clock-tick resolution); `None` off Linux.
-fn process_cpu_s() -> Option<f64> {
+pub(super) fn process_cpu_s() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &s[s.rfind(')')? + 2..];
@@ -218,7 +225,7 @@ fn process_cpu_s() -> Option<f64> {
 
 /// `cpu_ms`: CPU time per call, averaged over every call (warm-up included). On a loaded
 /// machine this is steadier than wall time; with several threads it sums over them.
-fn insert_cpu_ms(
+pub(super) fn insert_cpu_ms(
     extra: &mut serde_json::Map<String, serde_json::Value>,
     cpu0: Option<f64>,
     calls: usize,

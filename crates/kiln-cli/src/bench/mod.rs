@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::time::{Duration, Instant};
 
 pub mod attention;
+pub mod attention_train;
 pub mod conv;
 pub mod dcgan;
 pub mod gpt2_train;

@@ -28,9 +28,15 @@ mod avx2;
 mod cache;
 mod scalar;
 pub(crate) mod simd;
+mod train;
+pub(crate) mod vector;
 
 pub use cache::{attention_cached, KvCache};
 pub use simd::Isa;
+pub use train::{
+    attention_backward, attention_backward_with, attention_train_forward,
+    attention_train_forward_with,
+};
 
 /// Query rows per task (and per tile of the scratch buffers).
 pub const BLOCK_Q: usize = 32;
