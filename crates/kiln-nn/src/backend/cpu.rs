@@ -867,7 +867,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) -> Result<()> {
         let (c, rows) = (heads * head_dim, batch * seq);
-        train_attention::forward(
+        kiln_cpu::attention::attention_train_forward(
             f32s(qkv, "attention: qkv", rows * 3 * c)?,
             batch,
             seq,
@@ -891,7 +891,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) -> Result<()> {
         let (c, rows) = (heads * head_dim, batch * seq);
-        train_attention::backward(
+        kiln_cpu::attention::attention_backward(
             f32s(qkv, "attention backward: qkv", rows * 3 * c)?,
             f32s(out, "attention backward: out", rows * c)?,
             f32s(dout, "attention backward: dout", rows * c)?,
@@ -922,11 +922,24 @@ impl Backend for CpuBackend {
         match dscale {
             Some(d) => {
                 let l = f32s_mut(logits, "cross_entropy: logits", rows * vocab)?;
-                train_xent::forward_backward(l, rows, vocab, targets, d, &mut losses)?
+                kiln_cpu::elementwise::cross_entropy::cross_entropy_forward_backward(
+                    l,
+                    rows,
+                    vocab,
+                    targets,
+                    d,
+                    &mut losses,
+                )?
             }
             None => {
                 let l = f32s(logits, "cross_entropy: logits", rows * vocab)?;
-                train_xent::forward(l, rows, vocab, targets, &mut losses)?
+                kiln_cpu::elementwise::cross_entropy::cross_entropy_forward(
+                    l,
+                    rows,
+                    vocab,
+                    targets,
+                    &mut losses,
+                )?
             }
         }
         Ok((losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64) as f32)
@@ -1383,216 +1396,6 @@ fn conv_bwd<W: FloatElement>(
         conv_transpose2d_backward(g, x, w, dy, dx, dw, db)
     } else {
         conv2d_backward(g, x, w, dy, dx, dw, db)
-    }
-}
-
-/// Causal attention of whole sequences for training, straight from its definition (one query
-/// row at a time, scores in f32 with the max subtracted).
-mod train_attention {
-    use kiln_tensor::{Error, Result};
-    use rayon::prelude::*;
-
-    fn check(batch: usize, seq: usize, heads: usize, d: usize) -> Result<()> {
-        if batch == 0 || seq == 0 || heads == 0 || d == 0 {
-            return Err(Error::invalid(format!(
-                "attention: empty shape (batch {batch}, seq {seq}, heads {heads}, head_dim {d})"
-            )));
-        }
-        Ok(())
-    }
-
-    /// `out`, `lse` of causal attention over `qkv [B·T, 3C]`.
-    pub fn forward(
-        qkv: &[f32],
-        batch: usize,
-        seq: usize,
-        heads: usize,
-        d: usize,
-        out: &mut [f32],
-        lse: &mut [f32],
-    ) -> Result<()> {
-        check(batch, seq, heads, d)?;
-        let c = heads * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        // One task per (b, h): rows of out are written per head, so gather per task and
-        // scatter after.
-        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads)
-            .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / heads, bh % heads);
-                let row = |t: usize, part: usize| {
-                    let o = (b * seq + t) * 3 * c + part * c + h * d;
-                    &qkv[o..o + d]
-                };
-                let mut o = vec![0f32; seq * d];
-                let mut l = vec![0f32; seq];
-                let mut s = vec![0f32; seq];
-                for i in 0..seq {
-                    let q = row(i, 0);
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, sj) in s.iter_mut().enumerate().take(i + 1) {
-                        *sj = q.iter().zip(row(j, 1)).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        m = m.max(*sj);
-                    }
-                    let mut z = 0f32;
-                    for sj in s.iter_mut().take(i + 1) {
-                        *sj = (*sj - m).exp();
-                        z += *sj;
-                    }
-                    let oi = &mut o[i * d..(i + 1) * d];
-                    for (j, &p) in s.iter().enumerate().take(i + 1) {
-                        for (ov, &vv) in oi.iter_mut().zip(row(j, 2)) {
-                            *ov += p / z * vv;
-                        }
-                    }
-                    l[i] = m + z.ln();
-                }
-                (o, l)
-            })
-            .collect();
-        for (bh, (o, l)) in results.into_iter().enumerate() {
-            let (b, h) = (bh / heads, bh % heads);
-            for t in 0..seq {
-                let dst = (b * seq + t) * c + h * d;
-                out[dst..dst + d].copy_from_slice(&o[t * d..(t + 1) * d]);
-            }
-            lse[bh * seq..(bh + 1) * seq].copy_from_slice(&l);
-        }
-        Ok(())
-    }
-
-    /// `dqkv` from `dout`, recomputing `P = exp(s − lse)`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        qkv: &[f32],
-        out: &[f32],
-        dout: &[f32],
-        lse: &[f32],
-        batch: usize,
-        seq: usize,
-        heads: usize,
-        d: usize,
-        dqkv: &mut [f32],
-    ) -> Result<()> {
-        check(batch, seq, heads, d)?;
-        let c = heads * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        let results: Vec<Vec<f32>> = (0..batch * heads)
-            .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / heads, bh % heads);
-                let row = |t: usize, part: usize| {
-                    let o = (b * seq + t) * 3 * c + part * c + h * d;
-                    &qkv[o..o + d]
-                };
-                let orow = |src: &'_ [f32], t: usize| -> Vec<f32> {
-                    let o = (b * seq + t) * c + h * d;
-                    src[o..o + d].to_vec()
-                };
-                // [T, 3, D]: dq, dk, dv of this head.
-                let mut g = vec![0f32; seq * 3 * d];
-                for i in 0..seq {
-                    let q = row(i, 0);
-                    let (oi, doi) = (orow(out, i), orow(dout, i));
-                    let dl: f32 = oi.iter().zip(&doi).map(|(a, b)| a * b).sum();
-                    for j in 0..=i {
-                        let k = row(j, 1);
-                        let v = row(j, 2);
-                        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        let p = (s - lse[bh * seq + i]).exp();
-                        let dp: f32 = doi.iter().zip(v).map(|(a, b)| a * b).sum();
-                        let ds = p * (dp - dl) * scale;
-                        for e in 0..d {
-                            g[(i * 3) * d + e] += ds * k[e];
-                            g[(j * 3 + 1) * d + e] += ds * q[e];
-                            g[(j * 3 + 2) * d + e] += p * doi[e];
-                        }
-                    }
-                }
-                g
-            })
-            .collect();
-        for (bh, g) in results.into_iter().enumerate() {
-            let (b, h) = (bh / heads, bh % heads);
-            for t in 0..seq {
-                for part in 0..3 {
-                    let dst = (b * seq + t) * 3 * c + part * c + h * d;
-                    dqkv[dst..dst + d]
-                        .copy_from_slice(&g[(t * 3 + part) * d..(t * 3 + part + 1) * d]);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Cross-entropy of rows of logits, fused with its gradient.
-mod train_xent {
-    use kiln_tensor::{Error, Result};
-    use rayon::prelude::*;
-
-    fn check(rows: usize, vocab: usize, targets: &[u32], len: usize) -> Result<()> {
-        if vocab == 0 || len < rows * vocab {
-            return Err(Error::invalid(format!(
-                "cross_entropy: {len} logits for {rows} rows of {vocab}"
-            )));
-        }
-        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "cross_entropy: target {t} outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(())
-    }
-
-    /// `(max, Σ exp(x − max))` of a row.
-    fn stats(row: &[f32]) -> (f32, f32) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        (m, row.iter().map(|&x| (x - m).exp()).sum())
-    }
-
-    pub fn forward(
-        logits: &[f32],
-        rows: usize,
-        vocab: usize,
-        targets: &[u32],
-        losses: &mut [f32],
-    ) -> Result<()> {
-        check(rows, vocab, targets, logits.len())?;
-        losses
-            .par_iter_mut()
-            .zip(logits.par_chunks(vocab))
-            .zip(targets.par_iter())
-            .for_each(|((l, row), &t)| {
-                let (m, z) = stats(row);
-                *l = m + z.ln() - row[t as usize];
-            });
-        Ok(())
-    }
-
-    pub fn forward_backward(
-        logits: &mut [f32],
-        rows: usize,
-        vocab: usize,
-        targets: &[u32],
-        dscale: f32,
-        losses: &mut [f32],
-    ) -> Result<()> {
-        check(rows, vocab, targets, logits.len())?;
-        losses
-            .par_iter_mut()
-            .zip(logits[..rows * vocab].par_chunks_mut(vocab))
-            .zip(targets.par_iter())
-            .for_each(|((l, row), &t)| {
-                let (m, z) = stats(row);
-                *l = m + z.ln() - row[t as usize];
-                let inv = 1.0 / z;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp() * inv * dscale;
-                }
-                row[t as usize] -= dscale;
-            });
-        Ok(())
     }
 }
 
