@@ -41,6 +41,7 @@
 #include <utility>
 #include <vector>
 #include <sys/mman.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #define __global__
@@ -103,6 +104,7 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 template <class T> inline T __ldg(const T* p) { return *p; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline void __threadfence_block() {}
 inline void __threadfence() {}
 [[noreturn]] void kiln_emu_trap();
@@ -119,7 +121,9 @@ struct Copy {
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // the entry context (makecontext), used once per block
+    jmp_buf jb;      // where the fiber continues after a yield
+    bool started = false;
     char* stack = nullptr;
     uint3 tid{};
     int lin = 0;
@@ -135,7 +139,8 @@ constexpr int SLOT_WORDS = 16;  // 64-bit words per lane in a warp exchange
 
 struct Block {
     std::vector<Fiber> fibers;
-    ucontext_t main;
+    jmp_buf main;       // the scheduler
+    ucontext_t entry;   // template for the fibers' entry contexts
     int cur = -1;
     int n = 0;
     unsigned long block_gen = 0;
@@ -156,18 +161,17 @@ inline thread_local Block* blk = nullptr;
 
 inline Fiber& me() { return blk->fibers[blk->cur]; }
 
+// Switches are _setjmp/_longjmp between stacks (no signal-mask system call); a fiber's first
+// entry is a setcontext into its makecontext'ed entry context.
+inline void yield() {
+    Fiber& f = me();
+    if (!_setjmp(f.jb)) _longjmp(blk->main, 1);
+}
+
 [[noreturn]] inline void fail(const std::string& msg) {
     if (blk->error.empty()) blk->error = msg;
     // Park this fiber forever: the scheduler sees no progress and stops the block.
-    for (;;) {
-        Fiber& f = me();
-        swapcontext(&f.ctx, &blk->main);
-    }
-}
-
-inline void yield() {
-    Fiber& f = me();
-    swapcontext(&f.ctx, &blk->main);
+    for (;;) yield();
 }
 
 inline void block_barrier() {
@@ -273,7 +277,7 @@ inline void fiber_main() {
     }
     f.done = true;
     blk->progressed = true;
-    // Returning switches to uc_link (the scheduler).
+    _longjmp(blk->main, 1);
 }
 
 // Runs one block to completion. Returns false (with `b.error` set) on a deadlock or failure.
@@ -281,12 +285,13 @@ inline bool run_block(Block& b, bool reverse) {
     for (int i = 0; i < b.n; ++i) {
         Fiber& f = b.fibers[i];
         f.done = false;
+        f.started = false;
         f.open.clear();
         f.groups.clear();
-        getcontext(&f.ctx);
+        f.ctx = b.entry;
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = STACK_BYTES;
-        f.ctx.uc_link = &b.main;
+        f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, (void (*)())fiber_main, 0);
     }
     b.block_arrived = 0;
@@ -300,7 +305,14 @@ inline bool run_block(Block& b, bool reverse) {
             if (f.done) continue;
             b.cur = i;
             threadIdx = f.tid;
-            swapcontext(&b.main, &f.ctx);
+            if (!_setjmp(b.main)) {
+                if (!f.started) {
+                    f.started = true;
+                    setcontext(&f.ctx);
+                } else {
+                    _longjmp(f.jb, 1);
+                }
+            }
             if (f.done) --live;
         }
         if (!b.error.empty()) return false;
@@ -373,6 +385,7 @@ inline int launch(const KernelEntry* table, const char* name, const unsigned* gr
         f.lin = (int)i;
         f.tid = uint3{i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
     }
+    getcontext(&b.entry);
     b.smem_bytes = smem_bytes;
     b.smem.resize(smem_bytes + SMEM_GUARD);
     Block* saved = blk;

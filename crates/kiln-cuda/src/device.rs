@@ -474,16 +474,21 @@ impl CudaDevice {
 
     /// `dst[..src.len()] = src` on the device (same dtype).
     pub fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> Result<()> {
-        if src.dtype() != dst.dtype() || src.len() > dst.len() {
+        self.copy_prefix(src, dst, src.len())
+    }
+
+    /// `dst[..n] = src[..n]` on the device (same dtype).
+    pub fn copy_prefix(&self, src: &CudaBuf, dst: &mut CudaBuf, n: usize) -> Result<()> {
+        if src.dtype() != dst.dtype() || n > src.len() || n > dst.len() {
             return Err(Error::invalid(format!(
-                "copy: {} {} elements into {} {}",
+                "copy: {n} elements from {} {} into {} {}",
                 src.len(),
                 src.dtype(),
                 dst.len(),
                 dst.dtype()
             )));
         }
-        let n = src.len() * src.dtype().size_in_bytes();
+        let n = n * src.dtype().size_in_bytes();
         if n == 0 {
             return Ok(());
         }

@@ -26,7 +26,16 @@ macro_rules! kernel_files {
 }
 
 kernel_files! {
+    ADAM = "adam.cu";
+    BATCH_NORM = "batch_norm.cu";
+    CAST = "cast.cu";
+    ELEMENTWISE = "elementwise.cu";
+    EMBEDDING = "embedding.cu";
+    LAYER_NORM = "layer_norm.cu";
+    LOSS = "loss.cu";
     PROBE = "probe.cu";
+    REDUCE = "reduce.cu";
+    SOFTMAX = "softmax.cu";
 }
 
 /// The headers kernel files may include with `#include "NAME.cuh"`.
