@@ -22,6 +22,14 @@ typedef unsigned long long uint64_t;
 #define KILN_NEG_INF __uint_as_float(0xff800000u)
 #define KILN_FULL_MASK 0xffffffffu
 
+// Fully unroll the next loop (its trip count is a compile-time constant): arrays indexed by its
+// counter then live in registers, not in local memory.
+#ifdef KILN_EMU
+#define KILN_UNROLL
+#else
+#define KILN_UNROLL _Pragma("unroll")
+#endif
+
 // Dynamic shared memory of a kernel, as an array of T (16-byte aligned).
 #ifdef KILN_EMU
 #define KILN_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(kiln_emu::dynamic_smem())

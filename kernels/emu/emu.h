@@ -52,7 +52,7 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static thread_local
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned x, y, z;

@@ -31,6 +31,9 @@ kernel_files! {
     CAST = "cast.cu";
     ELEMENTWISE = "elementwise.cu";
     EMBEDDING = "embedding.cu";
+    GEMM_F32 = "gemm_f32.cu";
+    GEMM_TC = "gemm_tc.cu";
+    GEMV = "gemv.cu";
     LAYER_NORM = "layer_norm.cu";
     LOSS = "loss.cu";
     PROBE = "probe.cu";

@@ -1,5 +1,6 @@
 //! Compiles every `kernels/*.cu` with NVRTC — to PTX and to sm_80 and sm_90 cubins, with
-//! exactly the options the runtime uses — and fails on any error, warning or register spill.
+//! exactly the options the runtime uses — and fails on any error, warning, register spill or
+//! local-memory stack frame.
 //! Prints each kernel's registers, shared memory and stack frame.
 //!
 //! NVRTC is found as the runtime finds it (`KILN_NVRTC_LIB_DIR`, then `.venv` and other likely
@@ -108,6 +109,14 @@ fn every_kernel_compiles_without_warnings_or_spills() {
                             k.spill_stores,
                             k.spill_loads
                         );
+                        if k.stack_frame_bytes > 0 {
+                            failures.push(format!(
+                                "{name}: kernel {} keeps {} bytes in local memory on {} (a register array indexed by a loop that is not unrolled?)",
+                                k.name,
+                                k.stack_frame_bytes,
+                                target.arch_flag()
+                            ));
+                        }
                         if k.spill_stores > 0 || k.spill_loads > 0 {
                             failures.push(format!(
                                 "{name}: kernel {} spills registers on {} ({} bytes stored, {} loaded)",

@@ -21,6 +21,8 @@ use kiln_tensor::{Error, Result};
 
 pub mod elementwise;
 pub mod embedding;
+pub mod gemm;
+pub mod gemm_tc;
 pub mod loss;
 pub mod norm;
 pub mod optim;
