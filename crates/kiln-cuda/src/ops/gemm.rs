@@ -279,8 +279,8 @@ fn tiled(
         if d.b_t { 't' } else { 'n' }
     );
     // 16-byte (f32) or 8-byte (16-bit) vector loads of 4 elements need 4-element alignment.
-    let vec_a = s.a_offset % 4 == 0 && s.lda % 4 == 0;
-    let vec_b = s.b_offset % 4 == 0 && s.ldb % 4 == 0;
+    let vec_a = s.a_offset.is_multiple_of(4) && s.lda.is_multiple_of(4);
+    let vec_b = s.b_offset.is_multiple_of(4) && s.ldb.is_multiple_of(4);
     let dims = LaunchDims {
         grid: [d.n.div_ceil(128) as u32, d.m.div_ceil(128) as u32, 1],
         block: [256, 1, 1],
@@ -328,7 +328,7 @@ fn gemv(
 ) -> Result<()> {
     let tname = type_name(b.dtype());
     let vec = 16 / b.dtype().size_in_bytes(); // elements per 16-byte load
-    let vec_b = s.b_offset % vec == 0 && s.ldb % vec == 0;
+    let vec_b = s.b_offset.is_multiple_of(vec) && s.ldb.is_multiple_of(vec);
     let (m, n, k) = (i32_arg("m", d.m)?, i32_arg("n", d.n)?, i32_arg("k", d.k)?);
     let common = vec![
         Arg::I32(m),
