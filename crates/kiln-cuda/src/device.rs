@@ -112,6 +112,8 @@ pub enum Arg<'a> {
     U32(u32),
     F32(f32),
     I64(i64),
+    /// Three i64 passed as one 24-byte struct (a view's strides: `struct View` in the kernels).
+    I64x3([i64; 3]),
 }
 
 pub(crate) enum Imp {
@@ -791,6 +793,7 @@ fn gpu_launch(
         U32(u32),
         F32(f32),
         I64(i64),
+        I64x3([i64; 3]),
     }
     let mut vals = Vec::with_capacity(args.len());
     for a in args {
@@ -803,6 +806,7 @@ fn gpu_launch(
             Arg::U32(v) => Val::U32(v),
             Arg::F32(v) => Val::F32(v),
             Arg::I64(v) => Val::I64(v),
+            Arg::I64x3(v) => Val::I64x3(v),
         });
     }
     let mut builder = g.stream.launch_builder(func);
@@ -813,6 +817,7 @@ fn gpu_launch(
             Val::U32(x) => builder.arg(x),
             Val::F32(x) => builder.arg(x),
             Val::I64(x) => builder.arg(x),
+            Val::I64x3(x) => builder.arg(x),
         };
     }
     let cfg = cudarc::driver::LaunchConfig {

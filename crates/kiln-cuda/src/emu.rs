@@ -147,21 +147,23 @@ impl Emu {
         dims: LaunchDims,
         args: &[Arg<'_>],
     ) -> Result<(), CudaError> {
-        // Every argument as 8 bytes (little-endian, so an i32 is read from its first 4).
-        let mut vals: Vec<u64> = args
+        // Every argument in a 24-byte slot (little-endian, so an i32 is read from its first 4
+        // bytes; a three-i64 struct fills the slot).
+        let mut vals: Vec<[u64; 3]> = args
             .iter()
             .map(|a| match *a {
-                Arg::Buf(b) => emu_addr(b) as u64,
-                Arg::At(b, off) => (emu_addr(b) + off * b.dtype().size_in_bytes()) as u64,
-                Arg::I32(v) => v as u32 as u64,
-                Arg::U32(v) => v as u64,
-                Arg::F32(v) => v.to_bits() as u64,
-                Arg::I64(v) => v as u64,
+                Arg::Buf(b) => [emu_addr(b) as u64, 0, 0],
+                Arg::At(b, off) => [(emu_addr(b) + off * b.dtype().size_in_bytes()) as u64, 0, 0],
+                Arg::I32(v) => [v as u32 as u64, 0, 0],
+                Arg::U32(v) => [v as u64, 0, 0],
+                Arg::F32(v) => [v.to_bits() as u64, 0, 0],
+                Arg::I64(v) => [v as u64, 0, 0],
+                Arg::I64x3(v) => [v[0] as u64, v[1] as u64, v[2] as u64],
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
-            .map(|v| v as *mut u64 as *mut c_void)
+            .map(|v| v.as_mut_ptr() as *mut c_void)
             .collect();
         let name = CString::new(kernel)
             .map_err(|_| CudaError::Emulator(format!("bad kernel name {kernel:?}")))?;

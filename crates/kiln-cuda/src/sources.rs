@@ -27,6 +27,8 @@ macro_rules! kernel_files {
 
 kernel_files! {
     ADAM = "adam.cu";
+    ATTENTION = "attention.cu";
+    ATTENTION_TC = "attention_tc.cu";
     BATCH_NORM = "batch_norm.cu";
     CAST = "cast.cu";
     ELEMENTWISE = "elementwise.cu";

@@ -11,7 +11,10 @@ pub const SMEM_BYTES: u32 = 4 * (128 * 32 + 32 * 128) * 2;
 
 /// Whether the tensor-core kernel takes this layout: 16-byte aligned operand rows.
 pub(crate) fn supports(_d: &GemmDims, s: &GemmStrides) -> bool {
-    s.a_offset.is_multiple_of(8) && s.lda.is_multiple_of(8) && s.b_offset.is_multiple_of(8) && s.ldb.is_multiple_of(8)
+    s.a_offset.is_multiple_of(8)
+        && s.lda.is_multiple_of(8)
+        && s.b_offset.is_multiple_of(8)
+        && s.ldb.is_multiple_of(8)
 }
 
 #[allow(clippy::too_many_arguments)]
