@@ -8,7 +8,7 @@ use crate::buffer::{CudaBuf, DeviceElement, Mem};
 use crate::emu::{Emu, EmuModule, EmuOptions};
 use crate::error::{driver, CudaError};
 use crate::nvrtc::{self, Target};
-use crate::sources::{self, KernelFile};
+use crate::sources::KernelFile;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, PushKernelArg};
 use kiln_tensor::{DType, Error, Result, Tensor};
@@ -114,6 +114,8 @@ pub enum Arg<'a> {
     I64(i64),
     /// Three i64 passed as one 24-byte struct (a view's strides: `struct View` in the kernels).
     I64x3([i64; 3]),
+    /// Sixteen i32 passed as one 64-byte struct (a convolution's geometry: `struct ConvGeom`).
+    I32x16([i32; 16]),
 }
 
 pub(crate) enum Imp {
@@ -571,13 +573,11 @@ impl CudaDevice {
     }
 
     fn module_key(&self, file: &KernelFile) -> u64 {
+        // In-process only: the file (a static) and what it is compiled for.
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        file.name.hash(&mut h);
-        file.text.hash(&mut h);
+        (file as *const KernelFile as usize).hash(&mut h);
         match &self.imp {
-            Imp::Gpu(g) => {
-                nvrtc::options(g.target).hash(&mut h);
-            }
+            Imp::Gpu(g) => g.target.hash(&mut h),
             Imp::Emu(e) => e.options().reverse.hash(&mut h),
         }
         h.finish()
@@ -594,12 +594,11 @@ impl CudaDevice {
         }
         let loaded = match &self.imp {
             Imp::Gpu(g) => {
-                let src = sources::expand(file);
-                let c = nvrtc::compile(file.name, &src, g.target)?;
+                let img = crate::cache::compile(file, g.target)?;
                 let ptx = match g.target {
-                    Target::Cubin(_) => cudarc::nvrtc::Ptx::from_binary(c.image),
+                    Target::Cubin(_) => cudarc::nvrtc::Ptx::from_binary(img.bytes),
                     Target::Ptx(_) => cudarc::nvrtc::Ptx::from_src(
-                        String::from_utf8_lossy(&c.image)
+                        String::from_utf8_lossy(&img.bytes)
                             .trim_end_matches('\0')
                             .to_string(),
                     ),
@@ -610,16 +609,21 @@ impl CudaDevice {
                     .map_err(|e| driver(format!("loading module {}", file.name), e))?;
                 if std::env::var_os("KILN_CUDA_VERBOSE").is_some() {
                     eprintln!(
-                        "kiln-cuda: compiled {} for {}:\n{}",
+                        "kiln-cuda: {} {} for {}:\n{}",
+                        if img.from_cache {
+                            "loaded cached"
+                        } else {
+                            "compiled"
+                        },
                         file.name,
                         g.target.arch_flag(),
-                        c.log
+                        img.log
                     );
                 }
                 LoadedModule::Gpu(GpuModule {
                     module,
                     functions: HashMap::new(),
-                    log: c.log,
+                    log: img.log,
                 })
             }
             Imp::Emu(e) => LoadedModule::Emu(Arc::new(e.build(file)?)),
@@ -794,6 +798,7 @@ fn gpu_launch(
         F32(f32),
         I64(i64),
         I64x3([i64; 3]),
+        I32x16([i32; 16]),
     }
     let mut vals = Vec::with_capacity(args.len());
     for a in args {
@@ -807,6 +812,7 @@ fn gpu_launch(
             Arg::F32(v) => Val::F32(v),
             Arg::I64(v) => Val::I64(v),
             Arg::I64x3(v) => Val::I64x3(v),
+            Arg::I32x16(v) => Val::I32x16(v),
         });
     }
     let mut builder = g.stream.launch_builder(func);
@@ -818,6 +824,7 @@ fn gpu_launch(
             Val::F32(x) => builder.arg(x),
             Val::I64(x) => builder.arg(x),
             Val::I64x3(x) => builder.arg(x),
+            Val::I32x16(x) => builder.arg(x),
         };
     }
     let cfg = cudarc::driver::LaunchConfig {
@@ -834,7 +841,10 @@ fn gpu_launch(
 }
 
 fn pick_target(arch: u32) -> std::result::Result<Target, CudaError> {
-    let archs = nvrtc::supported_archs()?;
+    // Without NVRTC the kernel cache may still hold cubins for this architecture.
+    let Ok(archs) = nvrtc::supported_archs() else {
+        return Ok(Target::Cubin(arch));
+    };
     if archs.contains(&arch) {
         return Ok(Target::Cubin(arch));
     }

@@ -147,18 +147,33 @@ impl Emu {
         dims: LaunchDims,
         args: &[Arg<'_>],
     ) -> Result<(), CudaError> {
-        // Every argument in a 24-byte slot (little-endian, so an i32 is read from its first 4
-        // bytes; a three-i64 struct fills the slot).
-        let mut vals: Vec<[u64; 3]> = args
+        // Every argument in a 64-byte slot (little-endian, so an i32 is read from its first 4
+        // bytes; struct arguments fill the slot's start).
+        let mut vals: Vec<[u64; 8]> = args
             .iter()
-            .map(|a| match *a {
-                Arg::Buf(b) => [emu_addr(b) as u64, 0, 0],
-                Arg::At(b, off) => [(emu_addr(b) + off * b.dtype().size_in_bytes()) as u64, 0, 0],
-                Arg::I32(v) => [v as u32 as u64, 0, 0],
-                Arg::U32(v) => [v as u64, 0, 0],
-                Arg::F32(v) => [v.to_bits() as u64, 0, 0],
-                Arg::I64(v) => [v as u64, 0, 0],
-                Arg::I64x3(v) => [v[0] as u64, v[1] as u64, v[2] as u64],
+            .map(|a| {
+                let mut slot = [0u64; 8];
+                match *a {
+                    Arg::Buf(b) => slot[0] = emu_addr(b) as u64,
+                    Arg::At(b, off) => {
+                        slot[0] = (emu_addr(b) + off * b.dtype().size_in_bytes()) as u64
+                    }
+                    Arg::I32(v) => slot[0] = v as u32 as u64,
+                    Arg::U32(v) => slot[0] = v as u64,
+                    Arg::F32(v) => slot[0] = v.to_bits() as u64,
+                    Arg::I64(v) => slot[0] = v as u64,
+                    Arg::I64x3(v) => {
+                        for (s, x) in slot.iter_mut().zip(v) {
+                            *s = x as u64;
+                        }
+                    }
+                    Arg::I32x16(v) => {
+                        for (s, pair) in slot.iter_mut().zip(v.chunks(2)) {
+                            *s = (pair[0] as u32 as u64) | ((pair[1] as u32 as u64) << 32);
+                        }
+                    }
+                }
+                slot
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = vals

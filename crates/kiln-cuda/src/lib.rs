@@ -12,12 +12,14 @@
 //! | [`buffer`] | [`CudaBuf`]: device memory of f32, bf16, f16 or i32 elements |
 //! | [`nvrtc`] | finding NVRTC, compiling a kernel file with the runtime's options, ptxas reports |
 //! | [`sources`] | the embedded kernel files |
+//! | [`cache`] | the on-disk cache of compiled kernel images (once per architecture, not per process) |
 //! | [`ops`] | one function per op: validates sizes, picks the kernel, launches |
 //! | [`emu`] | the CPU emulator device that tests run every kernel on (g++ + `kernels/emu/emu.h`) |
 //!
 //! The CPU backend (`kiln-cpu`) is the reference: every op here is tested against it, on the
 //! emulator everywhere and on a GPU where there is one.
 pub mod buffer;
+pub mod cache;
 pub mod device;
 pub mod emu;
 pub mod error;

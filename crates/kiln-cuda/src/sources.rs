@@ -31,6 +31,7 @@ kernel_files! {
     ATTENTION_TC = "attention_tc.cu";
     BATCH_NORM = "batch_norm.cu";
     CAST = "cast.cu";
+    CONV = "conv.cu";
     ELEMENTWISE = "elementwise.cu";
     EMBEDDING = "embedding.cu";
     GEMM_F32 = "gemm_f32.cu";

@@ -20,6 +20,7 @@ use crate::device::LaunchDims;
 use kiln_tensor::{Error, Result};
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
