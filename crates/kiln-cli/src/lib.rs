@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod bench;
+pub mod cuda;
 pub mod gpt2;
 pub mod inspect;
 
@@ -30,6 +31,9 @@ pub enum Command {
     /// Kernel benchmarks: GFLOP/s or GB/s and the fraction of this machine's measured peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The CUDA device: its properties; compiling the kernels into the kernel cache.
+    #[command(subcommand)]
+    Cuda(cuda::CudaCommand),
 }
 
 /// Runs a parsed command line.
@@ -38,6 +42,7 @@ pub fn run(cli: Cli) -> kiln_tensor::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Gpt2(cmd) => gpt2::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Cuda(cmd) => cuda::run(cmd),
     }
 }
 

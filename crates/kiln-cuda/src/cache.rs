@@ -63,13 +63,21 @@ pub struct Image {
     pub from_cache: bool,
 }
 
-/// `file` compiled for `target`, through the cache.
+/// `file` compiled for `target`, through the cache (at [`dir`]).
 pub fn compile(file: &KernelFile, target: Target) -> Result<Image, CudaError> {
+    compile_in(dir().as_deref(), file, target)
+}
+
+/// `file` compiled for `target`, through the cache at `dir` (None: no cache).
+pub fn compile_in(
+    dir: Option<&std::path::Path>,
+    file: &KernelFile,
+    target: Target,
+) -> Result<Image, CudaError> {
     let ext = match target {
         Target::Ptx(_) => "ptx",
         Target::Cubin(_) => "cubin",
     };
-    let dir = dir();
     let name = key(file, target);
     if let Some(d) = &dir {
         let path = d.join(format!("{name}.{ext}"));
@@ -124,18 +132,16 @@ fn store(
     Ok(())
 }
 
-/// Compiles every kernel file for `target` into the cache (what `kiln cuda compile` runs):
-/// per file, its name, whether it was already cached, and the seconds it took.
-pub fn fill(target: Target) -> Result<Vec<(&'static str, bool, f64)>, CudaError> {
-    if dir().is_none() {
-        return Err(CudaError::Emulator(
-            "the kernel cache is disabled (KILN_CUDA_CACHE=off) or has no folder".into(),
-        ));
-    }
+/// Compiles every kernel file for `target` into the cache at `dir` (what `kiln cuda compile`
+/// runs): per file, its name, whether it was already cached, and the seconds it took.
+pub fn fill(
+    dir: &std::path::Path,
+    target: Target,
+) -> Result<Vec<(&'static str, bool, f64)>, CudaError> {
     let mut out = Vec::new();
     for f in sources::ALL {
         let t = std::time::Instant::now();
-        let img = compile(f, target)?;
+        let img = compile_in(Some(dir), f, target)?;
         out.push((f.name, img.from_cache, t.elapsed().as_secs_f64()));
     }
     Ok(out)
