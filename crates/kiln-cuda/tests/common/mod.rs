@@ -8,8 +8,12 @@ fn in_ci() -> bool {
 }
 
 /// The CPU emulators (forward and reverse thread order). Without a C++ compiler: SKIP, except
-/// under CI, where that fails the test.
+/// under CI, where that fails the test. `KILN_SKIP_EMU` skips them (GPU runs).
 pub fn emulators(test: &str) -> Vec<&'static CudaDevice> {
+    if std::env::var_os("KILN_SKIP_EMU").is_some() {
+        println!("SKIP {test}: KILN_SKIP_EMU is set");
+        return Vec::new();
+    }
     static EMUS: OnceLock<Result<[CudaDevice; 2], String>> = OnceLock::new();
     let r = EMUS.get_or_init(|| {
         let f =
