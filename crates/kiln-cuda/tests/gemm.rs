@@ -1,6 +1,7 @@
 //! The products (`ops::gemm`) against an f64 reference: every layout, epilogue, alpha/beta,
 //! odd sizes and strided views, for the f32 tiled kernel, the decode kernel and the tensor-core
 //! kernel (whose mma.sync, ldmatrix and cp.async run on the emulator's models of them).
+#![allow(clippy::needless_range_loop)]
 mod common;
 use common::{assert_close, emulators, gpu, values};
 use half::{bf16, f16};

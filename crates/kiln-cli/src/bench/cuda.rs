@@ -66,6 +66,14 @@ fn upload_as(dev: &CudaDevice, dtype: DType, v: &[f32]) -> Result<CudaBuf> {
     }
 }
 
+/// Prints a record, adding `tflops` next to `gflops` (GPU rates read better in TFLOP/s).
+fn emit(mut r: BenchRecord, json: bool) {
+    if let Some(g) = r.gflops {
+        r.extra.insert("tflops".into(), (g / 1e3).into());
+    }
+    r.print(json);
+}
+
 fn device_extra(dev: &CudaDevice) -> serde_json::Map<String, serde_json::Value> {
     let i = dev.info();
     let mut e = serde_json::Map::new();
@@ -108,24 +116,24 @@ pub fn peak(args: &PeakArgs, ordinal: usize) -> Result<()> {
                 extra,
             }
         };
-    rec(
+    let fma = rec(
         "fma",
         "f32",
         Some(i.peak_f32_flops() / 1e9),
         None,
         0.0,
         "properties",
-    )
-    .print(args.json);
-    rec(
+    );
+    emit(fma, args.json);
+    let bf16 = rec(
         "bf16_peak",
         "bf16",
         Some(i.peak_bf16_flops() / 1e9),
         None,
         0.0,
         "properties",
-    )
-    .print(args.json);
+    );
+    emit(bf16, args.json);
     let bytes = 256 << 20;
     let gbps = copy_gbps(&dev, bytes)?;
     let mut r = rec(
@@ -229,18 +237,20 @@ pub fn matmul(args: &MatmulArgs, ordinal: usize) -> Result<()> {
     } else {
         (None, gflops / peak)
     };
-    BenchRecord {
-        op: "matmul".into(),
-        shape: serde_json::json!([m, n, k]),
-        dtype: b_dtype.name().into(),
-        threads: i.multiprocessors as usize,
-        median_ms: s * 1e3,
-        gflops: if m == 1 { None } else { Some(gflops) },
-        gbps,
-        peak_fraction: fraction,
-        extra,
-    }
-    .print(args.json);
+    emit(
+        BenchRecord {
+            op: "matmul".into(),
+            shape: serde_json::json!([m, n, k]),
+            dtype: b_dtype.name().into(),
+            threads: i.multiprocessors as usize,
+            median_ms: s * 1e3,
+            gflops: if m == 1 { None } else { Some(gflops) },
+            gbps,
+            peak_fraction: fraction,
+            extra,
+        },
+        args.json,
+    );
     Ok(())
 }
 
@@ -355,18 +365,20 @@ pub fn attention(a: &AttentionArgs, ordinal: usize) -> Result<()> {
         (_, Some(bw)) => bw / extra["peak_gbps"].as_f64().unwrap_or(f64::INFINITY),
         _ => 0.0,
     };
-    BenchRecord {
-        op: op.into(),
-        shape: serde_json::json!({"batch": b, "heads": h, "seq": t, "head_dim": d, "causal": a.causal}),
-        dtype,
-        threads: i.multiprocessors as usize,
-        median_ms: s * 1e3,
-        gflops,
-        gbps,
-        peak_fraction,
-        extra,
-    }
-    .print(a.json);
+    emit(
+        BenchRecord {
+            op: op.into(),
+            shape: serde_json::json!({"batch": b, "heads": h, "seq": t, "head_dim": d, "causal": a.causal}),
+            dtype,
+            threads: i.multiprocessors as usize,
+            median_ms: s * 1e3,
+            gflops,
+            gbps,
+            peak_fraction,
+            extra,
+        },
+        a.json,
+    );
     Ok(())
 }
 
@@ -385,12 +397,12 @@ pub fn conv(args: &ConvArgs, transposed: bool, ordinal: usize) -> Result<()> {
                     backward,
                     ..args.clone()
                 };
-                conv_one(&dev, &a, t, Some(name))?.print(args.json);
+                emit(conv_one(&dev, &a, t, Some(name))?, args.json);
             }
         }
         return Ok(());
     }
-    conv_one(&dev, args, transposed, None)?.print(args.json);
+    emit(conv_one(&dev, args, transposed, None)?, args.json);
     Ok(())
 }
 

@@ -370,6 +370,7 @@ pub fn attention_forward(
 }
 
 /// Where the backward pass writes dQ, dK, dV.
+#[allow(clippy::large_enum_variant)] // a few words on the stack, passed once per call
 pub enum AttentionGrads<'a> {
     /// Three buffers, each with its layout (the shapes of q, k, v).
     Separate {

@@ -56,7 +56,7 @@ fn check(g: &ConvGeometry, transposed: bool, x: &CudaBuf, w: &CudaBuf, y: &CudaB
             if g.transposed { "transposed" } else { "plain" }
         )));
     }
-    if g.groups == 0 || g.big[0] % g.groups != 0 || g.small[0] % g.groups != 0 {
+    if g.groups == 0 || !g.big[0].is_multiple_of(g.groups) || !g.small[0].is_multiple_of(g.groups) {
         return Err(Error::invalid(format!(
             "conv: groups {} do not divide the channels",
             g.groups
