@@ -245,6 +245,7 @@ impl CudaDevice {
             total_memory_bytes: ctx.total_mem().unwrap_or(0),
             emulated: false,
         };
+        keep_pool_memory(&ctx);
         let target = pick_target(info.arch())?;
         Ok(CudaDevice {
             imp: Imp::Gpu(Gpu {
@@ -534,6 +535,9 @@ impl CudaDevice {
         match &self.imp {
             Imp::Gpu(g) => {
                 use cudarc::driver::sys::CUevent_flags;
+                g.ctx
+                    .bind_to_thread()
+                    .map_err(|e| driver("binding the context", e))?;
                 let ev = || {
                     g.ctx
                         .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -714,6 +718,10 @@ impl CudaDevice {
         self.ensure_module(&mut mods, key, file)?;
         match (&self.imp, mods.get_mut(&key)) {
             (Imp::Gpu(g), Some(LoadedModule::Gpu(m))) => {
+                // Function attributes need the context current on this thread.
+                g.ctx
+                    .bind_to_thread()
+                    .map_err(|e| driver(format!("kernel `{kernel}`: binding the context"), e))?;
                 if !m.functions.contains_key(kernel) {
                     let func = m.module.load_function(kernel).map_err(|e| {
                         driver(format!("kernel `{kernel}` ({}): loading", file.name), e)
@@ -838,6 +846,32 @@ fn gpu_launch(
     unsafe { builder.launch(cfg) }
         .map(|_| ())
         .map_err(|e| driver(format!("kernel `{kernel}`: launch"), e))
+}
+
+/// Ops allocate small scratch buffers (stream-ordered, from the device's default memory pool);
+/// letting the pool keep freed memory instead of returning it at every synchronisation makes
+/// those allocations cheap. Best effort: a driver without pools is left as it is.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return;
+    }
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: the out-pointer is valid; the device handle is the context's.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return;
+    }
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the pool was just returned by the driver; the value points to a u64 as the
+    // attribute requires.
+    let _ = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
 }
 
 fn pick_target(arch: u32) -> std::result::Result<Target, CudaError> {
