@@ -80,7 +80,8 @@ cat "$OUT/device-info.log"
 # ---- GPU tests -----------------------------------------------------------------------------------
 for t in "${TESTS[@]}"; do
     if [ -x "$BIN/test-$t" ]; then
-        step "test-$t" 300 "$BIN/test-$t" --test-threads=1 --nocapture
+        # KILN_CUDA_SYNC: a kernel fault is reported with the kernel's name.
+        step "test-$t" 300 env KILN_CUDA_SYNC=1 "$BIN/test-$t" --test-threads=1 --nocapture
         # A GPU test that found no device prints SKIP: on this machine that is a failure.
         if grep -q "^SKIP gpu_.*no CUDA device" "$OUT/test-$t.log"; then
             STEPS+=("test-$t-found-no-gpu failed 0")

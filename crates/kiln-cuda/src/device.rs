@@ -845,7 +845,20 @@ fn gpu_launch(
     // device allocations of this context and their sizes were validated by the op.
     unsafe { builder.launch(cfg) }
         .map(|_| ())
-        .map_err(|e| driver(format!("kernel `{kernel}`: launch"), e))
+        .map_err(|e| driver(format!("kernel `{kernel}`: launch"), e))?;
+    // KILN_CUDA_SYNC: wait for every kernel, so that a fault is reported with its kernel's name
+    // (otherwise it surfaces at the next synchronising call). For tests and debugging.
+    if sync_each_launch() {
+        g.stream
+            .synchronize()
+            .map_err(|e| driver(format!("kernel `{kernel}`: execution"), e))?;
+    }
+    Ok(())
+}
+
+fn sync_each_launch() -> bool {
+    static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var_os("KILN_CUDA_SYNC").is_some_and(|v| v != "0"))
 }
 
 /// Ops allocate small scratch buffers (stream-ordered, from the device's default memory pool);

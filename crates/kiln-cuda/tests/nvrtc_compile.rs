@@ -145,3 +145,28 @@ fn every_kernel_compiles_without_warnings_or_spills() {
         failures.join("\n")
     );
 }
+
+/// The on-disk kernel cache: a second compile of the same file comes from the cache, with the
+/// same bytes and the ptxas log.
+#[test]
+fn kernel_cache_round_trip() {
+    if let Err(e) = nvrtc::ensure_loaded() {
+        if std::env::var_os("CI").is_some() {
+            panic!("NVRTC is required under CI: {e}");
+        }
+        println!("SKIP kernel_cache_round_trip: {e}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-cuda-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first =
+        kiln_cuda::cache::compile_in(Some(&dir), &sources::PROBE, Target::Cubin(90)).unwrap();
+    assert!(!first.from_cache);
+    let second =
+        kiln_cuda::cache::compile_in(Some(&dir), &sources::PROBE, Target::Cubin(90)).unwrap();
+    assert!(second.from_cache);
+    assert_eq!(first.bytes, second.bytes);
+    assert_eq!(first.log, second.log);
+    assert!(!nvrtc::parse_resources(&second.log).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
