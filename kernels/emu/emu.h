@@ -4,14 +4,16 @@
 // The header defines what CUDA provides (`__global__`, `threadIdx`, `__shared__`,
 // `__syncthreads()`, warp shuffles, ...) and emulates one thread block at a time:
 //
-// * every CUDA thread of the block is a fiber (`ucontext`, its own stack) on the calling OS
+// * every CUDA thread of the block is a fiber (its own stack; entered once through
+//   `makecontext`/`setcontext`, then switched with `_setjmp`/`_longjmp`) on the calling OS
 //   thread; the fibers run one after another, each until it reaches a barrier or ends;
 // * `__syncthreads()` waits until every thread of the block has arrived; warp-synchronous
 //   operations (`__shfl_*_sync`, `__syncwarp`, and the tensor-core and `ldmatrix` models below)
 //   wait for the 32 lanes of their warp and exchange values through a per-warp slot array;
-// * the order the fibers run in between two barriers is thread 0, 1, 2, ... or, with
-//   KILN_EMU_REVERSE, the reverse: a missing barrier shows up as a read of data that another
-//   thread has not written yet (or has already overwritten) in one of the two orders;
+// * the order the fibers run in between two barriers is thread 0, 1, 2, ... or, with the
+//   launch flag FLAG_REVERSE, the reverse (the blocks too): a missing barrier shows up as a read
+//   of data that another thread has not written yet (or has already overwritten) in one of the
+//   two orders;
 // * dynamic shared memory is filled with NaN bytes (0xFF) before every block and has a guard
 //   zone after it; `cp.async` copies are queued per thread and land at `cp.async.wait_group`,
 //   so a read of a stage before its wait sees stale data;
@@ -21,7 +23,10 @@
 // Tensor-core instructions (`mma.sync`), `ldmatrix` and `cp.async` are modelled from the PTX
 // ISA's fragment layouts: the kernels call them through the small wrappers in `common.cuh`,
 // which compile to inline PTX on the GPU and to the functions below here. Nothing here models
-// timing, memory coalescing or bank conflicts; atomics are not provided (kiln's kernels use none).
+// timing, memory coalescing, bank conflicts or memory ordering beyond the barriers (a warp
+// operation acts as a full warp barrier here); atomics are not provided (kiln's kernels use
+// none). `__shared__` arrays are `static thread_local`: one per OS thread, so concurrent
+// launches from several test threads do not share them.
 //
 // Entry point (generated per kernel file by the Rust emulator, see crates/kiln-cuda/src/emu.rs):
 //   extern "C" int kiln_emu_launch(const char* name, const unsigned grid[3],
