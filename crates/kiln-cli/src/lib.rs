@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 pub mod bench;
 pub mod dcgan;
+pub mod cuda;
 pub mod gpt2;
 pub mod gpt2_train;
 pub mod inspect;
@@ -41,6 +42,9 @@ pub enum Command {
     /// Serve GPT-2 over HTTP with the OpenAI API (completions, chat, streaming), decoding
     /// concurrent requests together.
     Serve(serve::ServeArgs),
+    /// The CUDA device: its properties; compiling the kernels into the kernel cache.
+    #[command(subcommand)]
+    Cuda(cuda::CudaCommand),
 }
 
 /// Runs a parsed command line.
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> kiln_tensor::Result<()> {
         Command::Dcgan(cmd) => dcgan::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => serve::run(args),
+        Command::Cuda(cmd) => cuda::run(cmd),
     }
 }
 

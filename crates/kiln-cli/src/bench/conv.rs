@@ -44,6 +44,9 @@ pub struct ConvArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Device: cpu (default), or cuda / cuda:N (kiln-cuda's kernels on that GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// One layer of the DCGAN example: (name, transposed, in, out, input size, kernel, stride, padding).

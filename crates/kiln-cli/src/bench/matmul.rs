@@ -45,6 +45,9 @@ pub struct MatmulArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Device: cpu (default), or cuda / cuda:N (kiln-cuda's kernels on that GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(args: MatmulArgs) -> Result<()> {

@@ -3,6 +3,7 @@
 //! Every benchmark prints the same fields — `op`, `shape`, `dtype`, `threads`, `median_ms`,
 //! `gflops` or `gbps`, `peak_fraction` — as a table row, or as one JSON object per line with
 //! `--json`, so that one comparison script (`benches/compare/`) serves all kernels.
+//! `--device cuda` runs the same benchmark on a GPU with kiln-cuda's kernels (`cuda.rs`).
 use clap::Subcommand;
 use kiln_tensor::Result;
 use serde::Serialize;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod attention;
 pub mod attention_train;
 pub mod conv;
+pub mod cuda;
 pub mod dcgan;
 pub mod gpt2_train;
 pub mod matmul;
@@ -37,12 +39,28 @@ pub enum BenchCommand {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
+    use cuda::parse_device as on;
     match cmd {
-        BenchCommand::Peak(args) => peak::run(args),
-        BenchCommand::Matmul(args) => matmul::run(args),
-        BenchCommand::Attention(args) => attention::run(args),
-        BenchCommand::Conv2d(args) => conv::run(args, false),
-        BenchCommand::ConvTranspose2d(args) => conv::run(args, true),
+        BenchCommand::Peak(args) => match on(&args.device)? {
+            Some(d) => cuda::peak(&args, d),
+            None => peak::run(args),
+        },
+        BenchCommand::Matmul(args) => match on(&args.device)? {
+            Some(d) => cuda::matmul(&args, d),
+            None => matmul::run(args),
+        },
+        BenchCommand::Attention(args) => match on(&args.device)? {
+            Some(d) => cuda::attention(&args, d),
+            None => attention::run(args),
+        },
+        BenchCommand::Conv2d(args) => match on(&args.device)? {
+            Some(d) => cuda::conv(&args, false, d),
+            None => conv::run(args, false),
+        },
+        BenchCommand::ConvTranspose2d(args) => match on(&args.device)? {
+            Some(d) => cuda::conv(&args, true, d),
+            None => conv::run(args, true),
+        },
         BenchCommand::Dcgan(args) => dcgan::run(args),
         BenchCommand::Gpt2Train(args) => gpt2_train::run(args),
     }

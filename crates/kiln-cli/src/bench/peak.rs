@@ -22,6 +22,9 @@ pub struct PeakArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Device: cpu (default), or cuda / cuda:N (kiln-cuda's kernels on that GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(args: PeakArgs) -> Result<()> {
