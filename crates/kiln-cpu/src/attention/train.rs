@@ -1130,23 +1130,10 @@ fn backward_head<K: Kern>(
                 pad_len,
             ],
         );
-        // Dl_i = dout_i·o_i (eight partial sums, fixed order); lse in log2 units.
-        for i in 0..seq {
-            let (x, y) = (&do_in.from(i)[..d], &o.from(i)[..d]);
-            let mut acc = [0f32; 8];
-            let mut ch = x.chunks_exact(8).zip(y.chunks_exact(8));
-            for (xa, ya) in &mut ch {
-                for u in 0..8 {
-                    acc[u] += xa[u] * ya[u];
-                }
-            }
-            let mut sum =
-                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for cc in d / 8 * 8..d {
-                sum += x[cc] * y[cc];
-            }
-            dl[i] = sum;
-            lse2[i] = ins.lse[(b * heads + h) * seq + i] * std::f32::consts::LOG2_E;
+        // lse in log2 units. (Dl is computed block by block with the first key block, where
+        // its reads of `out` and `dout` overlap the products.)
+        for (i, x) in lse2.iter_mut().enumerate() {
+            *x = ins.lse[(b * heads + h) * seq + i] * std::f32::consts::LOG2_E;
         }
         dq.fill(0.0);
         // Rows used as the streamed (vector) operand need `dp` readable columns: when D is
@@ -1176,6 +1163,11 @@ fn backward_head<K: Kern>(
             let mut i0 = j0;
             while i0 < seq {
                 let nq = (seq - i0).min(BLOCK_Q);
+                if j0 == 0 {
+                    for i in i0..i0 + nq {
+                        dl[i] = dot8(&do_in.from(i)[..d], &o.from(i)[..d]);
+                    }
+                }
                 // In the diagonal block, P and dS are zero above the diagonal.
                 let diag = i0 == j0;
                 let diag_from = if diag { Tri::KFrom } else { Tri::Full };
@@ -1288,6 +1280,17 @@ fn backward_head<K: Kern>(
                     },
                     &mut dq[i0 * dp..],
                 );
+                if diag {
+                    // Key blocks after this one do not reach these queries: dQ is final.
+                    for i in i0..i0 + nq {
+                        // SAFETY: columns h·D.. of the Q third of row (b, i) belong to task
+                        // (b, h) only.
+                        let dst = unsafe { dqkv.slice((b * seq + i) * 3 * c + h * d, d) };
+                        for (x, &g) in dst.iter_mut().zip(&dq[i * dp..i * dp + d]) {
+                            *x = g * inv_sqrt_d;
+                        }
+                    }
+                }
                 i0 += nq;
             }
             // Write dK·(1/√D) and dV of the key block.
@@ -1305,12 +1308,22 @@ fn backward_head<K: Kern>(
             }
             j0 += nk;
         }
-        for i in 0..seq {
-            // SAFETY: columns h·D.. of the Q third of row (b, i) belong to task (b, h) only.
-            let dst = unsafe { dqkv.slice((b * seq + i) * 3 * c + h * d, d) };
-            for (x, &g) in dst.iter_mut().zip(&dq[i * dp..i * dp + d]) {
-                *x = g * inv_sqrt_d;
-            }
-        }
     })
+}
+
+/// `Σ_c x_c·y_c` with eight partial sums combined in a fixed tree, then the tail in order.
+fn dot8(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xt, yt) = (xc.remainder(), yc.remainder());
+    for (xa, ya) in xc.zip(yc) {
+        for u in 0..8 {
+            acc[u] += xa[u] * ya[u];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in xt.iter().zip(yt) {
+        sum += a * b;
+    }
+    sum
 }
