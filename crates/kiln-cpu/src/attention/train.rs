@@ -1164,8 +1164,8 @@ fn backward_head<K: Kern>(
             while i0 < seq {
                 let nq = (seq - i0).min(BLOCK_Q);
                 if j0 == 0 {
-                    for i in i0..i0 + nq {
-                        dl[i] = dot8(&do_in.from(i)[..d], &o.from(i)[..d]);
+                    for (i, x) in dl.iter_mut().enumerate().skip(i0).take(nq) {
+                        *x = dot8(&do_in.from(i)[..d], &o.from(i)[..d]);
                     }
                 }
                 // In the diagonal block, P and dS are zero above the diagonal.
