@@ -362,3 +362,44 @@ fn bad_shapes_are_errors() {
         }
     }
 }
+
+#[test]
+fn non_finite_inputs_do_not_leak_into_later_calls() {
+    // Scratch buffers are reused between calls on a thread: a call on infinite and NaN inputs
+    // must not change the result of the next clean call.
+    let (batch, seq, heads, d) = (1, 70, 2, 64);
+    let c = heads * d;
+    let mut rng = Rng(11);
+    let qkv = rng.vec(batch * seq * 3 * c, 1.0);
+    let dout = rng.vec(batch * seq * c, 1.0);
+    let mut bad = qkv.clone();
+    for (i, v) in bad.iter_mut().enumerate() {
+        if i % 7 == 0 {
+            *v = if i % 2 == 0 { f32::INFINITY } else { f32::NAN };
+        }
+    }
+    let bad_dout: Vec<f32> = dout.iter().map(|v| v * f32::MAX).collect();
+    for isa in Isa::available() {
+        pool(1).install(|| {
+            let run = |qkv: &[f32], dout: &[f32]| {
+                let mut out = vec![0f32; batch * seq * c];
+                let mut lse = vec![0f32; batch * heads * seq];
+                attention_train_forward_with(isa, qkv, batch, seq, heads, d, &mut out, &mut lse)
+                    .unwrap();
+                let mut dqkv = vec![0f32; batch * seq * 3 * c];
+                attention_backward_with(
+                    isa, qkv, &out, dout, &lse, batch, seq, heads, d, &mut dqkv,
+                )
+                .unwrap();
+                [out, lse, dqkv].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            };
+            let clean = run(&qkv, &dout);
+            run(&bad, &bad_dout);
+            run(&qkv, &bad_dout);
+            assert!(
+                run(&qkv, &dout) == clean,
+                "{isa:?}: a poisoned call changed the next one"
+            );
+        });
+    }
+}

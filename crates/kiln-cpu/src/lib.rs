@@ -3,10 +3,10 @@
 //! | module | kernels |
 //! |---|---|
 //! | [`gemm`] | `C = alpha·A·B + beta·C`: packing, cache blocking, SIMD microkernels, threads |
-//! | [`attention`] | fused online-softmax attention, KV-cache decode |
+//! | [`attention`] | fused online-softmax attention, KV-cache decode, training forward/backward |
 //! | [`conv`] | conv2d and conv-transpose2d, forward and backward |
 //! | [`norm`] | layer norm, batch norm |
-//! | [`elementwise`] | GELU, activations, softmax, add, embedding gather |
+//! | [`elementwise`] | GELU, activations, softmax, cross-entropy, add, embedding gather |
 //! | [`peak`] | this machine's FMA and memory-bandwidth ceilings |
 //!
 //! Every kernel is a plain function documented with its shapes and layouts, tested against a

@@ -9,6 +9,9 @@
 //! * [`KvCache`] — a preallocated per-layer key/value cache (f32, bf16 or f16 storage) with
 //!   in-place [`KvCache::append`]; [`attention_cached`] runs a block of new queries (decode: one;
 //!   chunked prefill: several) against it.
+//! * [`attention_train_forward`] / [`attention_backward`] — causal attention for training on
+//!   GPT-2's fused QKV layout: forward with the log-sum-exp per row, and the flash-style
+//!   backward that recomputes the probabilities from it (see `train.rs`).
 //!
 //! The kernel never forms the `Tq × Tk` score matrix: every task owns one block of [`BLOCK_Q`]
 //! query rows of one (batch, head) and streams key blocks of [`BLOCK_K`] through the online

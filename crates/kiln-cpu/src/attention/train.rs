@@ -24,7 +24,15 @@
 //! copy) and `B` rows read as vectors straight from `qkv` / `dout` (a zero-padded copy only when
 //! `D` is not a multiple of 16). Per instruction set: AVX-512F (16 lanes, 6×64 tile), AVX2+FMA
 //! (8 lanes, 6×16 tile), and the scalar reference; exponentials are the vector `2^x` of
-//! [`super::vector`].
+//! [`super::vector`]. `Kᵀ`, `Vᵀ` (backward, once per key block) and `c·Qᵀ` (forward, once per
+//! task) are packed with 8×8 register transposes. In diagonal blocks the products skip what the
+//! causal mask zeroes: sums run over the lower triangle only, and score tiles are computed in
+//! 16-column panels on and below the diagonal.
+//!
+//! Why one backward task per (batch, head) rather than per key block: `dQ` sums over key
+//! blocks, and splitting those across tasks would need either a second pass that recomputes
+//! the scores (7 products instead of 5) or a `seq × head_dim` partial `dQ` per key block. GPT-2
+//! has 12 heads per sequence, enough tasks for the core counts this kernel targets.
 //!
 //! Parallelism and determinism: the forward runs one task per (batch, head, query block), the
 //! backward one task per (batch, head); inside a backward task key blocks run in order and,
@@ -239,9 +247,34 @@ impl Tri {
     }
 }
 
+/// Which output entries of a product are not needed (diagonal blocks of the causal mask): the
+/// kernel may leave them unwritten, in column panels of [`PAD`]; callers overwrite them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cols {
+    /// Every entry.
+    All,
+    /// Row `r` needs columns `c ≤ r` only.
+    UpTo,
+    /// Row `r` needs columns `c ≥ r` only.
+    From,
+}
+
+impl Cols {
+    /// The rows (of `0..m`) that need some column of the panel `c0..c0 + w`.
+    #[inline(always)]
+    fn rows(self, c0: usize, w: usize, m: usize) -> (usize, usize) {
+        match self {
+            Cols::All => (0, m),
+            Cols::UpTo => (c0.min(m), m),
+            Cols::From => (0, (c0 + w).min(m)),
+        }
+    }
+}
+
 /// One product `out[r·ldo + c] (+)= Σ_{k<kc} a[r·ars + k·aks] · b[k·ldb + c]` for `r < m`,
 /// `c < n` (`n` a multiple of [`PAD`]); with `acc` false, `out` is overwritten. `tri` names
-/// entries of `A` known to be zero, which are skipped.
+/// entries of `A` known to be zero, which are skipped; `cols` names entries of `out` that are
+/// not needed, which may be left as they were.
 #[derive(Clone, Copy)]
 struct Mm<'a> {
     m: usize,
@@ -255,6 +288,7 @@ struct Mm<'a> {
     ldo: usize,
     acc: bool,
     tri: Tri,
+    cols: Cols,
 }
 
 impl Mm<'_> {
@@ -441,6 +475,7 @@ macro_rules! simd_kern {
                         mm.ldo,
                         mm.acc,
                         mm.tri,
+                        mm.cols,
                     )
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -559,7 +594,7 @@ simd_kern!(
 /// The vector kernels, written once over [`Vf32`] and instantiated per instruction set.
 #[allow(clippy::needless_range_loop)] // register tiles read best as acc[r][u]
 mod generic {
-    use super::{Tri, Vf32};
+    use super::{Cols, Tri, Vf32};
 
     /// Rows `0..R`, columns `0..NV·LANES` of the product (see `Mm`), accumulators in registers.
     ///
@@ -610,12 +645,14 @@ mod generic {
         }
     }
 
-    /// The whole product: column panels of `NV·LANES` (then `LANES`), rows six at a time.
+    /// The whole product: column panels of `NV·LANES` (of `NVN·LANES` = [`super::PAD`] at the
+    /// right edge and when `cols` skips entries), rows six at a time.
     ///
-    /// Safety: the CPU runs `V`; `n` a multiple of `LANES`; the bounds of `Mm::assert_bounds`.
+    /// Safety: the CPU runs `V`; `n` a multiple of `NVN·LANES`; the bounds of
+    /// `Mm::assert_bounds`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub(super) unsafe fn gemm<V: Vf32, const NV: usize>(
+    pub(super) unsafe fn gemm<V: Vf32, const NV: usize, const NVN: usize>(
         m: usize,
         n: usize,
         kc: usize,
@@ -628,14 +665,17 @@ mod generic {
         ldo: usize,
         acc: bool,
         tri: Tri,
+        cols: Cols,
     ) {
         let mut c0 = 0;
         while c0 < n {
-            let wide = n - c0 >= NV * V::LANES;
+            let wide = cols == Cols::All && n - c0 >= NV * V::LANES;
+            let w = if wide { NV * V::LANES } else { NVN * V::LANES };
             let bp = b.add(c0);
-            let mut r0 = 0;
-            while r0 < m {
-                let rr = (m - r0).min(6);
+            let (r_lo, r_hi) = cols.rows(c0, w, m);
+            let mut r0 = r_lo;
+            while r0 < r_hi {
+                let rr = (r_hi - r0).min(6);
                 let (k0, k1) = tri.k_range(r0, r0 + rr, kc);
                 // Offsets `k0·aks`, `k0·ldb` stay inside the operands (k0 < kc) or are unused
                 // (k0 = kc: no step runs).
@@ -648,7 +688,7 @@ mod generic {
                         if wide {
                             tile::<V, $r, NV>(nk, ap, ars, aks, bk, ldb, op, ldo, acc)
                         } else {
-                            tile::<V, $r, 1>(nk, ap, ars, aks, bk, ldb, op, ldo, acc)
+                            tile::<V, $r, NVN>(nk, ap, ars, aks, bk, ldb, op, ldo, acc)
                         }
                     };
                 }
@@ -662,7 +702,7 @@ mod generic {
                 }
                 r0 += rr;
             }
-            c0 += if wide { NV * V::LANES } else { V::LANES };
+            c0 += w;
         }
     }
 
@@ -733,11 +773,12 @@ mod generic {
 mod x86 {
     //! Entry points: each enables one instruction set and inlines the generic kernel.
     //! Safety (all): the CPU has the enabled features, and the generic kernel's contract holds.
-    use super::{generic, Tri};
+    use super::{generic, Cols, Tri};
     use crate::attention::vector::x86::{F32x16, F32x8};
 
     macro_rules! entries {
-        ($feat:literal, $v:ty, $nv:literal, $gemm:ident, $cols:ident, $probs:ident, $ds:ident) => {
+        ($feat:literal, $v:ty, $nv:literal, $nvn:literal, $gemm:ident, $cols:ident, $probs:ident,
+         $ds:ident) => {
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $gemm(
                 m: usize,
@@ -752,8 +793,11 @@ mod x86 {
                 ldo: usize,
                 acc: bool,
                 tri: Tri,
+                cols: Cols,
             ) {
-                generic::gemm::<$v, $nv>(m, n, kc, a, ars, aks, b, ldb, out, ldo, acc, tri)
+                generic::gemm::<$v, $nv, $nvn>(
+                    m, n, kc, a, ars, aks, b, ldb, out, ldo, acc, tri, cols,
+                )
             }
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $cols(
@@ -782,6 +826,7 @@ mod x86 {
         "avx2,fma",
         F32x8,
         2,
+        2,
         gemm_avx2,
         softmax_cols_avx2,
         probs_row_avx2,
@@ -791,6 +836,7 @@ mod x86 {
         "avx512f,avx2,fma",
         F32x16,
         4,
+        1,
         gemm_avx512,
         softmax_cols_avx512,
         probs_row_avx512,
@@ -823,7 +869,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 /// Splits `buf` into consecutive slices of the given lengths.
-fn carve<'a, const N: usize>(mut buf: &'a mut [f32], lens: [usize; N]) -> [&'a mut [f32]; N] {
+fn carve<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
     lens.map(|n| {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
         buf = tail;
@@ -945,6 +991,7 @@ fn forward<K: Kern>(qkv: &[f32], dims: Dims, out: &mut [f32], lse: &mut [f32]) {
                         ldo: BLOCK_Q,
                         acc: false,
                         tri: Tri::Full,
+                        cols: if j0 == i0 { Cols::From } else { Cols::All },
                     },
                     st,
                 );
@@ -983,6 +1030,7 @@ fn forward<K: Kern>(qkv: &[f32], dims: Dims, out: &mut [f32], lse: &mut [f32]) {
                         ldo: dp,
                         acc: true,
                         tri: if j0 == i0 { Tri::KTo } else { Tri::Full },
+                        cols: Cols::All,
                     },
                     o,
                 );
@@ -1082,23 +1130,10 @@ fn backward_head<K: Kern>(
                 pad_len,
             ],
         );
-        // Dl_i = dout_i·o_i (eight partial sums, fixed order); lse in log2 units.
-        for i in 0..seq {
-            let (x, y) = (&do_in.from(i)[..d], &o.from(i)[..d]);
-            let mut acc = [0f32; 8];
-            let mut ch = x.chunks_exact(8).zip(y.chunks_exact(8));
-            for (xa, ya) in &mut ch {
-                for u in 0..8 {
-                    acc[u] += xa[u] * ya[u];
-                }
-            }
-            let mut sum =
-                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for cc in d / 8 * 8..d {
-                sum += x[cc] * y[cc];
-            }
-            dl[i] = sum;
-            lse2[i] = ins.lse[(b * heads + h) * seq + i] * std::f32::consts::LOG2_E;
+        // lse in log2 units. (Dl is computed block by block with the first key block, where
+        // its reads of `out` and `dout` overlap the products.)
+        for (i, x) in lse2.iter_mut().enumerate() {
+            *x = ins.lse[(b * heads + h) * seq + i] * std::f32::consts::LOG2_E;
         }
         dq.fill(0.0);
         // Rows used as the streamed (vector) operand need `dp` readable columns: when D is
@@ -1128,9 +1163,16 @@ fn backward_head<K: Kern>(
             let mut i0 = j0;
             while i0 < seq {
                 let nq = (seq - i0).min(BLOCK_Q);
+                if j0 == 0 {
+                    for (i, x) in dl.iter_mut().enumerate().skip(i0).take(nq) {
+                        *x = dot8(&do_in.from(i)[..d], &o.from(i)[..d]);
+                    }
+                }
                 // In the diagonal block, P and dS are zero above the diagonal.
                 let diag = i0 == j0;
                 let diag_from = if diag { Tri::KFrom } else { Tri::Full };
+                // ... and S, dP are only needed on and below it.
+                let diag_cols = if diag { Cols::UpTo } else { Cols::All };
                 // S = Q·Kᵀ (raw scores, unscaled): s[i·BLOCK_K + j].
                 K::gemm(
                     &Mm {
@@ -1145,6 +1187,7 @@ fn backward_head<K: Kern>(
                         ldo: BLOCK_K,
                         acc: false,
                         tri: Tri::Full,
+                        cols: diag_cols,
                     },
                     s,
                 );
@@ -1169,6 +1212,7 @@ fn backward_head<K: Kern>(
                         ldo: dp,
                         acc: true,
                         tri: diag_from,
+                        cols: Cols::All,
                     },
                     dv,
                 );
@@ -1186,10 +1230,17 @@ fn backward_head<K: Kern>(
                         ldo: BLOCK_K,
                         acc: false,
                         tri: Tri::Full,
+                        cols: diag_cols,
                     },
                     dpb,
                 );
-                // dS = P ⊙ (dP − Dl).
+                // dS = P ⊙ (dP − Dl); above the diagonal dP was not computed: zero it (P is 0).
+                if diag {
+                    for r in 0..nq {
+                        let o = r * BLOCK_K;
+                        dpb[o + (r + 1).min(nk)..o + nkp].fill(0.0);
+                    }
+                }
                 for r in 0..nq {
                     let o = r * BLOCK_K;
                     K::ds_row(&s[o..o + nkp], &mut dpb[o..o + nkp], dl[i0 + r]);
@@ -1208,6 +1259,7 @@ fn backward_head<K: Kern>(
                         ldo: dp,
                         acc: true,
                         tri: diag_from,
+                        cols: Cols::All,
                     },
                     dk,
                 );
@@ -1224,9 +1276,21 @@ fn backward_head<K: Kern>(
                         ldo: dp,
                         acc: true,
                         tri: if diag { Tri::KTo } else { Tri::Full },
+                        cols: Cols::All,
                     },
                     &mut dq[i0 * dp..],
                 );
+                if diag {
+                    // Key blocks after this one do not reach these queries: dQ is final.
+                    for i in i0..i0 + nq {
+                        // SAFETY: columns h·D.. of the Q third of row (b, i) belong to task
+                        // (b, h) only.
+                        let dst = unsafe { dqkv.slice((b * seq + i) * 3 * c + h * d, d) };
+                        for (x, &g) in dst.iter_mut().zip(&dq[i * dp..i * dp + d]) {
+                            *x = g * inv_sqrt_d;
+                        }
+                    }
+                }
                 i0 += nq;
             }
             // Write dK·(1/√D) and dV of the key block.
@@ -1244,12 +1308,22 @@ fn backward_head<K: Kern>(
             }
             j0 += nk;
         }
-        for i in 0..seq {
-            // SAFETY: columns h·D.. of the Q third of row (b, i) belong to task (b, h) only.
-            let dst = unsafe { dqkv.slice((b * seq + i) * 3 * c + h * d, d) };
-            for (x, &g) in dst.iter_mut().zip(&dq[i * dp..i * dp + d]) {
-                *x = g * inv_sqrt_d;
-            }
-        }
     })
+}
+
+/// `Σ_c x_c·y_c` with eight partial sums combined in a fixed tree, then the tail in order.
+fn dot8(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xt, yt) = (xc.remainder(), yc.remainder());
+    for (xa, ya) in xc.zip(yc) {
+        for u in 0..8 {
+            acc[u] += xa[u] * ya[u];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in xt.iter().zip(yt) {
+        sum += a * b;
+    }
+    sum
 }

@@ -255,15 +255,20 @@ mod generic {
         x[i..].iter().fold(m, |a, &v| a.max(v))
     }
 
-    /// `Σ_j e^(src_j − m)`, stored at `dst` unless null: four vector accumulators combined
+    /// `Σ_j e^(src_j − m)`, stored at `dst` with `STORE`: four vector accumulators combined
     /// `(a0 + a1) + (a2 + a3)`, the lanes in a fixed tree, then the tail (one −∞-padded
     /// vector) in order.
     ///
-    /// Safety: the CPU runs `V`; `src` readable, `dst` (if not null) writable for `n` floats.
+    /// Safety: the CPU runs `V`; `src` readable, `dst` (with `STORE`) writable for `n` floats.
     #[inline(always)]
-    pub(super) unsafe fn exp_sum<V: Vf32>(src: *const f32, n: usize, m: f32, dst: *mut f32) -> f32 {
+    pub(super) unsafe fn exp_sum<V: Vf32, const STORE: bool>(
+        src: *const f32,
+        n: usize,
+        m: f32,
+        dst: *mut f32,
+    ) -> f32 {
         let w = V::LANES;
-        let store = !dst.is_null();
+        let store = STORE;
         let mv = V::splat(m);
         let mut acc = [V::zero(); 4];
         let mut i = 0;
@@ -337,11 +342,19 @@ mod x86 {
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn exp_sum_avx2(src: *const f32, n: usize, m: f32, dst: *mut f32) -> f32 {
-        generic::exp_sum::<F32x8>(src, n, m, dst)
+        if dst.is_null() {
+            generic::exp_sum::<F32x8, false>(src, n, m, dst)
+        } else {
+            generic::exp_sum::<F32x8, true>(src, n, m, dst)
+        }
     }
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn exp_sum_avx512(src: *const f32, n: usize, m: f32, dst: *mut f32) -> f32 {
-        generic::exp_sum::<F32x16>(src, n, m, dst)
+        if dst.is_null() {
+            generic::exp_sum::<F32x16, false>(src, n, m, dst)
+        } else {
+            generic::exp_sum::<F32x16, true>(src, n, m, dst)
+        }
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scale_avx2(x: &mut [f32], f: f32) {
