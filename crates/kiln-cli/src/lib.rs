@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod bench;
-pub mod dcgan;
 pub mod cuda;
+pub mod dcgan;
 pub mod gpt2;
 pub mod gpt2_train;
 pub mod inspect;
