@@ -6,7 +6,10 @@ use kiln_tensor::Tensor;
 
 fn main() -> kiln_tensor::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let out = args.get(1).map(String::as_str).unwrap_or("synthetic.safetensors");
+    let out = args
+        .get(1)
+        .map(String::as_str)
+        .unwrap_or("synthetic.safetensors");
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut images = vec![0f32; n * 3 * 64 * 64];

@@ -346,3 +346,51 @@ fn broken_inputs_give_one_error_line() {
     let e = fails(&a);
     assert!(e.contains("training_state.safetensors"), "{e}");
 }
+
+/// transformers loads the run folder and computes the same logits: run when `KILN_TEST_PYTHON`
+/// names a Python with `torch` and `transformers` (`tests/gpt2_train_hf/check_hf_load.py`).
+#[test]
+fn transformers_loads_the_run_folder() {
+    let Ok(python) = std::env::var("KILN_TEST_PYTHON") else {
+        println!("SKIP transformers_loads_the_run_folder: KILN_TEST_PYTHON is not set");
+        return;
+    };
+    let has = Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has {
+        println!("SKIP transformers_loads_the_run_folder: {python} has no torch/transformers");
+        return;
+    }
+    let tmp = Tmp::new("hf");
+    let data = tmp.0.join("text.txt");
+    std::fs::write(&data, TEXT).unwrap();
+    let out = tmp.0.join("run");
+    ok(&args(s(&data), s(&out), "3"));
+    let logits = tmp.0.join("logits.safetensors");
+    ok(&[
+        "gpt2",
+        "logits",
+        "--model",
+        s(&out),
+        "--prompt",
+        "To be, or not to be",
+        "--out",
+        s(&logits),
+    ]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpt2_train_hf/check_hf_load.py");
+    let r = Command::new(&python)
+        .arg(script)
+        .arg(&out)
+        .arg(&logits)
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success() && so.contains("OK"),
+        "{so}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
