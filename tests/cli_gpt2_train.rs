@@ -219,6 +219,13 @@ fn resume_equals_an_uninterrupted_run_and_threads_do_not_matter() {
     assert!(e.contains("trained with"), "{e}");
     let e = fails(&args(s(&data), s(&whole), "8"));
     assert!(e.contains("--resume"), "{e}");
+    // Resuming it as another model.
+    let mut a = args(s(&data), s(&whole), "6");
+    let i = a.iter().position(|x| *x == "tiny").unwrap();
+    a[i] = "mini";
+    a.push("--resume");
+    let e = fails(&a);
+    assert!(e.contains("another model"), "{e}");
     assert!(
         checkpoint(&whole) == before,
         "a refused command changed the run"

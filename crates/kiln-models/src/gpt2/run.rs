@@ -336,6 +336,30 @@ impl<B: Backend> TrainRun<B> {
         } else {
             None
         };
+        if let Some(s) = &saved {
+            // The model asked for must be the one the run trains.
+            let asked = match &opts.model {
+                ModelSource::New(cfg) => Some(cfg.clone()),
+                ModelSource::Checkpoint(dir) if dir.as_path() != out => {
+                    Some(Gpt2Config::from_file(&dir.join(CONFIG_FILE))?)
+                }
+                ModelSource::Checkpoint(_) => None,
+            };
+            if let Some(cfg) = asked {
+                let shape =
+                    |c: &Gpt2Config| (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size);
+                if shape(&cfg) != shape(&s.config) {
+                    return Err(Error::invalid(format!(
+                        "--resume: {} holds a run of another model ({} layers, width {}), not                          the one asked for ({} layers, width {}); nothing was changed",
+                        out.display(),
+                        s.config.n_layer,
+                        s.config.n_embd,
+                        cfg.n_layer,
+                        cfg.n_embd
+                    )));
+                }
+            }
+        }
         let (config, tokenizer) = match (&saved, &opts.model) {
             (Some(s), _) => (s.config.clone(), load_tokenizer(out)?),
             (None, ModelSource::Checkpoint(dir)) => {
