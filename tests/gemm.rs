@@ -496,6 +496,70 @@ fn one_and_two_threads_bitwise_equal() {
     }
 }
 
+/// The operand layouts of a backward pass, without transposed copies: `tn` (A column-major, as
+/// `Xᵀ` in `dW = Xᵀ·dY`) and `nt` (B column-major, as `Wᵀ` in `dX = dY·Wᵀ`, `colᵀ` in a conv
+/// weight gradient), with padded columns (a view of a wider array), at odd sizes on both loop
+/// nests: small-M products (`m` at most a few `MR`), taller ones past `MC` (the shallower depth
+/// cut), the general nest with several row and depth blocks, and the deep, narrow weight
+/// gradients of the DCGAN convolutions. Every kernel this CPU runs, f32 and 16-bit B, against
+/// the f64 reference, one thread bitwise equal to two.
+#[test]
+fn transposed_operands_tn_nt() {
+    let (p1, p2) = (pool(1), pool(2));
+    let tn = |a_pad, b_pad| (Lay::Col(a_pad), Lay::Row(b_pad));
+    let nt = |a_pad, b_pad| (Lay::Row(a_pad), Lay::Col(b_pad));
+    let mut seed = 3000;
+    for isa in isas() {
+        let big = isa != Isa::Scalar;
+        let mut cases = vec![
+            ((7, 33, 13), tn(0, 0)),
+            ((7, 33, 13), nt(3, 1)),
+            ((13, 257, 31), tn(5, 2)),
+            ((13, 257, 31), nt(0, 0)),
+            ((257, 31, 129), tn(1, 0)),
+            ((257, 31, 129), nt(0, 7)),
+            ((1, 95, 300), tn(0, 0)),
+            ((3, 95, 300), nt(0, 1)),
+            ((37, 49, 1031), nt(0, 0)),
+        ];
+        if big {
+            cases.extend([
+                ((131, 517, 300), tn(3, 0)),
+                ((131, 517, 300), nt(1, 2)),
+                // Past one A block: the shallower depth cut, then the general nest.
+                ((401, 77, 1500), tn(0, 4)),
+                ((401, 77, 1500), nt(0, 0)),
+                ((901, 67, 3101), tn(2, 0)),
+                ((901, 67, 3101), nt(0, 3)),
+                // A DCGAN weight gradient: few rows, very deep (`dy · colᵀ`).
+                ((67, 49, 4099), nt(0, 0)),
+                ((67, 49, 4099), tn(0, 0)),
+            ]);
+        }
+        for ((m, n, k), (la, lb)) in cases {
+            seed += 1;
+            let case = Case {
+                la,
+                lb,
+                beta: if seed % 3 == 0 { 0.5 } else { 0.0 },
+                ..Case::plain(m, n, k)
+            };
+            let one = p1.install(|| check::<f32>(Some(isa), case, seed));
+            let two = p2.install(|| check::<f32>(Some(isa), case, seed));
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {case:?}: 1 and 2 threads differ"
+            );
+            if m * n * k < 40_000_000 {
+                check::<bf16>(Some(isa), case, seed + 100);
+                check::<f16>(Some(isa), case, seed + 200);
+            }
+        }
+    }
+}
+
 /// Batched products: folded into M (shared B), parallel over the batch (disjoint C), and a
 /// broadcast A; each batch checked against a single-product call.
 #[test]
