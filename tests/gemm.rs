@@ -15,8 +15,8 @@ use half::{bf16, f16};
 use kiln_cpu::gemm::{
     blocked_c_supported, gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute,
     gemm_packed, gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_sources,
-    gemm_sources_blocked, gemm_with_isa, APanelSource, BlockedMatMut, Epilogue, GemmOptions, Isa,
-    MatMut, MatRef, PackedB, ViewPanels,
+    gemm_sources_blocked, gemm_with_blocking, gemm_with_isa, APanelSource, BlockedMatMut, Epilogue,
+    GemmOptions, Isa, MatMut, MatRef, PackedB, ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -555,6 +555,60 @@ fn transposed_operands_tn_nt() {
             if m * n * k < 40_000_000 {
                 check::<bf16>(Some(isa), case, seed + 100);
                 check::<f16>(Some(isa), case, seed + 200);
+            }
+        }
+    }
+}
+
+/// `gemm_with_blocking` (what `kiln bench matmul --blocking` measures) with blockings far from
+/// this machine's: tiny blocks, many of each, both loop nests, every layout of A and B; every
+/// element against the f64 reference.
+#[test]
+fn other_blockings_match_the_reference() {
+    let mut rng = Rng(4242);
+    for isa in isas() {
+        let (mr, nr) = isa.tile();
+        for spec in [
+            "kc=64,mc=24,nc=64,small_kc=48,small_mc=12,slab=1",
+            "kc=2048,mc=1024,nc=8192,small_kc=1024,small_mc=600,slab=16",
+            "small_mc=8",
+        ] {
+            let blk = isa.blocking().with_overrides(spec, mr, nr).unwrap();
+            for (m, n, k, la, lb) in [
+                (37, 70, 301, Lay::Row(0), Lay::Row(0)),
+                (131, 45, 200, Lay::Col(1), Lay::Row(0)),
+                (29, 99, 157, Lay::Row(2), Lay::Col(0)),
+            ] {
+                let (ars, acs, alen) = strides(m, k, la);
+                let (brs, bcs, blen) = strides(k, n, lb);
+                let a: Vec<f32> = random(alen, &mut rng);
+                let b: Vec<f32> = random(blen, &mut rng);
+                let mut c = vec![f32::NAN; m * n];
+                gemm_with_blocking(
+                    isa,
+                    blk,
+                    MatRef::strided(&a, m, k, ars, acs),
+                    MatRef::strided(&b, k, n, brs, bcs),
+                    MatMut::row_major(&mut c, m, n),
+                    &GemmOptions::default(),
+                )
+                .unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (0f64, 0f64);
+                        for p in 0..k {
+                            let t = a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64;
+                            exact += t;
+                            mag += t.abs();
+                        }
+                        let tol = (k + 6) as f64 * U * mag;
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= tol,
+                            "{isa:?} {spec} {m}x{n}x{k}: C[{i},{j}] = {got}, want {exact}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -12,7 +12,7 @@
 use super::{median_ms, random_f32, with_threads, BenchRecord};
 use clap::Args;
 use half::{bf16, f16};
-use kiln_cpu::gemm::{amx, gemm_with_isa, GemmOptions, Isa, MatMut, MatRef};
+use kiln_cpu::gemm::{amx, gemm_with_blocking, GemmOptions, Isa, MatMut, MatRef};
 use kiln_cpu::peak;
 use kiln_nn::backend::MatmulPrecision;
 use kiln_tensor::{Error, FloatElement, Result};
@@ -49,6 +49,11 @@ pub struct MatmulArgs {
     /// `--dtype bf16` and such a CPU. The fraction is then of the measured bf16 peak.
     #[arg(long, value_name = "f32|bf16", default_value = "f32")]
     pub matmul_precision: String,
+    /// Other cache blocking than this machine's rules, for measuring: comma-separated
+    /// `name=value` with names kc, mc, nc (general loop nest), small_kc, small_mc, slab (the
+    /// small-M nest), e.g. `kc=512,mc=120`. The blocking used is in the JSON record.
+    #[arg(long, value_name = "SIZES")]
+    pub blocking: Option<String>,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -173,6 +178,11 @@ fn cpu_fields(extra: &mut serde_json::Map<String, serde_json::Value>, t: &Timing
 /// `--matmul-precision bf16`: the native bf16 GEMM (`kiln_cpu::gemm::amx`), against one core's
 /// measured bf16 throughput × threads.
 fn bench_native_bf16(args: &MatmulArgs, layout: Layout) -> Result<()> {
+    if args.blocking.is_some() {
+        return Err(Error::invalid(
+            "bench matmul: --blocking applies to the f32 GEMM, not --matmul-precision bf16",
+        ));
+    }
     if !args.dtype.eq_ignore_ascii_case("bf16") {
         return Err(Error::invalid(
             "bench matmul: --matmul-precision bf16 needs --dtype bf16",
@@ -280,8 +290,16 @@ fn time_product<TB: FloatElement>(
 
 fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, layout: Layout) -> Result<()> {
     let (m, n, k) = (args.m, args.n, args.k);
+    let (mr, nr) = isa.tile();
+    let blk = match &args.blocking {
+        Some(spec) => isa
+            .blocking()
+            .with_overrides(spec, mr, nr)
+            .map_err(|e| Error::invalid(format!("bench matmul: --{e}")))?,
+        None => isa.blocking(),
+    };
     let timing = time_product::<TB>(args, layout, |a, b, c, opts| {
-        gemm_with_isa(isa, a, b, c, opts)
+        gemm_with_blocking(isa, blk, a, b, c, opts)
     })?;
     let (threads, ms) = (timing.threads, timing.ms);
     let pk = peak::quick(threads);
@@ -292,6 +310,13 @@ fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, layout: Layout) -> Resul
     extra.insert("isa".into(), isa.name().into());
     layout_fields(&mut extra, layout);
     cpu_fields(&mut extra, &timing, 2.0 * (m * n * k) as f64);
+    extra.insert(
+        "blocking".into(),
+        serde_json::json!({
+            "mc": blk.mc, "kc": blk.kc, "nc": blk.nc,
+            "small_mc": blk.small_mc, "small_kc": blk.small_kc, "slab": blk.slab,
+        }),
+    );
     extra.insert("peak_gflops".into(), pk.fma_gflops(threads).into());
     extra.insert("peak_gbps".into(), pk.gbps(threads).into());
     let (gbps_field, fraction) = if m == 1 {
