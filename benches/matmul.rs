@@ -87,7 +87,6 @@ fn bench_matmul(c: &mut Criterion) {
                 format!("t{threads}/matmul_{layout}_{m}x{n}x{k}")
             };
             let ((ars, acs), (brs, bcs)) = strides(m, n, k, layout);
-            let av = |a: &[f32]| MatRef::strided(a, m, k, ars, acs);
             let mut g = c.benchmark_group(name);
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));
             g.sample_size(10);
@@ -101,7 +100,7 @@ fn bench_matmul(c: &mut Criterion) {
                 p.install(|| {
                     bn.iter(|| {
                         gemm(
-                            av(&a),
+                            MatRef::strided(&a, m, k, ars, acs),
                             MatRef::strided(&b, k, n, brs, bcs),
                             MatMut::row_major(&mut out, m, n),
                             &GemmOptions::default(),
@@ -114,7 +113,7 @@ fn bench_matmul(c: &mut Criterion) {
                 p.install(|| {
                     bn.iter(|| {
                         gemm(
-                            av(&a),
+                            MatRef::strided(&a, m, k, ars, acs),
                             MatRef::strided(&bh, k, n, brs, bcs),
                             MatMut::row_major(&mut out, m, n),
                             &GemmOptions::default(),
@@ -130,7 +129,7 @@ fn bench_matmul(c: &mut Criterion) {
                     p.install(|| {
                         bn.iter(|| {
                             gemm_bf16_compute(
-                                av(&a),
+                                MatRef::strided(&a, m, k, ars, acs),
                                 MatRef::strided(&bh, k, n, brs, bcs),
                                 MatMut::row_major(&mut out, m, n),
                                 &GemmOptions::default(),
