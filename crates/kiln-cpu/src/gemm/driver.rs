@@ -648,7 +648,32 @@ unsafe fn macro_kernel<TB>(
             if nrows == mr && ncols == nr && c.cs == 1 {
                 run(corigin, c.rs, prod.alpha, blk.beta);
             } else {
-                run(tile.as_mut_ptr(), nr, 1.0, 0.0);
+                // Rows under the last whole tile, or an edge panel of at most NR/2 columns:
+                // only those rows, or the left half of the tile, are computed (the same FMAs
+                // for those elements, less work) where the kernel has such variants.
+                let narrow = 2 * ncols <= nr;
+                let bpanel = || &bp[jp * nr * kc..(jp + 1) * nr * kc];
+                match (kern.rows, kern.half) {
+                    // SAFETY (both arms): the local tile holds MR rows of NR columns; the
+                    // packed panels hold kc steps.
+                    (Some(rows), _) if nrows < mr && in_place.is_none() => unsafe {
+                        rows(
+                            nrows,
+                            narrow,
+                            kc,
+                            apanel,
+                            bpanel(),
+                            tile.as_mut_ptr(),
+                            nr,
+                            1.0,
+                            0.0,
+                        )
+                    },
+                    (_, Some(half)) if narrow && in_place.is_none() => unsafe {
+                        half(kc, apanel, bpanel(), tile.as_mut_ptr(), nr, 1.0, 0.0)
+                    },
+                    _ => run(tile.as_mut_ptr(), nr, 1.0, 0.0),
+                }
                 for ii in 0..nrows {
                     for jj in 0..ncols {
                         // SAFETY: (i+ii, j+jj) is inside the matrix and this task's tile.
