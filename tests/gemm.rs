@@ -521,6 +521,9 @@ fn transposed_operands_tn_nt() {
             ((1, 95, 300), tn(0, 0)),
             ((3, 95, 300), nt(0, 1)),
             ((37, 49, 1031), nt(0, 0)),
+            // Fewer column panels than two per thread: the rows are split between tasks too.
+            ((67, 20, 2001), nt(0, 0)),
+            ((50, 9, 3001), tn(1, 0)),
         ];
         if big {
             cases.extend([
