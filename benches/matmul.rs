@@ -3,7 +3,13 @@
 //! weights kept in f32 arithmetic (`bf16_weights`) and, where the CPU has native bf16
 //! arithmetic (AMX or AVX512-BF16), as bf16 × bf16 products (`bf16_products`).
 //!
-//! `cargo bench --bench matmul` (all), `cargo bench --bench matmul -- 't1/'` (one thread only).
+//! The operand layouts of training run too, in groups named `t{threads}/matmul_{layout}_{m}x{n}x{k}`:
+//! `tn` (A the transposed view of a row-major `[k, m]` array: `dW = Xᵀ·dY`) and `nt` (B the
+//! transposed view of a row-major `[n, k]` array: `dX = dY·Wᵀ`, a conv weight gradient's
+//! `dy·colᵀ`), each peer given the same strided operands.
+//!
+//! `cargo bench --bench matmul` (all), `cargo bench --bench matmul -- 't1/'` (one thread only),
+//! `cargo bench --bench matmul -- '_tn_|_nt_'` (the transposed layouts only).
 //! Throughput is reported in elements = flops (`2·m·n·k`), so criterion's "elem/s" is FLOP/s.
 //! `matrixmultiply` runs single-threaded (its thread count is fixed per process by
 //! `MATMUL_NUM_THREADS`, which this bench sets to 1).
@@ -44,13 +50,44 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (1, 768, 3072),
 ];
 
+/// Operand layouts: `"nn"` (both row-major), `"tn"` (A column-major), `"nt"` (B column-major).
+type Layout = &'static str;
+
+/// (m, n, k, layout) of a backward pass: GPT-2 124M's `c_fc` and `c_attn` at 256 tokens (dW =
+/// Xᵀ·dY is `tn`, dX = dY·Wᵀ is `nt`) and the DCGAN weight gradient of D2/G4 (`dy·colᵀ`, one
+/// 4096-pixel chunk).
+const TRAIN_SHAPES: &[(usize, usize, usize, Layout)] = &[
+    (768, 3072, 256, "tn"),
+    (256, 768, 3072, "nt"),
+    (768, 2304, 256, "tn"),
+    (256, 768, 2304, "nt"),
+    (128, 1024, 4096, "nt"),
+];
+
+/// Element strides `(row, col)` of A `[m, k]` and B `[k, n]` in `layout`.
+fn strides(m: usize, n: usize, k: usize, layout: Layout) -> ((usize, usize), (usize, usize)) {
+    let a = if layout == "tn" { (1, m) } else { (k, 1) };
+    let b = if layout == "nt" { (1, k) } else { (n, 1) };
+    (a, b)
+}
+
 fn bench_matmul(c: &mut Criterion) {
     // SAFETY (edition 2021: a safe call): set before matrixmultiply's first use.
     std::env::set_var("MATMUL_NUM_THREADS", "1");
     for threads in [1usize, 2] {
         let p = pool(threads);
-        for &(m, n, k) in SHAPES {
-            let mut g = c.benchmark_group(format!("t{threads}/matmul_{m}x{n}x{k}"));
+        let shapes = SHAPES
+            .iter()
+            .map(|&(m, n, k)| (m, n, k, "nn"))
+            .chain(TRAIN_SHAPES.iter().copied());
+        for (m, n, k, layout) in shapes {
+            let name = if layout == "nn" {
+                format!("t{threads}/matmul_{m}x{n}x{k}")
+            } else {
+                format!("t{threads}/matmul_{layout}_{m}x{n}x{k}")
+            };
+            let ((ars, acs), (brs, bcs)) = strides(m, n, k, layout);
+            let mut g = c.benchmark_group(name);
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));
             g.sample_size(10);
             g.warm_up_time(Duration::from_millis(300));
@@ -63,8 +100,8 @@ fn bench_matmul(c: &mut Criterion) {
                 p.install(|| {
                     bn.iter(|| {
                         gemm(
-                            MatRef::row_major(&a, m, k),
-                            MatRef::row_major(&b, k, n),
+                            MatRef::strided(&a, m, k, ars, acs),
+                            MatRef::strided(&b, k, n, brs, bcs),
                             MatMut::row_major(&mut out, m, n),
                             &GemmOptions::default(),
                         )
@@ -76,8 +113,8 @@ fn bench_matmul(c: &mut Criterion) {
                 p.install(|| {
                     bn.iter(|| {
                         gemm(
-                            MatRef::row_major(&a, m, k),
-                            MatRef::row_major(&bh, k, n),
+                            MatRef::strided(&a, m, k, ars, acs),
+                            MatRef::strided(&bh, k, n, brs, bcs),
                             MatMut::row_major(&mut out, m, n),
                             &GemmOptions::default(),
                         )
@@ -92,8 +129,8 @@ fn bench_matmul(c: &mut Criterion) {
                     p.install(|| {
                         bn.iter(|| {
                             gemm_bf16_compute(
-                                MatRef::row_major(&a, m, k),
-                                MatRef::row_major(&bh, k, n),
+                                MatRef::strided(&a, m, k, ars, acs),
+                                MatRef::strided(&bh, k, n, brs, bcs),
                                 MatMut::row_major(&mut out, m, n),
                                 &GemmOptions::default(),
                             )
@@ -110,8 +147,9 @@ fn bench_matmul(c: &mut Criterion) {
                 };
                 p.install(|| {
                     bn.iter(|| {
-                        // SAFETY: all three buffers are row-major with the sizes given; the gemm
-                        // crate computes dst = alpha·dst + beta·lhs·rhs and reads no dst here.
+                        // SAFETY: the buffers hold the strided views given (A and B `m·k` and
+                        // `k·n` elements, C row-major); the gemm crate computes
+                        // dst = alpha·dst + beta·lhs·rhs and reads no dst here.
                         unsafe {
                             gemm::gemm(
                                 m,
@@ -122,11 +160,11 @@ fn bench_matmul(c: &mut Criterion) {
                                 n as isize,
                                 false,
                                 a.as_ptr(),
-                                1,
-                                k as isize,
+                                acs as isize,
+                                ars as isize,
                                 b.as_ptr(),
-                                1,
-                                n as isize,
+                                bcs as isize,
+                                brs as isize,
                                 0.0f32,
                                 1.0f32,
                                 false,
@@ -141,7 +179,7 @@ fn bench_matmul(c: &mut Criterion) {
             if threads == 1 {
                 g.bench_function(BenchmarkId::new("matrixmultiply", "f32"), |bn| {
                     bn.iter(|| {
-                        // SAFETY: row-major buffers of the sizes given.
+                        // SAFETY: buffers holding the strided views given, C row-major.
                         unsafe {
                             matrixmultiply::sgemm(
                                 m,
@@ -149,11 +187,11 @@ fn bench_matmul(c: &mut Criterion) {
                                 n,
                                 1.0,
                                 a.as_ptr(),
-                                k as isize,
-                                1,
+                                ars as isize,
+                                acs as isize,
                                 b.as_ptr(),
-                                n as isize,
-                                1,
+                                brs as isize,
+                                bcs as isize,
                                 0.0,
                                 out.as_mut_ptr(),
                                 n as isize,

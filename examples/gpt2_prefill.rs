@@ -2,11 +2,12 @@
 //! (page faults of fresh buffers, thread start) are separated from the steady state.
 //!
 //! ```sh
-//! cargo run --release --example gpt2_prefill -- MODEL_DIR [TOKENS] [REPEATS] [f32|bf16]
+//! cargo run --release --example gpt2_prefill -- MODEL_DIR [TOKENS] [REPEATS] [f32|bf16] [DTYPE]
 //! ```
 //!
-//! `MODEL_DIR` as for `kiln gpt2 generate` (e.g. written by `kiln gpt2 init`); the last argument
-//! is the matmul precision of bf16 weights. Prints the first and the median prefill in ms and
+//! `MODEL_DIR` as for `kiln gpt2 generate` (e.g. written by `kiln gpt2 init`); the fourth argument
+//! is the matmul precision of bf16 weights, the fifth the weights' dtype in memory (f32, bf16 or
+//! f16, as `--dtype`; default the checkpoint's). Prints the first and the median prefill in ms and
 //! the rate in GFLOP/s of the linear layers (`2·T·params` of the blocks).
 use kiln_models::gpt2::{Gpt2, LoadOptions, Logits, MatmulPrecision};
 use std::time::Instant;
@@ -22,10 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(s) => MatmulPrecision::parse(s).ok_or("precision: f32 or bf16")?,
         None => MatmulPrecision::F32,
     };
+    let dtype = match args.get(4) {
+        Some(s) => Some(kiln_tensor::DType::parse(s).ok_or("dtype: f32, bf16 or f16")?),
+        None => None,
+    };
     let gpt2 = Gpt2::load(
         dir,
         &LoadOptions {
             matmul_precision: precision,
+            dtype,
             ..Default::default()
         },
     )?;
@@ -47,7 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let block_params = cfg.n_layer * 12 * cfg.n_embd * cfg.n_embd;
     let gflops = 2.0 * tokens as f64 * block_params as f64 / (median * 1e-3) / 1e9;
     println!(
-        "{{\"tokens\":{tokens},\"precision\":\"{}\",\"threads\":{},\"first_ms\":{first:.2},\"median_ms\":{median:.2},\"linear_gflops\":{gflops:.1}}}",
+        "{{\"tokens\":{tokens},\"dtype\":\"{}\",\"precision\":\"{}\",\"threads\":{},\"first_ms\":{first:.2},\"median_ms\":{median:.2},\"linear_gflops\":{gflops:.1}}}",
+        dtype.map_or("file", |d| d.name()),
         precision.name(),
         rayon::current_num_threads()
     );

@@ -15,8 +15,8 @@ use half::{bf16, f16};
 use kiln_cpu::gemm::{
     blocked_c_supported, gelu_tanh, gemm, gemm_batched, gemm_batched_with_isa, gemm_bf16_compute,
     gemm_packed, gemm_panels, gemm_panels_blocked, gemm_panels_with_isa, gemm_sources,
-    gemm_sources_blocked, gemm_with_isa, APanelSource, BlockedMatMut, Epilogue, GemmOptions, Isa,
-    MatMut, MatRef, PackedB, ViewPanels,
+    gemm_sources_blocked, gemm_with_blocking, gemm_with_isa, APanelSource, BlockedMatMut, Epilogue,
+    GemmOptions, Isa, MatMut, MatRef, PackedB, ViewPanels,
 };
 use kiln_tensor::FloatElement;
 
@@ -492,6 +492,127 @@ fn one_and_two_threads_bitwise_equal() {
                 .iter()
                 .zip(&two)
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
+
+/// The operand layouts of a backward pass, without transposed copies: `tn` (A column-major, as
+/// `Xᵀ` in `dW = Xᵀ·dY`) and `nt` (B column-major, as `Wᵀ` in `dX = dY·Wᵀ`, `colᵀ` in a conv
+/// weight gradient), with padded columns (a view of a wider array), at odd sizes on both loop
+/// nests: small-M products (`m` at most a few `MR`), taller ones past `MC` (the shallower depth
+/// cut), the general nest with several row and depth blocks, and the deep, narrow weight
+/// gradients of the DCGAN convolutions. Every kernel this CPU runs, f32 and 16-bit B, against
+/// the f64 reference, one thread bitwise equal to two.
+#[test]
+fn transposed_operands_tn_nt() {
+    let (p1, p2) = (pool(1), pool(2));
+    let tn = |a_pad, b_pad| (Lay::Col(a_pad), Lay::Row(b_pad));
+    let nt = |a_pad, b_pad| (Lay::Row(a_pad), Lay::Col(b_pad));
+    let mut seed = 3000;
+    for isa in isas() {
+        let big = isa != Isa::Scalar;
+        let mut cases = vec![
+            ((7, 33, 13), tn(0, 0)),
+            ((7, 33, 13), nt(3, 1)),
+            ((13, 257, 31), tn(5, 2)),
+            ((13, 257, 31), nt(0, 0)),
+            ((257, 31, 129), tn(1, 0)),
+            ((257, 31, 129), nt(0, 7)),
+            ((1, 95, 300), tn(0, 0)),
+            ((3, 95, 300), nt(0, 1)),
+            ((37, 49, 1031), nt(0, 0)),
+            // Fewer column panels than two per thread: the rows are split between tasks too.
+            ((67, 20, 2001), nt(0, 0)),
+            ((50, 9, 3001), tn(1, 0)),
+        ];
+        if big {
+            cases.extend([
+                ((131, 517, 300), tn(3, 0)),
+                ((131, 517, 300), nt(1, 2)),
+                // Past one A block: the shallower depth cut, then the general nest.
+                ((401, 77, 1500), tn(0, 4)),
+                ((401, 77, 1500), nt(0, 0)),
+                ((901, 67, 3101), tn(2, 0)),
+                ((901, 67, 3101), nt(0, 3)),
+                // A DCGAN weight gradient: few rows, very deep (`dy · colᵀ`).
+                ((67, 49, 4099), nt(0, 0)),
+                ((67, 49, 4099), tn(0, 0)),
+            ]);
+        }
+        for ((m, n, k), (la, lb)) in cases {
+            seed += 1;
+            let case = Case {
+                la,
+                lb,
+                beta: if seed % 3 == 0 { 0.5 } else { 0.0 },
+                ..Case::plain(m, n, k)
+            };
+            let one = p1.install(|| check::<f32>(Some(isa), case, seed));
+            let two = p2.install(|| check::<f32>(Some(isa), case, seed));
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {case:?}: 1 and 2 threads differ"
+            );
+            if m * n * k < 40_000_000 {
+                check::<bf16>(Some(isa), case, seed + 100);
+                check::<f16>(Some(isa), case, seed + 200);
+            }
+        }
+    }
+}
+
+/// `gemm_with_blocking` (what `kiln bench matmul --blocking` measures) with blockings far from
+/// this machine's: tiny blocks, many of each, both loop nests, every layout of A and B; every
+/// element against the f64 reference.
+#[test]
+fn other_blockings_match_the_reference() {
+    let mut rng = Rng(4242);
+    for isa in isas() {
+        let (mr, nr) = isa.tile();
+        for spec in [
+            "kc=64,mc=24,nc=64,small_kc=48,small_mc=12,slab=1",
+            "kc=2048,mc=1024,nc=8192,small_kc=1024,small_mc=600,slab=16",
+            "small_mc=8",
+        ] {
+            let blk = isa.blocking().with_overrides(spec, mr, nr).unwrap();
+            for (m, n, k, la, lb) in [
+                (37, 70, 301, Lay::Row(0), Lay::Row(0)),
+                (131, 45, 200, Lay::Col(1), Lay::Row(0)),
+                (29, 99, 157, Lay::Row(2), Lay::Col(0)),
+            ] {
+                let (ars, acs, alen) = strides(m, k, la);
+                let (brs, bcs, blen) = strides(k, n, lb);
+                let a: Vec<f32> = random(alen, &mut rng);
+                let b: Vec<f32> = random(blen, &mut rng);
+                let mut c = vec![f32::NAN; m * n];
+                gemm_with_blocking(
+                    isa,
+                    blk,
+                    MatRef::strided(&a, m, k, ars, acs),
+                    MatRef::strided(&b, k, n, brs, bcs),
+                    MatMut::row_major(&mut c, m, n),
+                    &GemmOptions::default(),
+                )
+                .unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (0f64, 0f64);
+                        for p in 0..k {
+                            let t = a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64;
+                            exact += t;
+                            mag += t.abs();
+                        }
+                        let tol = (k + 6) as f64 * U * mag;
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= tol,
+                            "{isa:?} {spec} {m}x{n}x{k}: C[{i},{j}] = {got}, want {exact}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

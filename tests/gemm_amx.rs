@@ -12,9 +12,9 @@
 //! `SKIP <name>: no AMX` otherwise).
 use half::bf16;
 use kiln::cpu::gemm::amx::{
-    amx_available, amx_peak_gflops_one_core, bf16_dot_available, bf16_dot_peak_gflops_one_core,
-    gemm_bf16_amx, gemm_bf16_amx_packed_with, gemm_bf16_amx_panels_with, gemm_bf16_amx_with,
-    AmxConfig, AmxPackedB, PackKernel, TileKernel,
+    amx_available, amx_peak_gflops_one_core, amx_unavailable_reason, best_native_kernel,
+    bf16_dot_available, bf16_dot_peak_gflops_one_core, gemm_bf16_amx, gemm_bf16_amx_packed_with,
+    gemm_bf16_amx_panels_with, gemm_bf16_amx_with, AmxConfig, AmxPackedB, PackKernel, TileKernel,
 };
 use kiln::cpu::gemm::{Epilogue, GemmOptions, MatMut, MatRef, PanelMatrix};
 
@@ -419,6 +419,27 @@ fn one_and_two_threads_bitwise_equal() {
             assert_eq!(bits(&one), bits(&two), "{cfg:?} {cs:?}");
         }
     }
+}
+
+/// The AMX tile kernel has never run on AMX hardware: without the opt-in variable it must be
+/// unreachable on every CPU (detection false, no dispatcher picks it, the hardware
+/// configuration is an error). A CPU with AMX then takes the AVX512-BF16 kernel.
+#[test]
+fn amx_unreachable_without_opt_in() {
+    if std::env::var_os(kiln::cpu::gemm::amx::AMX_OPT_IN).is_some() {
+        println!("SKIP amx_unreachable_without_opt_in: the process opted in");
+        return;
+    }
+    assert!(!amx_available());
+    assert!(amx_unavailable_reason().is_some());
+    assert_ne!(best_native_kernel(), Some(TileKernel::Amx));
+    assert!(AmxConfig::native().is_none_or(|c| c.tiles != TileKernel::Amx));
+    assert!(AmxConfig::hardware().is_err());
+    let cfg = AmxConfig {
+        tiles: TileKernel::Amx,
+        pack: AmxConfig::emulated().pack,
+    };
+    assert!(cfg.check().is_err());
 }
 
 #[test]

@@ -22,7 +22,10 @@
 //!   any thread count.
 //!
 //! Run-time selection: [`amx_available`] checks CPUID, XCR0 and asks Linux for the tile state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) once per process. Where it is false every entry point
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) once per process, and is false unless the process also
+//! opted in with [`AMX_OPT_IN`]` = 1`: the tile kernel has so far only run as its software
+//! model, never on AMX hardware, so a CPU with AMX uses the AVX512-BF16 kernel until it has been
+//! validated there. Where it is false every entry point
 //! that uses [`TileKernel::Amx`] returns an error (never an illegal instruction); a caller's
 //! dispatch routes bf16 products here only when it is true, e.g.
 //!
@@ -55,6 +58,7 @@ mod dot;
 mod pack;
 mod tiles;
 
+pub use detect::AMX_OPT_IN;
 pub use pack::PackKernel;
 pub use tiles::TileKernel;
 

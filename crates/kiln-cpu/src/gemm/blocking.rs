@@ -139,6 +139,44 @@ impl Blocking {
     }
 }
 
+impl Blocking {
+    /// This blocking with some sizes replaced, from `spec`: comma-separated `name=value` pairs,
+    /// names `kc`, `mc`, `nc` (the general nest), `small_kc`, `small_mc` (the small-M nest) and
+    /// `slab`, e.g. `kc=512,mc=120`. For measuring other blockings (`kiln bench matmul
+    /// --blocking`), which is how the rules above were chosen: `mc` values are rounded up to a
+    /// multiple of `mr`, `nc` down to a multiple of `nr` (at least `nr`), depths up to a
+    /// multiple of 8. Products with another blocking differ from the default's in rounding
+    /// (another depth cut), not in anything else.
+    pub fn with_overrides(self, spec: &str, mr: usize, nr: usize) -> Result<Blocking, String> {
+        let mut b = self;
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("blocking: `{item}` is not name=value"))?;
+            let v: usize = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&v| (1..=1 << 20).contains(&v))
+                .ok_or_else(|| format!("blocking: {name} must be a size from 1 to 2^20"))?;
+            match name.trim() {
+                "kc" => b.kc = v.next_multiple_of(8),
+                "mc" => b.mc = v.next_multiple_of(mr),
+                "nc" => b.nc = (v / nr).max(1) * nr,
+                "small_kc" => b.small_kc = v.next_multiple_of(8),
+                "small_mc" => b.small_mc = v.next_multiple_of(mr),
+                "slab" => b.slab = v,
+                other => {
+                    return Err(format!(
+                        "blocking: unknown size `{other}` (kc, mc, nc, small_kc, small_mc, slab)"
+                    ))
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
 /// Kernels at least this wide take the deep general blocking (see the module comment).
 const DEEP_NR: usize = 32;
 
@@ -315,6 +353,25 @@ mod tests {
         for (mr, nr) in [(6, 16), (4, 4)] {
             let b = Blocking::for_kernel(mr, nr, zen5);
             assert_eq!((b.kc, b.mc), (b.small_kc, b.small_mc), "{mr}x{nr}");
+        }
+    }
+
+    #[test]
+    fn overrides_keep_the_tile_multiples() {
+        let b = Blocking::for_kernel(6, 16, CacheSizes::FALLBACK);
+        let o = b
+            .with_overrides(
+                "kc=500, mc=100,nc=1000,small_kc=300,small_mc=50,slab=4",
+                6,
+                16,
+            )
+            .unwrap();
+        assert_eq!((o.kc, o.mc, o.nc), (504, 102, 992));
+        assert_eq!((o.small_kc, o.small_mc, o.slab), (304, 54, 4));
+        assert_eq!(b.with_overrides("", 6, 16).unwrap(), b);
+        assert_eq!(b.with_overrides("nc=3", 6, 16).unwrap().nc, 16);
+        for bad in ["kc", "kc=0", "kc=x", "qc=8", "mc=-1"] {
+            assert!(b.with_overrides(bad, 6, 16).is_err(), "{bad}");
         }
     }
 

@@ -380,7 +380,7 @@ pub unsafe fn gemm_blis<TB: FloatElement>(
 /// ```text
 /// for pc in 0..k step KC
 ///   pack_a(A[.., pc..]) → Ap                     // once, on the calling thread, shared
-///   parallel for task (a range of NR panels of C's columns)
+///   parallel for task (a range of NR panels of C's columns; of rows too when narrow)
 ///     for each slab of the task's panels          // KC × SLAB·NR, about L2/4
 ///       pack_b(B[pc.., slab]) → Bs                // per thread, stays in L2
 ///       macro_kernel(Ap, Bs, C[.., slab])
@@ -407,11 +407,22 @@ unsafe fn gemm_small_m<TB: FloatElement>(
     let (mr, nr) = (kern.mr, kern.nr);
     let panels = n.div_ceil(nr);
     // Two tasks per thread (whole panels), so an uneven split costs less.
-    let tasks = if threads > 1 {
+    let col_tasks = if threads > 1 {
         (2 * threads).min(panels)
     } else {
         1
     };
+    // A product too narrow for that (fewer panels than two per thread: the weight gradient of a
+    // convolution with 3 input channels is 48 columns) is split over its rows as well, in whole
+    // MR panels; each task then packs its own copy of its few columns' B slab. Before, two
+    // threads took one panel each of `64 × 48 × 4096` while A was packed on one of them.
+    let row_panels = m.div_ceil(mr);
+    let row_tasks = if threads > 1 && col_tasks < 2 * threads {
+        (2 * threads).div_ceil(col_tasks).min(row_panels)
+    } else {
+        1
+    };
+    let tasks = col_tasks * row_tasks;
     let slab = blk.slab;
     // bf16 column panels read in place by a kernel that widens them itself: packing them would
     // only widen them into a copy (measured on a Zen 5 core: 10 % of GPT-2's bf16 prefill).
@@ -435,7 +446,7 @@ unsafe fn gemm_small_m<TB: FloatElement>(
             Some(pre) => pre,
             None => {
                 let ap = &mut apack.as_mut_slice::<f32>()[..m.div_ceil(mr) * mr * kcur];
-                if tasks > 1 && m >= 8 * mr {
+                if tasks > 1 && (m >= 8 * mr || row_tasks > 1) {
                     // Packed in parallel, a range of MR panels per worker (serial, packing a
                     // conv weight was a few % of a 2-thread product). The packed values are
                     // the same.
@@ -453,7 +464,15 @@ unsafe fn gemm_small_m<TB: FloatElement>(
             }
         };
         let task = |t: usize| {
-            let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
+            let (ct, rt) = (t / row_tasks, t % row_tasks);
+            let (p0, p1) = (ct * panels / col_tasks, (ct + 1) * panels / col_tasks);
+            let r0 = rt * row_panels / row_tasks * mr;
+            let r1 = ((rt + 1) * row_panels / row_tasks * mr).min(m);
+            if p0 == p1 || r0 >= r1 {
+                return;
+            }
+            // This task's rows of the packed A (whole MR panels from r0).
+            let ap = &ap[r0 * kcur..r1.div_ceil(mr) * mr * kcur];
             // In-place panels need no slab buffer (`bp` stays empty).
             let slab_len = if in_place.is_some() {
                 0
@@ -474,8 +493,8 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                     prod.b.pack(pc, kcur, j0, j1 - j0, nr, bp);
                 }
                 let block = Block {
-                    i0: 0,
-                    mcur: m,
+                    i0: r0,
+                    mcur: r1 - r0,
                     j0,
                     ncur: j1 - j0,
                     p0: 0,
@@ -484,9 +503,10 @@ unsafe fn gemm_small_m<TB: FloatElement>(
                     beta: if first { prod.beta } else { 1.0 },
                     last,
                 };
-                // SAFETY: this task alone owns C's columns of panels p0 .. p1 (tasks are
-                // disjoint panel ranges); the caller vouches for the rest; in-place panels are
-                // whole panels of the source's buffer (`PanelB`).
+                // SAFETY: this task alone owns C's rows r0 .. r1 of the columns of panels
+                // p0 .. p1 (tasks are disjoint (row range, panel range) pairs); the caller
+                // vouches for the rest; in-place panels are whole panels of the source's buffer
+                // (`PanelB`).
                 unsafe { macro_kernel(kern, ap, bp, panels, prod, &block) };
             }
             put_buffer(&B_PANEL, bbuf);
@@ -648,7 +668,32 @@ unsafe fn macro_kernel<TB>(
             if nrows == mr && ncols == nr && c.cs == 1 {
                 run(corigin, c.rs, prod.alpha, blk.beta);
             } else {
-                run(tile.as_mut_ptr(), nr, 1.0, 0.0);
+                // Rows under the last whole tile, or an edge panel of at most NR/2 columns:
+                // only those rows, or the left half of the tile, are computed (the same FMAs
+                // for those elements, less work) where the kernel has such variants.
+                let narrow = 2 * ncols <= nr;
+                let bpanel = || &bp[jp * nr * kc..(jp + 1) * nr * kc];
+                match (kern.rows, kern.half) {
+                    // SAFETY (both arms): the local tile holds MR rows of NR columns; the
+                    // packed panels hold kc steps.
+                    (Some(rows), _) if nrows < mr && in_place.is_none() => unsafe {
+                        rows(
+                            nrows,
+                            narrow,
+                            kc,
+                            apanel,
+                            bpanel(),
+                            tile.as_mut_ptr(),
+                            nr,
+                            1.0,
+                            0.0,
+                        )
+                    },
+                    (_, Some(half)) if narrow && in_place.is_none() => unsafe {
+                        half(kc, apanel, bpanel(), tile.as_mut_ptr(), nr, 1.0, 0.0)
+                    },
+                    _ => run(tile.as_mut_ptr(), nr, 1.0, 0.0),
+                }
                 for ii in 0..nrows {
                     for jj in 0..ncols {
                         // SAFETY: (i+ii, j+jj) is inside the matrix and this task's tile.

@@ -46,6 +46,22 @@ pub type EdgeFn = unsafe fn(
 ///
 /// # Safety
 /// As [`MicroFn`]; also `b .. b + 32·kc` must be readable.
+/// The first `rows` rows of the tile (all `NR` columns, or with `half` the first `NR/2`) from the
+/// same packed panels, into `c` as [`MicroFn`] writes them (bitwise those rows and columns of
+/// the whole kernel's tile).
+#[allow(clippy::too_many_arguments)]
+pub type RowsFn = unsafe fn(
+    rows: usize,
+    half: bool,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    rs_c: usize,
+    alpha: f32,
+    beta: f32,
+);
+
 pub type Bf16PanelMicroFn =
     unsafe fn(kc: usize, a: &[f32], b: *const u16, c: *mut f32, rs_c: usize, alpha: f32, beta: f32);
 
@@ -61,6 +77,12 @@ pub struct Kernel {
     /// The same microkernel reading bf16 column panels in place (`NR = 32`), where the ISA has
     /// one: the small-M path then skips packing them.
     pub bf16_panel: Option<Bf16PanelMicroFn>,
+    /// The left `NR/2` columns of the tile from the same packed panels, where the ISA has it:
+    /// for an edge panel of at most `NR/2` columns (bitwise those columns of `micro`'s tile).
+    pub half: Option<MicroFn>,
+    /// The first rows of the tile, where the ISA has it: for the rows under the last whole tile
+    /// when there is no [`Kernel::edge`] for them.
+    pub rows: Option<RowsFn>,
 }
 
 /// Largest `MR·NR` of any kernel (the driver's edge-tile buffer).
@@ -81,6 +103,8 @@ impl Kernel {
                 micro: super::avx512::microkernel_avx512,
                 edge: None,
                 bf16_panel: Some(super::avx512::microkernel_avx512_bf16_panel),
+                half: Some(super::avx512::microkernel_avx512_half),
+                rows: Some(super::avx512::microkernel_avx512_rows),
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernel {
@@ -90,6 +114,8 @@ impl Kernel {
                 micro: super::avx2::microkernel_avx2,
                 edge: Some(super::avx2::edge_avx2),
                 bf16_panel: None,
+                half: None,
+                rows: None,
             },
             Isa::Portable => Kernel {
                 isa,
@@ -98,6 +124,8 @@ impl Kernel {
                 micro: microkernel_portable,
                 edge: None,
                 bf16_panel: None,
+                half: None,
+                rows: None,
             },
             #[allow(unreachable_patterns)]
             _ => Kernel {
@@ -107,6 +135,8 @@ impl Kernel {
                 micro: microkernel_scalar,
                 edge: None,
                 bf16_panel: None,
+                half: None,
+                rows: None,
             },
         })
     }

@@ -673,6 +673,20 @@ pub fn gemm_with_isa<TB: FloatElement>(
     isa: Isa,
     a: MatRef<'_, f32>,
     b: MatRef<'_, TB>,
+    c: MatMut<'_>,
+    opts: &GemmOptions<'_>,
+) -> Result<()> {
+    gemm_with_blocking(isa, isa.blocking(), a, b, c, opts)
+}
+
+/// [`gemm_with_isa`] with the cache blocking `blk` instead of this machine's rules (see
+/// [`blocking::Blocking::with_overrides`]): for measuring blockings. The M = 1 and few-row paths
+/// do not block and are unchanged.
+pub fn gemm_with_blocking<TB: FloatElement>(
+    isa: Isa,
+    blk: blocking::Blocking,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, TB>,
     mut c: MatMut<'_>,
     opts: &GemmOptions<'_>,
 ) -> Result<()> {
@@ -705,7 +719,7 @@ pub fn gemm_with_isa<TB: FloatElement>(
             return Ok(());
         }
     }
-    run_blis(&kern, isa.blocking(), a, driver::BSource::View(b), c, opts);
+    run_blis(&kern, blk, a, driver::BSource::View(b), c, opts);
     Ok(())
 }
 

@@ -8,8 +8,22 @@
 //!    16 rows × 64 bytes;
 //! 4. Linux granted this process the tile-data state: `arch_prctl(ARCH_REQ_XCOMP_PERM,
 //!    XFEATURE_XTILEDATA)` returned 0. The permission is per process and permanent; the tile
-//!    *configuration* (`ldtilecfg`) is per thread and is done by each task that uses tiles.
+//!    *configuration* (`ldtilecfg`) is per thread and is done by each task that uses tiles;
+//! 5. the process opted in with `KILN_AMX_UNVERIFIED=1` in its environment. The tile kernel
+//!    (`tiles.rs`) has only ever run as its software model: no AMX machine has run it yet, so
+//!    until one has (and `tests/gemm_amx.rs::amx_hardware_matches_software_model` passed there
+//!    with the variable set) a CPU with AMX takes the AVX512-BF16 kernel instead, which has run
+//!    on hardware. `tests/gemm_amx.rs::amx_unreachable_without_opt_in` and the unit test below
+//!    prove the path unreachable without the variable, on any CPU.
 use std::sync::OnceLock;
+
+/// The environment variable that lets a process use the AMX tile kernel (value `1`), which has
+/// not yet been validated on AMX hardware.
+pub const AMX_OPT_IN: &str = "KILN_AMX_UNVERIFIED";
+
+/// Why AMX is refused when the hardware has it but the process did not opt in.
+const NOT_OPTED_IN: &str = "the AMX tile kernel has not been validated on AMX hardware yet; \
+                            set KILN_AMX_UNVERIFIED=1 to use it";
 
 /// Whether AMX-BF16 can be used by this process, and if not, why.
 #[derive(Clone, Copy, Debug)]
@@ -22,7 +36,21 @@ pub(crate) struct AmxSupport {
 /// The cached answer for this process (the first call may issue one `arch_prctl`).
 pub(crate) fn amx_support() -> AmxSupport {
     static SUPPORT: OnceLock<AmxSupport> = OnceLock::new();
-    *SUPPORT.get_or_init(probe)
+    *SUPPORT.get_or_init(|| {
+        let opted_in = std::env::var(AMX_OPT_IN).is_ok_and(|v| v == "1");
+        gate(probe(), opted_in)
+    })
+}
+
+/// What the hardware probe found, as the process may use it: an AMX the hardware and OS
+/// support stays unavailable unless `opted_in` (the tile kernel is not yet validated on
+/// hardware; see the module comment).
+fn gate(hardware: AmxSupport, opted_in: bool) -> AmxSupport {
+    if hardware.available && !opted_in {
+        unavailable(NOT_OPTED_IN)
+    } else {
+        hardware
+    }
 }
 
 fn unavailable(reason: &'static str) -> AmxSupport {
@@ -165,4 +193,26 @@ pub(crate) fn cache_sizes() -> (usize, usize) {
         }
         (l1, l2)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Even where the CPU, the OS and Linux all allow AMX, the tile kernel is unavailable
+    /// unless the process opted in; a CPU without AMX stays without it either way.
+    #[test]
+    fn amx_needs_the_opt_in() {
+        let hw = AmxSupport {
+            available: true,
+            reason: "",
+        };
+        let refused = gate(hw, false);
+        assert!(!refused.available);
+        assert!(refused.reason.contains(AMX_OPT_IN), "{}", refused.reason);
+        assert!(gate(hw, true).available);
+        let none = unavailable("no AMX");
+        assert!(!gate(none, true).available && !gate(none, false).available);
+        assert_eq!(gate(none, true).reason, "no AMX");
+    }
 }
