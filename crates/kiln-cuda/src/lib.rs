@@ -18,6 +18,7 @@
 //!
 //! The CPU backend (`kiln-cpu`) is the reference: every op here is tested against it, on the
 //! emulator everywhere and on a GPU where there is one.
+pub mod backend;
 pub mod buffer;
 pub mod cache;
 pub mod device;
@@ -27,7 +28,8 @@ pub mod nvrtc;
 pub mod ops;
 pub mod sources;
 
+pub use backend::{CudaBackend, DeviceBuf};
 pub use buffer::{CudaBuf, DeviceElement};
-pub use device::{driver_present, Arg, CudaDevice, DeviceInfo, LaunchDims};
+pub use device::{driver_present, Arg, CudaDevice, DeviceInfo, HostCopies, LaunchDims};
 pub use emu::EmuOptions;
 pub use error::{is_no_device, CudaError};

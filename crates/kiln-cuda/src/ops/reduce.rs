@@ -64,6 +64,31 @@ fn sum_squares_into(
     )
 }
 
+/// `out[0] = Σ x[..n]` (f32 partial sums over a fixed grid, added in a fixed order: the order
+/// depends only on `n`).
+pub fn sum(dev: &CudaDevice, x: &CudaBuf, n: usize, out: &mut CudaBuf) -> Result<()> {
+    x.check("sum x", DType::F32, n)?;
+    out.check("sum out", DType::F32, 1)?;
+    let partial = dev.alloc(DType::F32, REDUCE_BLOCKS)?;
+    dev.launch(
+        &sources::REDUCE,
+        "sum_values_partial",
+        LaunchDims::linear(REDUCE_BLOCKS as u32, REDUCE_THREADS, 0),
+        &[Arg::Buf(x), Arg::I64(n as i64), Arg::Buf(&partial)],
+    )?;
+    dev.launch(
+        &sources::REDUCE,
+        "sum_partials",
+        LaunchDims::linear(1, 32, 0),
+        &[
+            Arg::Buf(&partial),
+            Arg::I32(REDUCE_BLOCKS as i32),
+            Arg::Buf(out),
+            Arg::I32(0),
+        ],
+    )
+}
+
 /// `out[j] (+)= Σ_i x[i][j]` over `x` `[rows, cols]`: a linear layer's bias gradient from its
 /// output gradient. Overwrites `out` unless `accumulate`.
 pub fn column_sums(
