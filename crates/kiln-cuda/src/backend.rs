@@ -70,6 +70,11 @@ impl DeviceBuf {
     }
 }
 
+/// Products of at most this many rows run on the decode kernel, a few rows per launch (see
+/// `linear`): a batched decode step of up to this many sequences gives each sequence bitwise
+/// its own result in every product (kiln-cpu's `INVARIANT_ROWS`).
+pub const SMALL_ROWS: usize = 64;
+
 /// Scratch buffers kept for reuse: at most this many.
 const POOL_MAX: usize = 16;
 
@@ -84,7 +89,7 @@ pub struct CudaBackend {
     to_host_elements: AtomicUsize,
     /// The i32 buffer ids, positions and targets are uploaded into (grown, never shrunk).
     ids: Mutex<CudaBuf>,
-    /// The one-element result of a reduction that comes back to the host.
+    /// The result of a reduction that comes back to the host (and a check's verdict).
     scalar: Mutex<CudaBuf>,
     /// Free f32 scratch buffers.
     pool: Mutex<Vec<CudaBuf>>,
@@ -215,7 +220,7 @@ impl CudaBackend {
     pub fn on(dev: CudaDevice) -> Result<Self> {
         Ok(CudaBackend {
             ids: Mutex::new(dev.zeros(DType::I32, 0)?),
-            scalar: Mutex::new(dev.zeros(DType::F32, 1)?),
+            scalar: Mutex::new(dev.zeros(DType::F32, 2)?),
             pool: Mutex::new(Vec::new()),
             to_device: AtomicUsize::new(0),
             to_device_elements: AtomicUsize::new(0),
@@ -353,6 +358,20 @@ impl CudaBackend {
         self.count_out(1);
         self.dev.read(&s, 0, &mut v)?;
         Ok(v[0])
+    }
+
+    /// Runs `f`, which writes a result and a check's verdict (elements 0 and 1 of the scalar
+    /// buffer), and brings both back in one copy: the trait's one scalar.
+    fn scalar_checked(
+        &self,
+        f: impl FnOnce(&CudaDevice, &mut CudaBuf) -> Result<()>,
+    ) -> Result<(f32, f32)> {
+        let mut s = lock(&self.scalar)?;
+        f(&self.dev, &mut s)?;
+        let mut v = [0f32; 2];
+        self.count_out(1);
+        self.dev.read(&s, 0, &mut v)?;
+        Ok((v[0], v[1]))
     }
 
     /// The buffer a gradient-accumulating kernel adds a parameter gradient to: the caller's
@@ -674,10 +693,12 @@ impl Backend for CudaBackend {
             a_t: false,
             b_t,
         };
-        // Row invariance: a single row runs on the decode kernel (gemv), whose rows never
-        // depend on each other; more rows run on it too, GEMV_MAX_M at a time, so that each row
-        // is bitwise what it is alone.
-        let (chunk, kernel) = if d.rows_invariant && d.m > GEMV_MAX_M {
+        // Up to SMALL_ROWS rows (a decode step, a short prompt), and any number of rows of a
+        // row-invariant product, run on the decode kernel (gemv), GEMV_MAX_M rows per launch:
+        // it streams the weight once per launch, spreads over the whole GPU even for one row
+        // (the tiled kernel would have n/128 blocks), and its rows never depend on each other,
+        // so every row is bitwise what it is alone.
+        let (chunk, kernel) = if d.rows_invariant || d.m <= SMALL_ROWS {
             (GEMV_MAX_M, GemmKernel::Gemv)
         } else {
             (d.m.max(1), GemmKernel::Auto)
@@ -1425,14 +1446,18 @@ impl Backend for CudaBackend {
     fn bce(&self, p: &DeviceBuf, target: &DeviceBuf, len: usize) -> Result<f32> {
         let p = f32_buf(p, "bce: p", len)?;
         let t = f32_buf(target, "bce: target", len)?;
-        let v = self.scalar(|dev, s| loss::bce_forward(dev, p, t, len, s))?;
-        if v.is_nan() {
-            // The kernel does not check its inputs; a NaN loss means one was not a probability.
-            return Err(Error::invalid(
-                "binary_cross_entropy: every input must be a probability in [0, 1]",
-            ));
+        // The loss and the number of inputs that are not probabilities, back in one copy.
+        let (loss, outside) = self.scalar_checked(|dev, s| {
+            loss::bce_forward(dev, p, t, len, s)?;
+            reduce::count_outside(dev, p, len, 0.0, 1.0, s, 1)
+        })?;
+        if outside != 0.0 {
+            return Err(Error::invalid(format!(
+                "binary_cross_entropy: every input must be a probability in [0, 1], found {outside} \
+                 that are not"
+            )));
         }
-        Ok(v)
+        Ok(loss)
     }
 
     fn bce_backward(
