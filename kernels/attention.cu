@@ -515,16 +515,17 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_d128_f16(ATT_DEC_P
 // positions 0 .. len[s] − 1, writing out[s, h·D ..] ([S, C]). grid (H, S), 128 threads.
 #define DEC_BATCH_MAX 32
 struct DecodeBatch {
-    unsigned long long k[DEC_BATCH_MAX];  // element 0 of sequence s's key cache
+    unsigned long long k[DEC_BATCH_MAX];  // element 0 of sequence s's key cache [H, cap[s], D]
     unsigned long long v[DEC_BATCH_MAX];  // and of its value cache
     int len[DEC_BATCH_MAX];               // positions after the append (≥ 1)
+    int cap[DEC_BATCH_MAX];               // the cache's capacity (positions per head)
 };
 
 template <int DMAX, class T>
-__device__ __forceinline__ void attn_decode_batch_kernel(const float* qkv, DecodeBatch tab, float* o, int H,
-                                                         int capacity, int D, float scale) {
+__device__ __forceinline__ void attn_decode_batch_kernel(const float* qkv, DecodeBatch tab, float* o, int H, int D,
+                                                         float scale) {
     const int h = blockIdx.x, s = blockIdx.y;
-    const int C = H * D, n = tab.len[s];
+    const int C = H * D, n = tab.len[s], capacity = tab.cap[s];
     T* kc = reinterpret_cast<T*>(tab.k[s]) + (long long)h * capacity * D;
     T* vc = reinterpret_cast<T*>(tab.v[s]) + (long long)h * capacity * D;
     const float* row = qkv + (long long)s * 3 * C;
@@ -536,8 +537,8 @@ __device__ __forceinline__ void attn_decode_batch_kernel(const float* qkv, Decod
     attn_decode_core<DMAX, T>(row + h * D, kc, vc, o + (long long)s * C + h * D, n, D, scale);
 }
 
-#define ATT_DECB_PARAMS(T) const float *qkv, DecodeBatch tab, float *o, int H, int capacity, int D, float scale
-#define ATT_DECB_ARGS qkv, tab, o, H, capacity, D, scale
+#define ATT_DECB_PARAMS(T) const float *qkv, DecodeBatch tab, float *o, int H, int D, float scale
+#define ATT_DECB_ARGS qkv, tab, o, H, D, scale
 extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d64_f32(ATT_DECB_PARAMS(float)) {
     attn_decode_batch_kernel<64, float>(ATT_DECB_ARGS);
 }

@@ -6,8 +6,9 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod bench;
-pub mod dcgan;
 pub mod cuda;
+pub mod dcgan;
+pub mod device;
 pub mod gpt2;
 pub mod gpt2_train;
 pub mod inspect;

@@ -839,16 +839,12 @@ impl Backend for CudaBackend {
         let Some(first) = caches.first() else {
             return Ok(());
         };
-        let (h, d, cap) = (first.n_head, first.head_dim, first.capacity);
+        let (h, d) = (first.n_head, first.head_dim);
         let c = mul("attention", h, d)?;
         let s = caches.len();
-        if caches
-            .iter()
-            .any(|k| (k.n_head, k.head_dim, k.capacity) != (h, d, cap))
-        {
+        if caches.iter().any(|k| (k.n_head, k.head_dim) != (h, d)) {
             return Err(Error::invalid(
-                "attention: every cache of a batch must have the same heads, head width and \
-                 capacity",
+                "attention: every cache of a batch must have the same heads and head width",
             ));
         }
         for cache in caches.iter() {
@@ -857,8 +853,8 @@ impl Backend for CudaBackend {
         let rows = mul("attention", s, t)?;
         let qkv = f32_buf(qkv, "attention: qkv", mul("attention", rows, 3 * c)?)?;
         let out = f32_mut(out, "attention: out", mul("attention", rows, c)?)?;
-        let cache_len = mul("attention", c, cap)?;
         for cache in caches.iter_mut() {
+            let cache_len = mul("attention", c, cache.capacity)?;
             f32_mut(&mut cache.k, "KV cache keys", cache_len)?;
             f32_mut(&mut cache.v, "KV cache values", cache_len)?;
         }
@@ -871,11 +867,12 @@ impl Backend for CudaBackend {
                 .iter_mut()
                 .map(|cache| DecodeSeq {
                     len: cache.len,
+                    capacity: cache.capacity,
                     k: &mut cache.k.buf,
                     v: &mut cache.v.buf,
                 })
                 .collect();
-            attention_decode_batch(&self.dev, qkv, &mut seqs, h, cap, d, out, None)?;
+            attention_decode_batch(&self.dev, qkv, &mut seqs, h, d, out, None)?;
             for cache in caches.iter_mut() {
                 cache.len += 1;
             }
@@ -884,7 +881,7 @@ impl Backend for CudaBackend {
         // Prefill: per sequence, append the t new keys and values to its cache, then the flash
         // kernel from the t queries over the cache's len + t positions (causal, bottom-right).
         for (i, cache) in caches.iter_mut().enumerate() {
-            let row0 = i * t * 3 * c;
+            let (row0, cap) = (i * t * 3 * c, cache.capacity);
             let layout = KvCacheLayout {
                 offset: 0,
                 sequences: 1,

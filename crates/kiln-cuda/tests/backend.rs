@@ -684,7 +684,12 @@ fn attention_ops<B: Backend>(be: &B) -> Result<Outs> {
     let (h, d, cap) = (2, 8, 12);
     let c = h * d;
     let cache = |b: &B| KvCache::new(b, h, d, cap);
-    let (mut a, mut b, mut e) = (cache(be)?, cache(be)?, cache(be)?);
+    // Caches of different capacities in one batch.
+    let (mut a, mut b, mut e) = (
+        cache(be)?,
+        KvCache::new(be, h, d, 9)?,
+        KvCache::new(be, h, d, 3)?,
+    );
     // Prefill: 5 positions into a, 3 into b (two sequences of 3 in one call: a2 and b).
     let qkv = be.upload(&vals(5 * 3 * c, 1))?;
     let mut out = be.zeros(5 * c)?;
@@ -704,8 +709,20 @@ fn attention_ops<B: Backend>(be: &B) -> Result<Outs> {
     }
     for (name, k) in [("a", &a), ("b", &b), ("e", &e), ("a2", &a2)] {
         o.push(format!("cache {name} len"), vec![k.len as f32], EXACT);
-        o.buf(be, format!("cache {name} keys"), &k.k, h * cap * d, EXACT)?;
-        o.buf(be, format!("cache {name} values"), &k.v, h * cap * d, EXACT)?;
+        o.buf(
+            be,
+            format!("cache {name} keys"),
+            &k.k,
+            h * k.capacity * d,
+            EXACT,
+        )?;
+        o.buf(
+            be,
+            format!("cache {name} values"),
+            &k.v,
+            h * k.capacity * d,
+            EXACT,
+        )?;
     }
     // Training attention: forward with LSE, backward into the fused gradient.
     let (batch, seq) = (2, 7);
@@ -948,6 +965,7 @@ fn bad_input_is_an_error() {
         assert!(be
             .attention(&qkv, 1, &mut [&mut c2, &mut c3], &mut out)
             .is_err());
+        assert_eq!((c2.len, c3.len), (0, 0));
         // Adam with mismatched lists.
         let mut p = be.zeros(4).unwrap();
         assert!(be
@@ -1078,11 +1096,12 @@ fn gpt2_prefill_decode_and_batched_decode_match_the_cpu_backend() {
         let prompts: [&[u32]; 4] = [&[1, 2, 3], &[9], &[40, 41, 42, 43, 44, 45, 46], &[5, 6]];
         let mut states = vec![sg];
         let mut states_cpu = vec![sc];
-        for p in prompts {
-            let mut s = gpu.model.new_state(16).unwrap();
+        for (i, p) in prompts.into_iter().enumerate() {
+            // Each its own capacity, as generation makes them.
+            let mut s = gpu.model.new_state(12 + i).unwrap();
             gpu.model.forward(p, &mut s, Logits::Last, &mut lg).unwrap();
             states.push(s);
-            let mut s = cpu.model.new_state(16).unwrap();
+            let mut s = cpu.model.new_state(12 + i).unwrap();
             cpu.model.forward(p, &mut s, Logits::Last, &mut lc).unwrap();
             states_cpu.push(s);
         }
