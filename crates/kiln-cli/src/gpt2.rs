@@ -139,6 +139,8 @@ pub struct LogitsArgs {
     /// Treat `<|endoftext|>` in the prompt as the special token.
     #[arg(long)]
     pub allow_special: bool,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -510,14 +512,25 @@ fn where_<B: Backend>(gpt2: &Gpt2<B>, threads: usize) -> String {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
-    let gpt2 = Gpt2::load(
-        &a.model,
-        &LoadOptions {
-            dtype,
-            matmul_precision: parse_precision(&a.matmul_precision)?,
-            ..Default::default()
-        },
-    )?;
+    let device = Device::parse(&a.device)?;
+    let precision = parse_precision(&a.matmul_precision)?;
+    if device != Device::Cpu && precision != MatmulPrecision::F32 {
+        return Err(Error::invalid(
+            "--matmul-precision bf16 is for the CPU (on cuda, bf16 weights multiply f32 activations)",
+        ));
+    }
+    let load = LoadOptions {
+        dtype,
+        matmul_precision: precision,
+        ..Default::default()
+    };
+    match device.cuda_backend()? {
+        None => logits_on(&a, Gpt2::load(&a.model, &load)?),
+        Some(be) => logits_on(&a, Gpt2::load_on(&a.model, &load, be)?),
+    }
+}
+
+fn logits_on<B: Backend>(a: &LogitsArgs, gpt2: Gpt2<B>) -> Result<()> {
     let ids = match (&a.prompt, &a.ids) {
         (Some(p), _) => {
             if p.is_empty() {
