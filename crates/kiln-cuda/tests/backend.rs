@@ -83,10 +83,21 @@ fn shared() -> Vec<&'static CudaBackend> {
     v
 }
 
+/// A file of the repository: found from where this test was built, or from the working
+/// directory (`benches/cuda/run.sh` runs a prebuilt copy of this test from the repository root
+/// of another machine).
 fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
-        .join(path)
+        .join(path);
+    if built.exists() {
+        return built;
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    [cwd.join(path), cwd.join("../..").join(path)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or(built)
 }
 
 /// Deterministic values in [-1, 1).
