@@ -421,7 +421,7 @@ impl CudaBackend {
 }
 
 /// A convolution's weight (any float dtype, as stored).
-fn conv_weight<'a>(w: &'a DeviceBuf) -> Result<&'a CudaBuf> {
+fn conv_weight(w: &DeviceBuf) -> Result<&CudaBuf> {
     if w.matrix.is_some_and(|m| m.transposed) {
         return Err(Error::invalid(
             "conv: the weight is a matrix laid out for products with its transpose",
