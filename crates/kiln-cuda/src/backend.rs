@@ -290,7 +290,8 @@ impl CudaBackend {
             }
         }
         // Round up so that slightly larger requests later reuse it.
-        self.dev.alloc(DType::F32, len.next_power_of_two().max(64))
+        let rounded = len.checked_next_power_of_two().unwrap_or(len).max(64);
+        self.dev.alloc(DType::F32, rounded)
     }
 
     /// An f32 scratch buffer whose first `len` elements are zero.
@@ -322,9 +323,8 @@ impl CudaBackend {
         self.count_in(all.len());
         let mut ids = lock(&self.ids)?;
         if ids.len() < all.len() {
-            *ids = self
-                .dev
-                .zeros(DType::I32, all.len().next_power_of_two().max(256))?;
+            let rounded = all.len().checked_next_power_of_two().unwrap_or(all.len());
+            *ids = self.dev.zeros(DType::I32, rounded.max(256))?;
         }
         self.dev.write(&mut ids, 0, &all)?;
         f(&ids)
@@ -851,7 +851,11 @@ impl Backend for CudaBackend {
             cache.check_room(t)?;
         }
         let rows = mul("attention", s, t)?;
-        let qkv = f32_buf(qkv, "attention: qkv", mul("attention", rows, 3 * c)?)?;
+        let qkv = f32_buf(
+            qkv,
+            "attention: qkv",
+            mul("attention", rows, mul("attention", 3, c)?)?,
+        )?;
         let out = f32_mut(out, "attention: out", mul("attention", rows, c)?)?;
         for cache in caches.iter_mut() {
             let cache_len = mul("attention", c, cache.capacity)?;
@@ -1057,7 +1061,11 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let c = mul("attention", heads, head_dim)?;
         let rows = mul("attention", batch, seq)?;
-        let qkv = f32_buf(qkv, "attention: qkv", mul("attention", rows, 3 * c)?)?;
+        let qkv = f32_buf(
+            qkv,
+            "attention: qkv",
+            mul("attention", rows, mul("attention", 3, c)?)?,
+        )?;
         let out = f32_mut(out, "attention: out", mul("attention", rows, c)?)?;
         let lse = f32_mut(lse, "attention: lse", mul("attention", batch * heads, seq)?)?;
         let part = |w| HeadsLayout::fused_qkv(batch, seq, heads, head_dim, w);
@@ -1086,15 +1094,14 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let c = mul("attention", heads, head_dim)?;
         let rows = mul("attention", batch, seq)?;
-        let qkv = f32_buf(
-            qkv,
-            "attention backward: qkv",
-            mul("attention", rows, 3 * c)?,
-        )?;
-        let out = f32_buf(out, "attention backward: out", rows * c)?;
-        let dout = f32_buf(dout, "attention backward: dout", rows * c)?;
-        let lse = f32_buf(lse, "attention backward: lse", batch * heads * seq)?;
-        let dqkv = f32_mut(dqkv, "attention backward: dqkv", rows * 3 * c)?;
+        let n = mul("attention", rows, c)?;
+        let n3 = mul("attention", n, 3)?;
+        let nl = mul("attention", rows, heads)?;
+        let qkv = f32_buf(qkv, "attention backward: qkv", n3)?;
+        let out = f32_buf(out, "attention backward: out", n)?;
+        let dout = f32_buf(dout, "attention backward: dout", n)?;
+        let lse = f32_buf(lse, "attention backward: lse", nl)?;
+        let dqkv = f32_mut(dqkv, "attention backward: dqkv", n3)?;
         let part = |w| HeadsLayout::fused_qkv(batch, seq, heads, head_dim, w);
         let o = HeadsLayout::seq_major(batch, seq, heads, head_dim);
         cuda_attention_backward(

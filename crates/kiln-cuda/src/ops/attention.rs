@@ -760,10 +760,16 @@ pub fn attention_decode_batch(
     out: &mut CudaBuf,
     scale: Option<f32>,
 ) -> Result<()> {
+    let what = "attention_decode_batch";
     let s = seqs.len();
-    let c = super::mul("attention_decode_batch", heads, head_dim)?;
-    qkv.check("attention_decode_batch qkv", DType::F32, s * 3 * c)?;
-    out.check("attention_decode_batch out", DType::F32, s * c)?;
+    let c = super::mul(what, heads, head_dim)?;
+    let rows = super::mul(what, s, c)?;
+    qkv.check(
+        "attention_decode_batch qkv",
+        DType::F32,
+        super::mul(what, rows, 3)?,
+    )?;
+    out.check("attention_decode_batch out", DType::F32, rows)?;
     let Some(first) = seqs.first() else {
         return Ok(());
     };
