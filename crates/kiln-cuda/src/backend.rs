@@ -15,7 +15,7 @@
 //! differ between the kiln-cuda ops and the trait (overwrite vs accumulate) are adapted here:
 //! a kernel that accumulates into a gradient the trait overwrites gets a zeroed buffer first;
 //! a kernel that overwrites a gradient the trait accumulates writes into scratch that is then
-//! added. Scratch comes from a small pool of device buffers reused across calls (the stream
+//! added. Scratch comes from the device's small pool of buffers reused across calls (the stream
 //! orders every use), so a decode step allocates nothing.
 use crate::ops::attention::{
     attention_backward as cuda_attention_backward, attention_decode_batch, attention_forward,
@@ -75,9 +75,6 @@ impl DeviceBuf {
 /// its own result in every product (kiln-cpu's `INVARIANT_ROWS`).
 pub const SMALL_ROWS: usize = 64;
 
-/// Scratch buffers kept for reuse: at most this many.
-const POOL_MAX: usize = 16;
-
 /// kiln-nn's [`Backend`] on a [`CudaDevice`]. See the module docs.
 pub struct CudaBackend {
     dev: CudaDevice,
@@ -91,8 +88,6 @@ pub struct CudaBackend {
     ids: Mutex<CudaBuf>,
     /// The result of a reduction that comes back to the host (and a check's verdict).
     scalar: Mutex<CudaBuf>,
-    /// Free f32 scratch buffers.
-    pool: Mutex<Vec<CudaBuf>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -221,7 +216,6 @@ impl CudaBackend {
         Ok(CudaBackend {
             ids: Mutex::new(dev.zeros(DType::I32, 0)?),
             scalar: Mutex::new(dev.zeros(DType::F32, 2)?),
-            pool: Mutex::new(Vec::new()),
             to_device: AtomicUsize::new(0),
             to_device_elements: AtomicUsize::new(0),
             to_host: AtomicUsize::new(0),
@@ -274,24 +268,10 @@ impl CudaBackend {
         self.to_host_elements.fetch_add(elements, Relaxed);
     }
 
-    /// An f32 scratch buffer of at least `len` elements (contents unspecified); give it back
-    /// with [`CudaBackend::recycle`].
+    /// An f32 scratch buffer of at least `len` elements (contents unspecified), from the
+    /// device's pool; give it back with [`CudaBackend::recycle`].
     fn scratch(&self, len: usize) -> Result<CudaBuf> {
-        {
-            let mut pool = lock(&self.pool)?;
-            let best = pool
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.len() >= len)
-                .min_by_key(|(_, b)| b.len())
-                .map(|(i, _)| i);
-            if let Some(i) = best {
-                return Ok(pool.swap_remove(i));
-            }
-        }
-        // Round up so that slightly larger requests later reuse it.
-        let rounded = len.checked_next_power_of_two().unwrap_or(len).max(64);
-        self.dev.alloc(DType::F32, rounded)
+        self.dev.scratch(len)
     }
 
     /// An f32 scratch buffer whose first `len` elements are zero.
@@ -302,15 +282,7 @@ impl CudaBackend {
     }
 
     fn recycle(&self, buf: CudaBuf) {
-        if let Ok(mut pool) = self.pool.lock() {
-            if pool.len() < POOL_MAX {
-                pool.push(buf);
-            } else if let Some((i, _)) = pool.iter().enumerate().min_by_key(|(_, b)| b.len()) {
-                if pool[i].len() < buf.len() {
-                    pool[i] = buf;
-                }
-            }
-        }
+        self.dev.recycle(buf)
     }
 
     /// Uploads `parts` one after another as i32 into the ids buffer (one copy), then runs `f`

@@ -162,7 +162,13 @@ pub struct CudaDevice {
     /// Compiled modules, keyed by a hash of (file, expanded source, options, target).
     modules: Mutex<HashMap<u64, LoadedModule>>,
     copies: CopyCounter,
+    /// Free scratch buffers of the ops (K-slice partials of the decode product, reduction
+    /// partials), reused instead of allocated per call.
+    scratch: Mutex<Vec<CudaBuf>>,
 }
+
+/// Scratch buffers a device keeps for reuse: at most this many.
+const SCRATCH_KEEP: usize = 16;
 
 /// Copies between the host and the device made so far through [`CudaDevice`]'s `write`, `read`
 /// and the methods built on them (uploads, downloads): calls and bytes in each direction.
@@ -305,6 +311,7 @@ impl CudaDevice {
             info,
             modules: Mutex::new(HashMap::new()),
             copies: CopyCounter::default(),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -343,6 +350,7 @@ impl CudaDevice {
             info,
             modules: Mutex::new(HashMap::new()),
             copies: CopyCounter::default(),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -404,6 +412,43 @@ impl CudaDevice {
             Imp::Emu(_) => Mem::Emu(crate::emu::HostMem::new(bytes, 0xFF)?),
         };
         Ok(CudaBuf::new(mem, len, dtype))
+    }
+
+    /// A scratch buffer of at least `len` f32 elements whose contents are unspecified, for a
+    /// kernel that writes every element it later reads; give it back with
+    /// [`CudaDevice::recycle`] once the kernels that use it are queued. Every launch and copy
+    /// of a device is ordered on its one stream, so a buffer given back while its kernels are
+    /// still queued is reused only by work queued after them.
+    pub fn scratch(&self, len: usize) -> Result<CudaBuf> {
+        if let Ok(mut pool) = self.scratch.lock() {
+            let best = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let rounded = len.checked_next_power_of_two().unwrap_or(len).max(256);
+        self.alloc(DType::F32, rounded)
+    }
+
+    /// Gives a buffer from [`CudaDevice::scratch`] back for reuse.
+    pub fn recycle(&self, buf: CudaBuf) {
+        if buf.dtype() != DType::F32 || buf.is_empty() {
+            return;
+        }
+        if let Ok(mut pool) = self.scratch.lock() {
+            if pool.len() < SCRATCH_KEEP {
+                pool.push(buf);
+            } else if let Some(i) = (0..pool.len()).min_by_key(|&i| pool[i].len()) {
+                if pool[i].len() < buf.len() {
+                    pool[i] = buf;
+                }
+            }
+        }
     }
 
     /// A new buffer holding `data`.

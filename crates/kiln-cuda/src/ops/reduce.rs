@@ -69,7 +69,8 @@ fn sum_squares_into(
 pub fn sum(dev: &CudaDevice, x: &CudaBuf, n: usize, out: &mut CudaBuf) -> Result<()> {
     x.check("sum x", DType::F32, n)?;
     out.check("sum out", DType::F32, 1)?;
-    let partial = dev.alloc(DType::F32, REDUCE_BLOCKS)?;
+    // Every block writes its partial.
+    let partial = dev.scratch(REDUCE_BLOCKS)?;
     dev.launch(
         &sources::REDUCE,
         "sum_values_partial",
@@ -86,7 +87,9 @@ pub fn sum(dev: &CudaDevice, x: &CudaBuf, n: usize, out: &mut CudaBuf) -> Result
             Arg::Buf(out),
             Arg::I32(0),
         ],
-    )
+    )?;
+    dev.recycle(partial);
+    Ok(())
 }
 
 /// `out[at] = ` the number of `x[..n]` outside `[lo, hi]` (NaN counts as outside), as an f32.
@@ -101,7 +104,8 @@ pub fn count_outside(
 ) -> Result<()> {
     x.check("count_outside x", DType::F32, n)?;
     out.check("count_outside out", DType::F32, at + 1)?;
-    let partial = dev.alloc(DType::F32, REDUCE_BLOCKS)?;
+    // Every block writes its partial.
+    let partial = dev.scratch(REDUCE_BLOCKS)?;
     dev.launch(
         &sources::REDUCE,
         "count_outside_partial",
@@ -124,7 +128,9 @@ pub fn count_outside(
             Arg::At(out, at),
             Arg::I32(0),
         ],
-    )
+    )?;
+    dev.recycle(partial);
+    Ok(())
 }
 
 /// `out[j] (+)= Σ_i x[i][j]` over `x` `[rows, cols]`: a linear layer's bias gradient from its
