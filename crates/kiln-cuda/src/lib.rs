@@ -14,6 +14,7 @@
 //! | [`sources`] | the embedded kernel files |
 //! | [`cache`] | the on-disk cache of compiled kernel images (once per architecture, not per process) |
 //! | [`ops`] | one function per op: validates sizes, picks the kernel, launches |
+//! | [`backend`] | [`CudaBackend`]: kiln-nn's op interface on the device, so kiln's models run on it |
 //! | [`emu`] | the CPU emulator device that tests run every kernel on (g++ + `kernels/emu/emu.h`) |
 //!
 //! The CPU backend (`kiln-cpu`) is the reference: every op here is tested against it, on the

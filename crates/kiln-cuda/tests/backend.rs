@@ -1200,7 +1200,9 @@ fn gpt2_greedy_generation_matches_the_cpu_backend() {
             max_new_tokens: 6,
             ..Default::default()
         };
-        let prompt = [464u32, 3139, 286, 4881];
+        // The fixture's first prompt, whose greedy steps PyTorch made with top-two margins of at
+        // least 0.02: far above the backends' rounding differences, so the ids must agree.
+        let prompt = [2061u32, 318, 262, 3139, 286, 4881, 30];
         let want = generate_ids(&cpu.model, &prompt, &gen, |_| Ok(true)).unwrap();
         for be in backends("gpt2 greedy") {
             let gpu = Gpt2::load_on(gpt2_dir(), &opts, be).unwrap();
