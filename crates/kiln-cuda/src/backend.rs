@@ -5,11 +5,11 @@
 //! checkpoint stays bf16 on the device, row-major as stored; a matrix uploaded to be used
 //! transposed, GPT-2's token table `[V, C]`, is kept as its transpose `[C, V]`, so that the
 //! decode step's logits product streams it row by row), activations, gradients, optimiser
-//! moments and the KV caches. Data crosses between the host and the device only where the trait says so:
-//! `upload*`, `download`, the token ids (and positions, targets) an op takes from the host —
-//! one copy per call — and the scalar a loss, a mean or a sum of squares returns (one
-//! 4-byte copy, the only synchronisation). Every other op only queues kernels on the device's
-//! stream and returns.
+//! moments and the KV caches. Data crosses between the host and the device only where the
+//! trait says so: `upload*`, `download`, the token ids (and positions, targets) an op takes
+//! from the host — one copy per call — and the scalar a loss, a mean or a sum of squares
+//! returns (one small copy, the only synchronisation). Every other op only queues kernels on
+//! the device's stream and returns.
 //!
 //! How each op maps to the kernels is in `docs/cuda.md` ("The CUDA backend"). Semantics that
 //! differ between the kiln-cuda ops and the trait (overwrite vs accumulate) are adapted here:

@@ -823,7 +823,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 /// Splits `buf` into consecutive slices of the given lengths.
-fn carve<'a, const N: usize>(mut buf: &'a mut [f32], lens: [usize; N]) -> [&'a mut [f32]; N] {
+fn carve<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
     lens.map(|n| {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
         buf = tail;
