@@ -28,7 +28,8 @@
 // Decode (attn_decode_*): one block of 4 warps per (head, sequence) over a KV cache
 // [sequences, heads, capacity, head_dim]; warp w takes keys w, w+4, ... (4 keys per step, the
 // lanes splitting head_dim), keeps its own online softmax, and the 4 warps' (m, l, o) are merged
-// in warp order.
+// in warp order. attn_decode_batch_* does the same for sequences whose caches are separate
+// allocations (addresses in the kernel's parameters), appending the step's key and value first.
 // Roofline: the forward does 4·Tq·Tk·D FLOPs (half with a causal mask) reading Q, K, V once
 // per query block: compute-bound on the FMA units for long sequences; the decode step reads
 // the cache once (2·len·D elements per head): bandwidth-bound.
@@ -394,16 +395,14 @@ extern "C" __global__ void kv_append_f16(const float* src, View sv, f16_t* cache
 // [S, H, capacity, D]; len = lens[s] when `lens` is given, else `len`. grid (H, S), 128 threads.
 #define DEC_WARPS 4
 #define DEC_KEYS 4
+// The block's work, given its query row qr, its head's keys kc and values vc ([n, D] rows of
+// D elements) and its output row orow.
 template <int DMAX, class T>
-__device__ __forceinline__ void attn_decode_kernel(const float* q, View qv, const T* kc, const T* vc, float* o, View ov,
-                                                   const int* lens, int len, int H, int capacity, int D, float scale) {
+__device__ __forceinline__ void attn_decode_core(const float* qr, const T* kc, const T* vc, float* orow, int n, int D,
+                                                 float scale) {
     __shared__ float wm[DEC_WARPS], wl[DEC_WARPS];
     __shared__ float wo[DEC_WARPS][DMAX];
-    const int h = blockIdx.x, s = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = lens ? lens[s] : len;
-    const long long base = ((long long)s * H + h) * capacity * D;
-    const float* qr = q + at(qv, s, h, 0);
     const float qs = scale * LOG2E;
     float qreg[DMAX / 32], acc[DMAX / 32];
     KILN_UNROLL
@@ -420,7 +419,7 @@ __device__ __forceinline__ void attn_decode_kernel(const float* q, View qv, cons
             const int t = t0 + u;
             float dot = 0.0f;
             if (t < n) {
-                const T* kr = kc + base + (long long)t * D;
+                const T* kr = kc + (long long)t * D;
                 KILN_UNROLL
                 for (int c = 0; c < DMAX / 32; ++c) {
                     const int d = c * 32 + lane;
@@ -445,7 +444,7 @@ __device__ __forceinline__ void attn_decode_kernel(const float* q, View qv, cons
             if (t < n) {
                 const float p = exp2f(sc[u] - mx);
                 l += p;
-                const T* vr = vc + base + (long long)t * D;
+                const T* vr = vc + (long long)t * D;
                 KILN_UNROLL
                 for (int c = 0; c < DMAX / 32; ++c) {
                     const int d = c * 32 + lane;
@@ -467,13 +466,21 @@ __device__ __forceinline__ void attn_decode_kernel(const float* q, View qv, cons
     for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, wm[w]);
     float L = 0.0f;
     for (int w = 0; w < DEC_WARPS; ++w) L += wm[w] == KILN_NEG_INF ? 0.0f : wl[w] * exp2f(wm[w] - M);
-    float* orow = o + at(ov, s, h, 0);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc_d = 0.0f;
         for (int w = 0; w < DEC_WARPS; ++w)
             if (wm[w] != KILN_NEG_INF) acc_d += wo[w][d] * exp2f(wm[w] - M);
         orow[d] = L > 0.0f ? acc_d / L : 0.0f;
     }
+}
+
+template <int DMAX, class T>
+__device__ __forceinline__ void attn_decode_kernel(const float* q, View qv, const T* kc, const T* vc, float* o, View ov,
+                                                   const int* lens, int len, int H, int capacity, int D, float scale) {
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int n = lens ? lens[s] : len;
+    const long long base = ((long long)s * H + h) * capacity * D;
+    attn_decode_core<DMAX, T>(q + at(qv, s, h, 0), kc + base, vc + base, o + at(ov, s, h, 0), n, D, scale);
 }
 
 #define ATT_DEC_PARAMS(T) \
@@ -496,4 +503,57 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_d64_f16(ATT_DEC_PA
 }
 extern "C" __global__ void __launch_bounds__(128) attn_decode_d128_f16(ATT_DEC_PARAMS(f16_t)) {
     attn_decode_kernel<128, f16_t>(ATT_DEC_ARGS);
+}
+
+// ---- batched decode over separate caches ------------------------------------------------------------
+// One decode step of S ≤ DEC_BATCH_MAX sequences whose caches are separate allocations (each
+// sequence's own KV cache [H, capacity, D] per layer): the caches' addresses and lengths come
+// in the kernel's parameters (DecodeBatch, by value: no copy to the device), so the whole step
+// is one launch. Block (h, s) first appends the sequence's new key and value (columns C + h·D
+// and 2C + h·D of its row of the fused qkv [S, 3C]) at position len[s] − 1 of its caches, then
+// (after a barrier: the block reads what it wrote) attends from the query (columns h·D) over
+// positions 0 .. len[s] − 1, writing out[s, h·D ..] ([S, C]). grid (H, S), 128 threads.
+#define DEC_BATCH_MAX 32
+struct DecodeBatch {
+    unsigned long long k[DEC_BATCH_MAX];  // element 0 of sequence s's key cache [H, cap[s], D]
+    unsigned long long v[DEC_BATCH_MAX];  // and of its value cache
+    int len[DEC_BATCH_MAX];               // positions after the append (≥ 1)
+    int cap[DEC_BATCH_MAX];               // the cache's capacity (positions per head)
+};
+
+template <int DMAX, class T>
+__device__ __forceinline__ void attn_decode_batch_kernel(const float* qkv, DecodeBatch tab, float* o, int H, int D,
+                                                         float scale) {
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int C = H * D, n = tab.len[s], capacity = tab.cap[s];
+    T* kc = reinterpret_cast<T*>(tab.k[s]) + (long long)h * capacity * D;
+    T* vc = reinterpret_cast<T*>(tab.v[s]) + (long long)h * capacity * D;
+    const float* row = qkv + (long long)s * 3 * C;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        kc[(long long)(n - 1) * D + d] = from_f32<T>(row[C + h * D + d]);
+        vc[(long long)(n - 1) * D + d] = from_f32<T>(row[2 * C + h * D + d]);
+    }
+    __syncthreads();  // the new key and value are read below by other threads of the block
+    attn_decode_core<DMAX, T>(row + h * D, kc, vc, o + (long long)s * C + h * D, n, D, scale);
+}
+
+#define ATT_DECB_PARAMS(T) const float *qkv, DecodeBatch tab, float *o, int H, int D, float scale
+#define ATT_DECB_ARGS qkv, tab, o, H, D, scale
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d64_f32(ATT_DECB_PARAMS(float)) {
+    attn_decode_batch_kernel<64, float>(ATT_DECB_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d128_f32(ATT_DECB_PARAMS(float)) {
+    attn_decode_batch_kernel<128, float>(ATT_DECB_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d64_bf16(ATT_DECB_PARAMS(bf16_t)) {
+    attn_decode_batch_kernel<64, bf16_t>(ATT_DECB_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d128_bf16(ATT_DECB_PARAMS(bf16_t)) {
+    attn_decode_batch_kernel<128, bf16_t>(ATT_DECB_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d64_f16(ATT_DECB_PARAMS(f16_t)) {
+    attn_decode_batch_kernel<64, f16_t>(ATT_DECB_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_decode_batch_d128_f16(ATT_DECB_PARAMS(f16_t)) {
+    attn_decode_batch_kernel<128, f16_t>(ATT_DECB_ARGS);
 }

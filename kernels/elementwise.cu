@@ -1,5 +1,5 @@
 // kernels/elementwise.cu — point-wise ops: GELU (tanh approximation), ReLU, LeakyReLU, Tanh,
-// Sigmoid (forward and backward), residual add.
+// Sigmoid (forward and backward), residual add, fill, scale and dropout (the backend's ops).
 //
 // Shapes: flat arrays of n f32 elements. Work: a grid-stride loop, one element per thread per
 // step (consecutive threads, consecutive elements: coalesced). Roofline: memory-bound, 8–12
@@ -65,4 +65,32 @@ extern "C" __global__ void add(const float* a, const float* b, float* out, long 
 // y = alpha·x + beta·y
 extern "C" __global__ void axpby(float alpha, const float* x, float beta, float* y, long long n) {
     GRID_STRIDE_LOOP(i, n) { y[i] = alpha * x[i] + (beta == 0.0f ? 0.0f : beta * y[i]); }
+}
+
+// x = value (the backend's fill)
+extern "C" __global__ void fill_f32(float* x, float value, long long n) {
+    GRID_STRIDE_LOOP(i, n) { x[i] = value; }
+}
+
+// x *= s (the backend's scale; a plain product, so infinities and NaNs behave as on the CPU)
+extern "C" __global__ void scale_f32(float* x, float s, long long n) {
+    GRID_STRIDE_LOOP(i, n) { x[i] *= s; }
+}
+
+// Inverted dropout in place, the mask of kiln-nn's CPU backend bit for bit: element i is kept
+// when the top 24 bits of mix64(seed ^ mix64(i)) are ≥ threshold (= p·2^24), and then scaled by
+// `scale` (= 1/(1 − p), rounded to f32 on the host); otherwise zeroed. mix64 is splitmix64's
+// finaliser.
+__device__ __forceinline__ unsigned long long dropout_mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+extern "C" __global__ void dropout_f32(float* x, long long n, long long seed, long long threshold, float scale) {
+    const unsigned long long s = (unsigned long long)seed, th = (unsigned long long)threshold;
+    GRID_STRIDE_LOOP(i, n) {
+        const unsigned long long h = dropout_mix64(s ^ dropout_mix64((unsigned long long)i)) >> 40;
+        x[i] = h >= th ? x[i] * scale : 0.0f;
+    }
 }

@@ -13,6 +13,13 @@
 // dout to their table rows, threads striding over the dim. Every table row is written by
 // exactly one block. Cost: each block reads all ids (4 bytes × n_tokens, from L2).
 // embedding_backward_wpe: one block per position t, summing the batch's tokens at t in order.
+//
+// Gather (embedding_gather_*): out[n, :] = wte[ids[n], :] + wpe[pos[n], :] with a position per
+// token (a batched decode step: every sequence at its own position); one block per token. The
+// two tables may have different dtypes (TW, TP in the name) and any strides: element (r, c) of
+// a table at r·rs + c·cs (row-major: rs = dim, cs = 1; a token table kept as its transpose
+// [dim, vocab] for the output projection: rs = 1, cs = vocab). The host checks ids and
+// positions.
 #include "common.cuh"
 
 #define EMB_ROWS 64
@@ -83,4 +90,60 @@ extern "C" __global__ void embedding_backward_wpe(const float* dout, float* dwpe
         for (int b = 0; b < batch; ++b) acc += dout[((long long)b * seq + t) * dim + c];
         w[c] = acc;
     }
+}
+
+template <class TW, class TP>
+__device__ __forceinline__ void embedding_gather_impl(const int* ids, const int* pos, const TW* wte, long long wte_rs,
+                                                      long long wte_cs, const TP* wpe, long long wpe_rs,
+                                                      long long wpe_cs, float* out, int dim) {
+    const int n = blockIdx.x;
+    const TW* t = wte + (long long)ids[n] * wte_rs;
+    const TP* p = wpe + (long long)pos[n] * wpe_rs;
+    float* o = out + (long long)n * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = to_f32(t[c * wte_cs]) + to_f32(p[c * wpe_cs]);
+}
+extern "C" __global__ void embedding_gather_f32_f32(const int* ids, const int* pos, const float* wte, long long wte_rs,
+                                                  long long wte_cs, const float* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_f32_bf16(const int* ids, const int* pos, const float* wte, long long wte_rs,
+                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_f32_f16(const int* ids, const int* pos, const float* wte, long long wte_rs,
+                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_bf16_f32(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const float* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_bf16_bf16(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_bf16_f16(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_f16_f32(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const float* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_f16_bf16(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
+}
+extern "C" __global__ void embedding_gather_f16_f16(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
+                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
+                                                  long long wpe_cs, float* out, int dim) {
+    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
 }

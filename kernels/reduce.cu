@@ -1,5 +1,7 @@
 // kernels/reduce.cu — deterministic reductions: sums of squares (the global gradient norm),
 // column sums (a linear layer's bias gradient), channel sums (a convolution's bias gradient).
+// Plain sums (sum_values_partial + sum_partials): a mean, a mean loss; counts of values outside
+// a range (count_outside_partial + sum_partials): the check of BCE's probabilities.
 //
 // Sum of squares, two passes: sum_squares_partial runs a FIXED grid of REDUCE_BLOCKS blocks of
 // 256 threads over one tensor (element i to thread i mod (REDUCE_BLOCKS·256)) and writes one
@@ -63,4 +65,29 @@ extern "C" __global__ void channel_sums(const float* x, int N, int C, int HW, fl
     }
     s = block_sum_f64(s, scratch);
     if (threadIdx.x == 0) out[c] = accumulate ? out[c] + (float)s : (float)s;
+}
+
+// The plain sum's partials (a mean, a loss's mean over rows): as sum_squares_partial, without
+// the square.
+extern "C" __global__ void sum_values_partial(const float* x, long long n, float* partial) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = (long long)blockIdx.x * REDUCE_THREADS + threadIdx.x; i < n; i += (long long)REDUCE_BLOCKS * REDUCE_THREADS) {
+        acc += x[i];
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// Partials of the number of x[i] outside [lo, hi] (NaN counts as outside): the check of a
+// probability input (BCE) whose verdict rides back with the loss.
+extern "C" __global__ void count_outside_partial(const float* x, long long n, float lo, float hi, float* partial) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = (long long)blockIdx.x * REDUCE_THREADS + threadIdx.x; i < n; i += (long long)REDUCE_BLOCKS * REDUCE_THREADS) {
+        const float v = x[i];
+        acc += (v >= lo && v <= hi) ? 0.0f : 1.0f;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }

@@ -28,7 +28,7 @@ cargo build --release -q --bin kiln
 cp target/release/kiln "$CARRY/bin/kiln"
 
 echo "== building the kiln-cuda test binaries"
-tests=(device ops_basic gemm attention conv composite)
+tests=(backend device ops_basic gemm attention conv composite)
 for t in "${tests[@]}"; do
     exe=$(cargo test -q -p kiln-cuda --test "$t" --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)

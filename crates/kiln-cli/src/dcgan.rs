@@ -6,6 +6,7 @@
 //! the checkpoint: `generator.safetensors`, `discriminator.safetensors` (PyTorch names) and
 //! `training_state.safetensors` (what `--resume` reads).
 use crate::bench::with_threads;
+use crate::device::Device;
 use crate::plot::{render_png, Plot, Series};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,7 +19,7 @@ use kiln_models::dcgan::run::{
 use kiln_models::dcgan::train::{StepMetrics, TrainConfig};
 use kiln_models::dcgan::{Arch, DiscriminatorSpec, Generator, GeneratorSpec, IMAGE_SIZE};
 use kiln_models::gpt2::Rng;
-use kiln_nn::backend::CpuBackend;
+use kiln_nn::backend::{Backend, CpuBackend};
 use kiln_tensor::{Error, Result, Tensor};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -61,6 +62,8 @@ pub struct SampleArgs {
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +124,8 @@ pub struct TrainArgs {
     /// No progress bar (one summary line per sample grid instead).
     #[arg(long)]
     pub quiet: bool,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 pub fn run(cmd: DcganCommand) -> Result<()> {
@@ -171,10 +176,16 @@ fn read_sample_noise(path: &Path, nz: usize) -> Result<Vec<f32>> {
 }
 
 fn sample(a: SampleArgs) -> Result<()> {
-    let be = CpuBackend::default();
+    match Device::parse(&a.device)?.cuda_backend()? {
+        None => sample_on(&CpuBackend::default(), a),
+        Some(be) => sample_on(&be, a),
+    }
+}
+
+fn sample_on<B: Backend>(be: &B, a: SampleArgs) -> Result<()> {
     let arch = a.arch.as_deref().map(parse_arch).transpose()?;
     let start = Instant::now();
-    let mut g = Generator::load(&be, &a.generator, arch)?;
+    let mut g = Generator::load(be, &a.generator, arch)?;
     let nz = g.spec.nz;
     let noise = match &a.noise {
         Some(p) => read_sample_noise(p, nz)?,
@@ -189,7 +200,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         }
     };
     let n = noise.len() / nz;
-    let images = generate(&be, &mut g, &noise, 64)?;
+    let images = generate(be, &mut g, &noise, 64)?;
     let range = range_of(g.spec.arch);
     write_grid_png(&a.out, &images, n, IMAGE_SIZE, range, None)?;
     if let Some(raw) = &a.raw {
@@ -288,7 +299,13 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let be = CpuBackend::default();
+    match Device::parse(&a.device)?.cuda_backend()? {
+        None => train_on(&CpuBackend::default(), a),
+        Some(be) => train_on(&be, a),
+    }
+}
+
+fn train_on<B: Backend>(be: &B, a: TrainArgs) -> Result<()> {
     let arch = parse_arch(&a.arch)?;
     if a.batch < 2 {
         return Err(Error::invalid(
@@ -335,7 +352,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let out = a.out.clone();
     let mut warn = |m: String| eprintln!("warning: {m}");
     let mut run = if a.resume {
-        Run::resume(&be, &out, config, &mut warn)?
+        Run::resume(be, &out, config, &mut warn)?
     } else {
         if out.join(STATE_FILE).exists() || out.join(GENERATOR_FILE).exists() {
             return Err(Error::invalid(format!(
@@ -343,7 +360,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 out.display()
             )));
         }
-        Run::new(&be, config, &mut warn)?
+        Run::new(be, config, &mut warn)?
     };
     std::fs::create_dir_all(out.join("samples")).map_err(|e| Error::io(&out, e))?;
     let csv = out.join("metrics.csv");
@@ -375,13 +392,16 @@ fn train(a: TrainArgs) -> Result<()> {
         b
     };
     eprintln!(
-        "training {} on {} ({} images), batch {}, {} steps, {} threads -> {}",
+        "training {} on {} ({} images), batch {}, {} steps, {} -> {}",
         arch.name(),
         run.config.data.describe(),
         run.data_len(),
         a.batch,
         run.total_steps,
-        rayon::current_num_threads(),
+        match be.name() {
+            "cpu" => format!("{} threads", rayon::current_num_threads()),
+            device => device.to_string(),
+        },
         out.display()
     );
     let start = Instant::now();
@@ -389,7 +409,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut rate = 0.0;
     while !run.done() {
         let t = Instant::now();
-        let m: StepMetrics = run.step(&be)?;
+        let m: StepMetrics = run.step(be)?;
         let dt = t.elapsed().as_secs_f64();
         let ips = a.batch as f64 / dt.max(1e-9);
         rate = if rate == 0.0 {
@@ -400,7 +420,7 @@ fn train(a: TrainArgs) -> Result<()> {
         let step = run.step;
         let last = run.done();
         let swd = if quality_every > 0 && (step % quality_every == 0 || last) {
-            Some(run.quality(&be)?)
+            Some(run.quality(be)?)
         } else {
             None
         };
@@ -437,7 +457,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ));
         let stopping = stop.load(Ordering::SeqCst);
         if step % a.sample_every == 0 || last || stopping {
-            let images = run.samples(&be)?;
+            let images = run.samples(be)?;
             let path = out.join("samples").join(format!("step-{step:06}.png"));
             write_grid_png(
                 &path,
@@ -465,7 +485,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         if step % a.checkpoint_every == 0 || last || stopping {
             file.flush().map_err(|e| Error::io(&csv, e))?;
-            run.save(&be, &out)?;
+            run.save(be, &out)?;
         }
         if stopping && !last {
             bar.abandon();

@@ -4,6 +4,7 @@
 //! `model.safetensors`, `vocab.json`, `merges.txt`); `kiln gpt2 init` writes one with random
 //! weights. Errors end the command with one `error:` line and exit status 1.
 use crate::bench::with_threads;
+use crate::device::Device;
 use crate::request::{check_context, Sampling};
 use clap::{Args, Subcommand};
 use kiln_models::gpt2::{
@@ -11,6 +12,7 @@ use kiln_models::gpt2::{
     MatmulPrecision,
 };
 use kiln_models::tokenizer::Gpt2Tokenizer;
+use kiln_nn::backend::Backend;
 use kiln_tensor::{DType, Error, Result, Tensor};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -106,6 +108,8 @@ pub struct GenerateArgs {
     /// (124M, 355M, 774M, 1558M or tiny), as `kiln gpt2 init` would.
     #[arg(long, value_name = "SIZE")]
     pub init_if_missing: Option<String>,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +139,8 @@ pub struct LogitsArgs {
     /// Treat `<|endoftext|>` in the prompt as the special token.
     #[arg(long)]
     pub allow_special: bool,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -285,18 +291,20 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 /// The native bf16 kernel the prefill of bf16 weights runs on (`"amx"`, `"avx512bf16"`), or
-/// `None` when the products are f32.
-fn bf16_kernel(gpt2: &Gpt2) -> Option<&'static str> {
+/// `None` when the products are f32 (and on a GPU).
+fn bf16_kernel<B: Backend>(gpt2: &Gpt2<B>) -> Option<&'static str> {
     let bf16 = gpt2.model.weights.dtype == DType::BF16;
-    if !bf16 || gpt2.matmul_precision != MatmulPrecision::Bf16 {
+    let cpu = gpt2.model.backend().name() == "cpu";
+    if !cpu || !bf16 || gpt2.matmul_precision != MatmulPrecision::Bf16 {
         return None;
     }
     kiln_cpu::gemm::amx::best_native_kernel().map(|k| k.name())
 }
 
 /// The `--json` object of one generation.
-fn generation_json(gpt2: &Gpt2, gen: &Generation) -> serde_json::Value {
+fn generation_json<B: Backend>(gpt2: &Gpt2<B>, gen: &Generation) -> serde_json::Value {
     json!({
+        "device": gpt2.model.backend().name(),
         "prompt_ids": gen.prompt_ids,
         "ids": gen.ids,
         "text": gen.text,
@@ -349,6 +357,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         return Err(Error::invalid("the prompt is empty"));
     }
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let device = Device::parse(&a.device)?;
+    let precision = parse_precision(&a.matmul_precision)?;
+    if device != Device::Cpu && precision != MatmulPrecision::F32 {
+        return Err(Error::invalid(
+            "--matmul-precision bf16 is for the CPU (on cuda, bf16 weights multiply f32 activations)",
+        ));
+    }
     // The same checks as `kiln serve` (crate::request), all before any output.
     let sampler = Sampling {
         temperature: a.temperature,
@@ -359,6 +374,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         greedy: a.greedy,
     }
     .config(true)?;
+    // The device first: without one, nothing is written or loaded.
+    let cuda = device.cuda_backend()?;
     if let Some(size) = &a.init_if_missing {
         if !a.model.join("config.json").exists() {
             let cfg = Gpt2Config::preset(size)?;
@@ -370,15 +387,29 @@ fn generate(a: GenerateArgs) -> Result<()> {
             init_checkpoint(&a.model, &cfg, DType::F32, 0)?;
         }
     }
-    let gpt2 = Gpt2::load(
-        &a.model,
-        &LoadOptions {
-            dtype,
-            panels: !a.stored_layout,
-            matmul_precision: parse_precision(&a.matmul_precision)?,
-            ..Default::default()
-        },
-    )?;
+    let load = LoadOptions {
+        dtype,
+        panels: !a.stored_layout,
+        matmul_precision: precision,
+        ..Default::default()
+    };
+    let sampling = (batch, prompt, sampler);
+    match cuda {
+        None => generate_on(&a, Gpt2::load(&a.model, &load)?, sampling),
+        Some(be) => generate_on(&a, Gpt2::load_on(&a.model, &load, be)?, sampling),
+    }
+}
+
+/// The generation of `generate`, on the backend `gpt2` was loaded onto.
+fn generate_on<B: Backend>(
+    a: &GenerateArgs,
+    gpt2: Gpt2<B>,
+    (batch, prompt, sampler): (
+        Option<Vec<String>>,
+        String,
+        kiln_models::gpt2::SamplerConfig,
+    ),
+) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampler,
@@ -426,11 +457,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         if !a.json {
             eprintln!(
-                "load {:.0} ms · {} prompts · decode {steps} tokens in all, {batch_rate:.1} tokens/s · {} weights, {} threads",
+                "load {:.0} ms · {} prompts · decode {steps} tokens in all, {batch_rate:.1} tokens/s · {} weights, {}",
                 gpt2.load_ms,
                 prompts.len(),
                 dtype,
-                threads
+                where_(&gpt2, threads)
             );
         }
         return Ok(());
@@ -458,29 +489,48 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         let _ = writeln!(out);
         eprintln!(
-            "load {:.0} ms · prefill {} tokens {:.1} ms · decode {} tokens {:.1} tokens/s · {} weights, {} threads",
+            "load {:.0} ms · prefill {} tokens {:.1} ms · decode {} tokens {:.1} tokens/s · {} weights, {}",
             gpt2.load_ms,
             gen.prompt_ids.len(),
             gen.prefill_ms,
             gen.decode_steps,
             gen.decode_tokens_per_s(),
             dtype,
-            threads
+            where_(&gpt2, threads)
         );
     }
     Ok(())
 }
 
+/// `N threads` on the CPU, the device's name on a GPU.
+fn where_<B: Backend>(gpt2: &Gpt2<B>, threads: usize) -> String {
+    match gpt2.model.backend().name() {
+        "cpu" => format!("{threads} threads"),
+        other => other.to_string(),
+    }
+}
+
 fn logits(a: LogitsArgs) -> Result<()> {
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
-    let gpt2 = Gpt2::load(
-        &a.model,
-        &LoadOptions {
-            dtype,
-            matmul_precision: parse_precision(&a.matmul_precision)?,
-            ..Default::default()
-        },
-    )?;
+    let device = Device::parse(&a.device)?;
+    let precision = parse_precision(&a.matmul_precision)?;
+    if device != Device::Cpu && precision != MatmulPrecision::F32 {
+        return Err(Error::invalid(
+            "--matmul-precision bf16 is for the CPU (on cuda, bf16 weights multiply f32 activations)",
+        ));
+    }
+    let load = LoadOptions {
+        dtype,
+        matmul_precision: precision,
+        ..Default::default()
+    };
+    match device.cuda_backend()? {
+        None => logits_on(&a, Gpt2::load(&a.model, &load)?),
+        Some(be) => logits_on(&a, Gpt2::load_on(&a.model, &load, be)?),
+    }
+}
+
+fn logits_on<B: Backend>(a: &LogitsArgs, gpt2: Gpt2<B>) -> Result<()> {
     let ids = match (&a.prompt, &a.ids) {
         (Some(p), _) => {
             if p.is_empty() {

@@ -11,7 +11,7 @@ use kiln_io::write_atomic;
 use kiln_models::gpt2::run::{ModelSource, TextSource, TrainOptions, TrainRun, STATE_FILE};
 use kiln_models::gpt2::train::AdamW;
 use kiln_models::gpt2::Gpt2Config;
-use kiln_nn::backend::CpuBackend;
+use kiln_nn::backend::{Backend, CpuBackend};
 use kiln_tensor::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,8 @@ pub struct TrainArgs {
     /// No progress bar (a line per evaluation instead).
     #[arg(long)]
     pub quiet: bool,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda", help = crate::device::HELP)]
+    pub device: String,
 }
 
 /// The columns of `metrics.csv`.
@@ -159,6 +161,13 @@ fn plot(path: &Path, rows: &[Row]) -> Result<()> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    match crate::device::Device::parse(&a.device)?.cuda_backend()? {
+        None => run_on(CpuBackend::default(), a),
+        Some(be) => run_on(be, a),
+    }
+}
+
+fn run_on<B: Backend>(be: B, a: TrainArgs) -> Result<()> {
     let model = match (&a.model, &a.init) {
         (Some(dir), _) => ModelSource::Checkpoint(dir.clone()),
         (None, Some(size)) => ModelSource::New(Gpt2Config::preset(size)?),
@@ -205,7 +214,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return Err(Error::invalid("--weight-decay and --grad-clip must be ≥ 0"));
     }
     let out = a.out.clone();
-    let mut run = TrainRun::start(CpuBackend::default(), opts, &out, a.resume)?;
+    let mut run = TrainRun::start(be, opts, &out, a.resume)?;
     let csv = out.join("metrics.csv");
     let mut rows: Vec<Row> = std::fs::read_to_string(&csv)
         .unwrap_or_default()

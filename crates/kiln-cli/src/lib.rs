@@ -8,6 +8,7 @@ use std::process::ExitCode;
 pub mod bench;
 pub mod cuda;
 pub mod dcgan;
+pub mod device;
 pub mod gpt2;
 pub mod gpt2_train;
 pub mod inspect;

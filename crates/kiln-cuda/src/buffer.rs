@@ -27,6 +27,9 @@ impl DeviceElement for i32 {
 pub(crate) enum Mem {
     Gpu(CudaSlice<u8>),
     Emu(crate::emu::HostMem),
+    /// A buffer of no elements: nothing allocated (scratch that has not grown yet costs no
+    /// allocation and no driver call).
+    Empty,
 }
 
 /// A buffer of `len` elements of one dtype in device memory (or in the emulator's memory).
@@ -90,6 +93,47 @@ impl CudaBuf {
         Ok(())
     }
 
+    /// The address of element 0 on `dev` (for tables of addresses passed to kernels).
+    pub(crate) fn device_address_for(&self, dev: &crate::CudaDevice) -> u64 {
+        match &dev.imp {
+            crate::device::Imp::Gpu(g) => self.device_address(&g.stream),
+            crate::device::Imp::Emu(_) => self.device_address_unchecked(),
+        }
+    }
+
+    fn device_address_unchecked(&self) -> u64 {
+        match &self.mem {
+            Mem::Emu(h) => h.addr() as u64,
+            _ => 0,
+        }
+    }
+
+    /// An error unless the buffer lives on `dev` (or is empty).
+    pub(crate) fn expect_device(&self, dev: &crate::CudaDevice, what: &str) -> Result<()> {
+        let ok = matches!(
+            (&dev.imp, &self.mem),
+            (crate::device::Imp::Gpu(_), Mem::Gpu(_))
+                | (crate::device::Imp::Emu(_), Mem::Emu(_))
+                | (_, Mem::Empty)
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{what}: a buffer of another device"
+            )))
+        }
+    }
+
+    /// False when a kernel wrote outside the buffer (the emulator's guard zones; always true on
+    /// a GPU).
+    pub(crate) fn guards_intact(&self) -> bool {
+        match &self.mem {
+            Mem::Emu(h) => h.guards_intact(),
+            _ => true,
+        }
+    }
+
     pub(crate) fn device_address(&self, stream: &CudaStream) -> u64 {
         match &self.mem {
             Mem::Gpu(s) => {
@@ -97,6 +141,7 @@ impl CudaBuf {
                 ptr
             }
             Mem::Emu(h) => h.addr() as u64,
+            Mem::Empty => 0,
         }
     }
 }

@@ -116,7 +116,14 @@ pub enum Arg<'a> {
     I64x3([i64; 3]),
     /// Sixteen i32 passed as one 64-byte struct (a convolution's geometry: `struct ConvGeom`).
     I32x16([i32; 16]),
+    /// A struct of up to [`MAX_BLOB_WORDS`] 8-byte words passed by value (a table of buffer
+    /// addresses and lengths: `struct DecodeBatch` in `attention.cu`). Kernel parameters travel
+    /// with the launch: no copy to the device.
+    Blob(&'a [u64]),
 }
+
+/// The largest [`Arg::Blob`], in 8-byte words (1 KiB; CUDA allows 4 KiB of parameters).
+pub const MAX_BLOB_WORDS: usize = 128;
 
 pub(crate) enum Imp {
     Gpu(Gpu),
@@ -154,6 +161,54 @@ pub struct CudaDevice {
     info: DeviceInfo,
     /// Compiled modules, keyed by a hash of (file, expanded source, options, target).
     modules: Mutex<HashMap<u64, LoadedModule>>,
+    copies: CopyCounter,
+    /// Free scratch buffers of the ops (K-slice partials of the decode product, reduction
+    /// partials), reused instead of allocated per call.
+    scratch: Mutex<Vec<CudaBuf>>,
+}
+
+/// Scratch buffers a device keeps for reuse: at most this many.
+const SCRATCH_KEEP: usize = 16;
+
+/// Copies between the host and the device made so far through [`CudaDevice`]'s `write`, `read`
+/// and the methods built on them (uploads, downloads): calls and bytes in each direction.
+/// Kernel parameters (launch arguments) are not copies and are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCopies {
+    pub to_device: usize,
+    pub to_device_bytes: usize,
+    pub to_host: usize,
+    pub to_host_bytes: usize,
+}
+
+#[derive(Default)]
+struct CopyCounter {
+    to_device: std::sync::atomic::AtomicUsize,
+    to_device_bytes: std::sync::atomic::AtomicUsize,
+    to_host: std::sync::atomic::AtomicUsize,
+    to_host_bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl CopyCounter {
+    fn count_to_device(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.to_device.fetch_add(1, Relaxed);
+        self.to_device_bytes.fetch_add(bytes, Relaxed);
+    }
+    fn count_to_host(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.to_host.fetch_add(1, Relaxed);
+        self.to_host_bytes.fetch_add(bytes, Relaxed);
+    }
+    fn get(&self) -> HostCopies {
+        use std::sync::atomic::Ordering::Relaxed;
+        HostCopies {
+            to_device: self.to_device.load(Relaxed),
+            to_device_bytes: self.to_device_bytes.load(Relaxed),
+            to_host: self.to_host.load(Relaxed),
+            to_host_bytes: self.to_host_bytes.load(Relaxed),
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -255,6 +310,8 @@ impl CudaDevice {
             }),
             info,
             modules: Mutex::new(HashMap::new()),
+            copies: CopyCounter::default(),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -292,6 +349,8 @@ impl CudaDevice {
             imp: Imp::Emu(emu),
             info,
             modules: Mutex::new(HashMap::new()),
+            copies: CopyCounter::default(),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -302,6 +361,11 @@ impl CudaDevice {
     /// True for the CPU emulator.
     pub fn is_emulated(&self) -> bool {
         self.info.emulated
+    }
+
+    /// The host↔device copies made so far (see [`HostCopies`]).
+    pub fn host_copies(&self) -> HostCopies {
+        self.copies.get()
     }
 
     /// Waits until every queued kernel and copy has finished.
@@ -319,6 +383,9 @@ impl CudaDevice {
     /// A buffer of `len` elements of `dtype` (f32, bf16, f16 or i32), all bits zero.
     pub fn zeros(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
         let bytes = byte_len(dtype, len)?;
+        if bytes == 0 {
+            return Ok(CudaBuf::new(Mem::Empty, 0, dtype));
+        }
         let mem = match &self.imp {
             Imp::Gpu(g) => Mem::Gpu(
                 g.stream
@@ -333,6 +400,9 @@ impl CudaDevice {
     /// A buffer whose contents are unspecified (the emulator fills it with NaN bytes).
     pub fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
         let bytes = byte_len(dtype, len)?;
+        if bytes == 0 {
+            return Ok(CudaBuf::new(Mem::Empty, 0, dtype));
+        }
         let mem = match &self.imp {
             Imp::Gpu(g) => Mem::Gpu(
                 // SAFETY: the contents are documented as unspecified; u8 has no invalid values.
@@ -342,6 +412,43 @@ impl CudaDevice {
             Imp::Emu(_) => Mem::Emu(crate::emu::HostMem::new(bytes, 0xFF)?),
         };
         Ok(CudaBuf::new(mem, len, dtype))
+    }
+
+    /// A scratch buffer of at least `len` f32 elements whose contents are unspecified, for a
+    /// kernel that writes every element it later reads; give it back with
+    /// [`CudaDevice::recycle`] once the kernels that use it are queued. Every launch and copy
+    /// of a device is ordered on its one stream, so a buffer given back while its kernels are
+    /// still queued is reused only by work queued after them.
+    pub fn scratch(&self, len: usize) -> Result<CudaBuf> {
+        if let Ok(mut pool) = self.scratch.lock() {
+            let best = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let rounded = len.checked_next_power_of_two().unwrap_or(len).max(256);
+        self.alloc(DType::F32, rounded)
+    }
+
+    /// Gives a buffer from [`CudaDevice::scratch`] back for reuse.
+    pub fn recycle(&self, buf: CudaBuf) {
+        if buf.dtype() != DType::F32 || buf.is_empty() {
+            return;
+        }
+        if let Ok(mut pool) = self.scratch.lock() {
+            if pool.len() < SCRATCH_KEEP {
+                pool.push(buf);
+            } else if let Some(i) = (0..pool.len()).min_by_key(|&i| pool[i].len()) {
+                if pool[i].len() < buf.len() {
+                    pool[i] = buf;
+                }
+            }
+        }
     }
 
     /// A new buffer holding `data`.
@@ -398,6 +505,7 @@ impl CudaDevice {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.copies.count_to_device(bytes.len());
         match (&self.imp, &mut buf.mem) {
             (Imp::Gpu(g), Mem::Gpu(s)) => {
                 let mut view = s.slice_mut(start..start + bytes.len());
@@ -461,6 +569,7 @@ impl CudaDevice {
         let es = buf.dtype().size_in_bytes();
         let start = offset * es;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        self.copies.count_to_host(bytes.len());
         match (&self.imp, &buf.mem) {
             (Imp::Gpu(g), Mem::Gpu(s)) => {
                 let view = s.slice(start..start + bytes.len());
@@ -484,28 +593,46 @@ impl CudaDevice {
 
     /// `dst[..n] = src[..n]` on the device (same dtype).
     pub fn copy_prefix(&self, src: &CudaBuf, dst: &mut CudaBuf, n: usize) -> Result<()> {
-        if src.dtype() != dst.dtype() || n > src.len() || n > dst.len() {
+        self.copy_range(src, 0, dst, 0, n)
+    }
+
+    /// `dst[dst_offset..][..n] = src[src_offset..][..n]` on the device (same dtype; the two
+    /// are distinct buffers, so the ranges never overlap).
+    pub fn copy_range(
+        &self,
+        src: &CudaBuf,
+        src_offset: usize,
+        dst: &mut CudaBuf,
+        dst_offset: usize,
+        n: usize,
+    ) -> Result<()> {
+        let fits = |off: usize, len: usize| off.checked_add(n).is_some_and(|e| e <= len);
+        if src.dtype() != dst.dtype()
+            || !fits(src_offset, src.len())
+            || !fits(dst_offset, dst.len())
+        {
             return Err(Error::invalid(format!(
-                "copy: {n} elements from {} {} into {} {}",
+                "copy: {n} elements from element {src_offset} of {} {} into element {dst_offset} of {} {}",
                 src.len(),
                 src.dtype(),
                 dst.len(),
                 dst.dtype()
             )));
         }
-        let n = n * src.dtype().size_in_bytes();
+        let es = src.dtype().size_in_bytes();
+        let (so, dof, n) = (src_offset * es, dst_offset * es, n * es);
         if n == 0 {
             return Ok(());
         }
         match (&self.imp, &src.mem, &mut dst.mem) {
             (Imp::Gpu(g), Mem::Gpu(s), Mem::Gpu(d)) => {
-                let sv = s.slice(0..n);
-                let mut dv = d.slice_mut(0..n);
+                let sv = s.slice(so..so + n);
+                let mut dv = d.slice_mut(dof..dof + n);
                 g.stream
                     .memcpy_dtod(&sv, &mut dv)
                     .map_err(|e| driver("device-to-device copy", e))?;
             }
-            (Imp::Emu(_), Mem::Emu(s), Mem::Emu(d)) => d.copy_from(s, n),
+            (Imp::Emu(_), Mem::Emu(s), Mem::Emu(d)) => d.copy_from(s, so, dof, n),
             _ => return Err(Error::invalid("copy: the buffers belong to another device")),
         }
         Ok(())
@@ -518,6 +645,7 @@ impl CudaDevice {
                 g.stream.memset_zeros(s).map_err(|e| driver("memset", e))?
             }
             (Imp::Emu(_), Mem::Emu(h)) => h.fill(0),
+            (_, Mem::Empty) => {}
             _ => {
                 return Err(Error::invalid(
                     "fill_zero: the buffer belongs to another device",
@@ -703,7 +831,7 @@ impl CudaDevice {
             if let Arg::Buf(b) | Arg::At(b, _) = a {
                 let ok = matches!(
                     (&self.imp, &b.mem),
-                    (Imp::Gpu(_), Mem::Gpu(_)) | (Imp::Emu(_), Mem::Emu(_))
+                    (Imp::Gpu(_), Mem::Gpu(_)) | (Imp::Emu(_), Mem::Emu(_)) | (_, Mem::Empty)
                 );
                 if !ok {
                     return Err(fail(format!("argument {i}: a buffer of another device")));
@@ -807,6 +935,7 @@ fn gpu_launch(
         I64(i64),
         I64x3([i64; 3]),
         I32x16([i32; 16]),
+        Blob(Box<[u64; MAX_BLOB_WORDS]>),
     }
     let mut vals = Vec::with_capacity(args.len());
     for a in args {
@@ -821,6 +950,17 @@ fn gpu_launch(
             Arg::I64(v) => Val::I64(v),
             Arg::I64x3(v) => Val::I64x3(v),
             Arg::I32x16(v) => Val::I32x16(v),
+            Arg::Blob(words) => {
+                if words.len() > MAX_BLOB_WORDS {
+                    return Err(CudaError::Launch {
+                        kernel: kernel.to_string(),
+                        reason: format!("a parameter struct of {} words", words.len()),
+                    });
+                }
+                let mut b = Box::new([0u64; MAX_BLOB_WORDS]);
+                b[..words.len()].copy_from_slice(words);
+                Val::Blob(b)
+            }
         });
     }
     let mut builder = g.stream.launch_builder(func);
@@ -833,6 +973,8 @@ fn gpu_launch(
             Val::I64(x) => builder.arg(x),
             Val::I64x3(x) => builder.arg(x),
             Val::I32x16(x) => builder.arg(x),
+            // The driver copies as many bytes as the kernel's parameter has from this address.
+            Val::Blob(x) => builder.arg(&**x),
         };
     }
     let cfg = cudarc::driver::LaunchConfig {

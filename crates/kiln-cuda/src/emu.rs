@@ -149,10 +149,14 @@ impl Emu {
     ) -> Result<(), CudaError> {
         // Every argument in a 64-byte slot (little-endian, so an i32 is read from its first 4
         // bytes; struct arguments fill the slot's start).
-        let mut vals: Vec<[u64; 8]> = args
+        let mut vals: Vec<Vec<u64>> = args
             .iter()
             .map(|a| {
-                let mut slot = [0u64; 8];
+                let words = match a {
+                    Arg::Blob(b) => b.len().max(8),
+                    _ => 8,
+                };
+                let mut slot = vec![0u64; words];
                 match *a {
                     Arg::Buf(b) => slot[0] = emu_addr(b) as u64,
                     Arg::At(b, off) => {
@@ -172,6 +176,7 @@ impl Emu {
                             *s = (pair[0] as u32 as u64) | ((pair[1] as u32 as u64) << 32);
                         }
                     }
+                    Arg::Blob(b) => slot[..b.len()].copy_from_slice(b),
                 }
                 slot
             })
@@ -231,6 +236,7 @@ fn emu_addr(b: &crate::CudaBuf) -> usize {
     match &b.mem {
         crate::buffer::Mem::Emu(h) => h.addr(),
         crate::buffer::Mem::Gpu(_) => 0, // rejected by the launch checks
+        crate::buffer::Mem::Empty => 0,
     }
 }
 
@@ -304,11 +310,18 @@ impl HostMem {
         }
     }
 
-    pub(crate) fn copy_from(&self, src: &HostMem, n: usize) {
-        assert!(n <= self.bytes && n <= src.bytes);
-        // SAFETY: both ranges are inside their allocations; distinct allocations never overlap
-        // (a buffer cannot be both the `&` source and the `&mut` destination).
-        unsafe { std::ptr::copy(src.base.add(GUARD_BEFORE), self.base.add(GUARD_BEFORE), n) }
+    /// `self[dst_at..][..n] = src[src_at..][..n]` (bytes).
+    pub(crate) fn copy_from(&self, src: &HostMem, src_at: usize, dst_at: usize, n: usize) {
+        assert!(dst_at + n <= self.bytes && src_at + n <= src.bytes);
+        // SAFETY: both ranges are inside their allocations (asserted); distinct allocations
+        // never overlap (a buffer cannot be both the `&` source and the `&mut` destination).
+        unsafe {
+            std::ptr::copy(
+                src.base.add(GUARD_BEFORE + src_at),
+                self.base.add(GUARD_BEFORE + dst_at),
+                n,
+            )
+        }
     }
 
     pub(crate) fn fill(&self, v: u8) {

@@ -14,10 +14,12 @@
 //! | [`sources`] | the embedded kernel files |
 //! | [`cache`] | the on-disk cache of compiled kernel images (once per architecture, not per process) |
 //! | [`ops`] | one function per op: validates sizes, picks the kernel, launches |
+//! | [`backend`] | [`CudaBackend`]: kiln-nn's op interface on the device, so kiln's models run on it |
 //! | [`emu`] | the CPU emulator device that tests run every kernel on (g++ + `kernels/emu/emu.h`) |
 //!
 //! The CPU backend (`kiln-cpu`) is the reference: every op here is tested against it, on the
 //! emulator everywhere and on a GPU where there is one.
+pub mod backend;
 pub mod buffer;
 pub mod cache;
 pub mod device;
@@ -27,7 +29,8 @@ pub mod nvrtc;
 pub mod ops;
 pub mod sources;
 
+pub use backend::{CudaBackend, DeviceBuf};
 pub use buffer::{CudaBuf, DeviceElement};
-pub use device::{driver_present, Arg, CudaDevice, DeviceInfo, LaunchDims};
+pub use device::{driver_present, Arg, CudaDevice, DeviceInfo, HostCopies, LaunchDims};
 pub use emu::EmuOptions;
 pub use error::{is_no_device, CudaError};

@@ -731,3 +731,122 @@ pub fn attention_decode(
         ],
     )
 }
+
+/// Sequences one [`attention_decode_batch`] launch takes (`DEC_BATCH_MAX` in attention.cu).
+pub const DECODE_BATCH_MAX: usize = 32;
+
+/// One sequence of a batched decode step: its layer's key and value caches, each
+/// `[heads, capacity, head_dim]` from element 0 (f32, bf16 or f16, the same for all; each
+/// sequence its own capacity), and its length before the step.
+pub struct DecodeSeq<'a> {
+    pub k: &'a mut CudaBuf,
+    pub v: &'a mut CudaBuf,
+    pub capacity: usize,
+    pub len: usize,
+}
+
+/// One decode step of `seqs.len()` sequences whose caches are separate buffers, one launch per
+/// [`DECODE_BATCH_MAX`] sequences: for sequence `s` (row `s` of the fused `qkv` `[S, 3·heads·
+/// head_dim]`), its new key and value are appended at position `len` of its caches, then
+/// `out[s, h·D..] = softmax(scale·q·K[..len + 1]ᵀ)·V[..len + 1]` for every head `h` (`out`
+/// `[S, heads·head_dim]` f32). The caches' addresses, lengths and capacities travel as kernel
+/// parameters (no copy to the device). A full cache is an error before anything is launched.
+pub fn attention_decode_batch(
+    dev: &CudaDevice,
+    qkv: &CudaBuf,
+    seqs: &mut [DecodeSeq<'_>],
+    heads: usize,
+    head_dim: usize,
+    out: &mut CudaBuf,
+    scale: Option<f32>,
+) -> Result<()> {
+    let what = "attention_decode_batch";
+    let s = seqs.len();
+    let c = super::mul(what, heads, head_dim)?;
+    let rows = super::mul(what, s, c)?;
+    qkv.check(
+        "attention_decode_batch qkv",
+        DType::F32,
+        super::mul(what, rows, 3)?,
+    )?;
+    out.check("attention_decode_batch out", DType::F32, rows)?;
+    let Some(first) = seqs.first() else {
+        return Ok(());
+    };
+    let dtype = first.k.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(Error::invalid(format!("kv cache of {dtype}")));
+    }
+    for (i, q) in seqs.iter().enumerate() {
+        let cache_len = super::mul("kv cache", c, q.capacity)?;
+        for (name, b) in [("keys", &*q.k), ("values", &*q.v)] {
+            b.check(
+                &format!("attention_decode_batch: sequence {i}'s {name}"),
+                dtype,
+                cache_len,
+            )?;
+            b.expect_device(dev, "attention_decode_batch: a KV cache")?;
+        }
+        if q.len >= q.capacity {
+            return Err(Error::Capacity(format!(
+                "kv cache: sequence {i} holds {} of {} positions, one more does not fit",
+                q.len, q.capacity
+            )));
+        }
+        i32_arg("capacity", q.capacity)?;
+    }
+    if c == 0 {
+        return Ok(());
+    }
+    let dm = dmax(head_dim)?;
+    let scale = AttentionOptions {
+        causal: false,
+        scale,
+    }
+    .scale(head_dim)?;
+    let h = u16::try_from(heads)
+        .map_err(|_| Error::invalid("attention_decode_batch: too many heads"))?;
+    let kernel = format!("attn_decode_batch_d{dm}_{}", tname(dtype));
+    const M: usize = DECODE_BATCH_MAX;
+    for (chunk_index, chunk) in seqs.chunks(M).enumerate() {
+        let first_row = chunk_index * M;
+        // struct DecodeBatch { u64 k[32]; u64 v[32]; int len[32]; int cap[32]; }: 96 words.
+        // The caches are reached through these addresses, not as launch arguments, so the
+        // launch's own checks do not see them: they were checked above.
+        let mut table = [0u64; 3 * M];
+        for (i, q) in chunk.iter().enumerate() {
+            table[i] = q.k.device_address_for(dev);
+            table[M + i] = q.v.device_address_for(dev);
+            let (len, cap) = (q.len as u64 + 1, q.capacity as u64);
+            table[2 * M + i / 2] |= len << (32 * (i % 2));
+            table[2 * M + M / 2 + i / 2] |= cap << (32 * (i % 2));
+        }
+        dev.launch(
+            &sources::ATTENTION,
+            &kernel,
+            LaunchDims {
+                grid: [h as u32, chunk.len() as u32, 1],
+                block: [128, 1, 1],
+                smem: 0,
+            },
+            &[
+                Arg::At(qkv, first_row * 3 * c),
+                Arg::Blob(&table),
+                Arg::At(out, first_row * c),
+                Arg::I32(i32_arg("heads", heads)?),
+                Arg::I32(i32_arg("head_dim", head_dim)?),
+                Arg::F32(scale),
+            ],
+        )?;
+        if chunk
+            .iter()
+            .any(|q| !q.k.guards_intact() || !q.v.guards_intact())
+        {
+            return Err(crate::CudaError::Emulator(format!(
+                "kernel `{kernel}`: wrote outside a KV cache"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}

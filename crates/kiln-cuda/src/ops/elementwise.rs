@@ -223,3 +223,51 @@ pub fn cast(dev: &CudaDevice, src: &CudaBuf, dst: &mut CudaBuf, n: usize) -> Res
         &[Arg::Buf(src), Arg::Buf(dst), Arg::I64(n as i64)],
     )
 }
+
+/// `x[..n] = value`.
+pub fn fill(dev: &CudaDevice, x: &mut CudaBuf, n: usize, value: f32) -> Result<()> {
+    check_f32("fill", n, &[("x", x)])?;
+    launch_n(
+        dev,
+        "fill_f32",
+        n,
+        &[Arg::Buf(x), Arg::F32(value), Arg::I64(n as i64)],
+    )
+}
+
+/// `x[..n] *= s`.
+pub fn scale(dev: &CudaDevice, x: &mut CudaBuf, n: usize, s: f32) -> Result<()> {
+    check_f32("scale", n, &[("x", x)])?;
+    launch_n(
+        dev,
+        "scale_f32",
+        n,
+        &[Arg::Buf(x), Arg::F32(s), Arg::I64(n as i64)],
+    )
+}
+
+/// Inverted dropout of `x[..n]` in place with probability `p` (in [0, 1)): element `i` is kept
+/// (and scaled by `1/(1 − p)`) when the top 24 bits of `mix64(seed ^ mix64(i))` are at least
+/// `p·2²⁴` — the mask of kiln-nn's CPU backend, bit for bit.
+pub fn dropout(dev: &CudaDevice, x: &mut CudaBuf, n: usize, p: f32, seed: u64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!(
+            "dropout: p = {p} must be in [0, 1)"
+        )));
+    }
+    check_f32("dropout", n, &[("x", x)])?;
+    let scale = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * (1u64 << 24) as f64) as u64;
+    launch_n(
+        dev,
+        "dropout_f32",
+        n,
+        &[
+            Arg::Buf(x),
+            Arg::I64(n as i64),
+            Arg::I64(seed as i64),
+            Arg::I64(threshold as i64),
+            Arg::F32(scale),
+        ],
+    )
+}

@@ -167,3 +167,154 @@ pub fn embedding_backward(
         ],
     )
 }
+
+fn table_name(d: DType) -> Result<&'static str> {
+    match d {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        d => Err(Error::invalid(format!("embedding: a table of {d}"))),
+    }
+}
+
+/// An embedding table in a buffer: `rows` rows of `dim` elements, element `(r, c)` at
+/// `r·row_stride + c·col_stride` (row-major: `dim`, 1; a table kept as its transpose
+/// `[dim, rows]`: 1, `rows`).
+#[derive(Clone, Copy, Debug)]
+pub struct TableView<'a> {
+    pub buf: &'a CudaBuf,
+    pub rows: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> TableView<'a> {
+    /// A row-major `[len / dim, dim]` table.
+    pub fn row_major(buf: &'a CudaBuf, rows: usize, dim: usize) -> Self {
+        TableView {
+            buf,
+            rows,
+            row_stride: dim,
+            col_stride: 1,
+        }
+    }
+
+    fn check(&self, what: &str, dim: usize) -> Result<()> {
+        table_name(self.buf.dtype())?;
+        if self.rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|a| a.checked_add((dim - 1).checked_mul(self.col_stride)?));
+        match last {
+            Some(l) if l < self.buf.len() => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "embedding: the {what} view ({} rows of {dim}, strides {}, {}) exceeds its buffer of {} elements",
+                self.rows,
+                self.row_stride,
+                self.col_stride,
+                self.buf.len()
+            ))),
+        }
+    }
+}
+
+/// `out[n, :] = wte[ids[n], :] + wpe[pos[n], :]` for the `n_tokens` tokens, each at its own
+/// position: `idpos` (i32) holds the ids then the positions (`[ids…, positions…]`, one
+/// upload). The tables are f32, bf16 or f16 (each its own) with any strides ([`TableView`]);
+/// `out` `[n_tokens, dim]` f32. Ids and positions are not checked on the device: check them on
+/// the host (every id below `wte.rows`, every position below `wpe.rows`) before uploading.
+pub fn embedding_gather(
+    dev: &CudaDevice,
+    idpos: &CudaBuf,
+    n_tokens: usize,
+    wte: TableView<'_>,
+    wpe: TableView<'_>,
+    dim: usize,
+    out: &mut CudaBuf,
+) -> Result<()> {
+    if n_tokens == 0 || dim == 0 {
+        return Ok(());
+    }
+    wte.check("token table", dim)?;
+    wpe.check("position table", dim)?;
+    idpos.check(
+        "embedding ids and positions",
+        DType::I32,
+        mul("embedding", 2, n_tokens)?,
+    )?;
+    out.check(
+        "embedding out",
+        DType::F32,
+        mul("embedding", n_tokens, dim)?,
+    )?;
+    let kernel = format!(
+        "embedding_gather_{}_{}",
+        table_name(wte.buf.dtype())?,
+        table_name(wpe.buf.dtype())?
+    );
+    dev.launch(
+        &sources::EMBEDDING,
+        &kernel,
+        LaunchDims::linear(
+            i32_arg("n_tokens", n_tokens)? as u32,
+            row_threads(dim, 256),
+            0,
+        ),
+        &[
+            Arg::Buf(idpos),
+            Arg::At(idpos, n_tokens),
+            Arg::Buf(wte.buf),
+            Arg::I64(wte.row_stride as i64),
+            Arg::I64(wte.col_stride as i64),
+            Arg::Buf(wpe.buf),
+            Arg::I64(wpe.row_stride as i64),
+            Arg::I64(wpe.col_stride as i64),
+            Arg::Buf(out),
+            Arg::I32(i32_arg("dim", dim)?),
+        ],
+    )
+}
+
+/// `table[rows_of[i], :] += dout[i, :]` for the `n` indices at element `offset` of `rows_of`
+/// (i32), every table row receiving its tokens in index order (deterministic, bitwise the CPU's
+/// sequential loop): the token table's gradient (`rows_of` = ids) or the position table's
+/// (`rows_of` = positions). `table` `[rows, dim]`, `dout` `[n, dim]`, f32. Indices are checked
+/// on the host (an index ≥ rows is skipped by the kernel).
+pub fn embedding_backward_rows(
+    dev: &CudaDevice,
+    rows_of: &CudaBuf,
+    offset: usize,
+    n: usize,
+    dout: &CudaBuf,
+    table: &mut CudaBuf,
+    dim: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    if dim == 0 || !table.len().is_multiple_of(dim) {
+        return Err(Error::invalid(format!(
+            "embedding backward: a table of {} elements is not [rows, {dim}]",
+            table.len()
+        )));
+    }
+    rows_of.check("embedding indices", DType::I32, offset + n)?;
+    dout.check("embedding dout", DType::F32, mul("embedding", n, dim)?)?;
+    table.expect_dtype("embedding table gradient", DType::F32)?;
+    let rows = table.len() / dim;
+    dev.launch(
+        &sources::EMBEDDING,
+        "embedding_backward_wte",
+        LaunchDims::linear(rows.div_ceil(EMB_ROWS) as u32, 256, 0),
+        &[
+            Arg::At(rows_of, offset),
+            Arg::Buf(dout),
+            Arg::Buf(table),
+            Arg::I32(i32_arg("n_tokens", n)?),
+            Arg::I32(i32_arg("rows", rows)?),
+            Arg::I32(i32_arg("dim", dim)?),
+        ],
+    )
+}

@@ -362,11 +362,9 @@ fn gemv(
     let slices = target.div_ceil(groups).clamp(1, max_slices);
     let kchunk = d.k.div_ceil(slices).div_ceil(GEMV_WARPS) * GEMV_WARPS;
     let slices = d.k.div_ceil(kchunk);
-    let partial = if slices > 1 {
-        dev.alloc(DType::F32, slices * d.m * d.n)?
-    } else {
-        dev.alloc(DType::F32, 1)?
-    };
+    // The K slices' partial sums (every element written before it is read), from the device's
+    // scratch: a decode step allocates nothing.
+    let partial = dev.scratch(if slices > 1 { slices * d.m * d.n } else { 1 })?;
     dev.launch(
         &sources::GEMV,
         &format!("gemv_kn_{tname}"),
@@ -396,5 +394,6 @@ fn gemv(
             ],
         )?;
     }
+    dev.recycle(partial);
     Ok(())
 }

@@ -26,8 +26,9 @@ pub fn bce_forward(
     p.check("bce p", DType::F32, n)?;
     t.check("bce t", DType::F32, n)?;
     loss.check("bce loss", DType::F32, 1)?;
-    // f64 partials, stored in an f32 buffer of twice the length (256-byte aligned).
-    let partial = dev.alloc(DType::F32, 2 * BCE_BLOCKS as usize)?;
+    // f64 partials, stored in an f32 buffer of twice the length (256-byte aligned); every
+    // block writes its own.
+    let partial = dev.scratch(2 * BCE_BLOCKS as usize)?;
     dev.launch(
         &sources::LOSS,
         "bce_forward_partial",
@@ -49,7 +50,9 @@ pub fn bce_forward(
             Arg::I64(n as i64),
             Arg::Buf(loss),
         ],
-    )
+    )?;
+    dev.recycle(partial);
+    Ok(())
 }
 
 /// `dp = dloss·(1/n)·(p − t)/max(p·(1 − p), 1e−12)` (overwritten).

@@ -64,6 +64,75 @@ fn sum_squares_into(
     )
 }
 
+/// `out[0] = Σ x[..n]` (f32 partial sums over a fixed grid, added in a fixed order: the order
+/// depends only on `n`).
+pub fn sum(dev: &CudaDevice, x: &CudaBuf, n: usize, out: &mut CudaBuf) -> Result<()> {
+    x.check("sum x", DType::F32, n)?;
+    out.check("sum out", DType::F32, 1)?;
+    // Every block writes its partial.
+    let partial = dev.scratch(REDUCE_BLOCKS)?;
+    dev.launch(
+        &sources::REDUCE,
+        "sum_values_partial",
+        LaunchDims::linear(REDUCE_BLOCKS as u32, REDUCE_THREADS, 0),
+        &[Arg::Buf(x), Arg::I64(n as i64), Arg::Buf(&partial)],
+    )?;
+    dev.launch(
+        &sources::REDUCE,
+        "sum_partials",
+        LaunchDims::linear(1, 32, 0),
+        &[
+            Arg::Buf(&partial),
+            Arg::I32(REDUCE_BLOCKS as i32),
+            Arg::Buf(out),
+            Arg::I32(0),
+        ],
+    )?;
+    dev.recycle(partial);
+    Ok(())
+}
+
+/// `out[at] = ` the number of `x[..n]` outside `[lo, hi]` (NaN counts as outside), as an f32.
+pub fn count_outside(
+    dev: &CudaDevice,
+    x: &CudaBuf,
+    n: usize,
+    lo: f32,
+    hi: f32,
+    out: &mut CudaBuf,
+    at: usize,
+) -> Result<()> {
+    x.check("count_outside x", DType::F32, n)?;
+    out.check("count_outside out", DType::F32, at + 1)?;
+    // Every block writes its partial.
+    let partial = dev.scratch(REDUCE_BLOCKS)?;
+    dev.launch(
+        &sources::REDUCE,
+        "count_outside_partial",
+        LaunchDims::linear(REDUCE_BLOCKS as u32, REDUCE_THREADS, 0),
+        &[
+            Arg::Buf(x),
+            Arg::I64(n as i64),
+            Arg::F32(lo),
+            Arg::F32(hi),
+            Arg::Buf(&partial),
+        ],
+    )?;
+    dev.launch(
+        &sources::REDUCE,
+        "sum_partials",
+        LaunchDims::linear(1, 32, 0),
+        &[
+            Arg::Buf(&partial),
+            Arg::I32(REDUCE_BLOCKS as i32),
+            Arg::At(out, at),
+            Arg::I32(0),
+        ],
+    )?;
+    dev.recycle(partial);
+    Ok(())
+}
+
 /// `out[j] (+)= Σ_i x[i][j]` over `x` `[rows, cols]`: a linear layer's bias gradient from its
 /// output gradient. Overwrites `out` unless `accumulate`.
 pub fn column_sums(
