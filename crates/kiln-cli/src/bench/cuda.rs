@@ -6,7 +6,7 @@
 //! one line `error: device: no CUDA device: …`.
 use super::attention::AttentionArgs;
 use super::conv::{ConvArgs, DCGAN_LAYERS};
-use super::matmul::MatmulArgs;
+use super::matmul::{layout_fields, Layout, MatmulArgs};
 use super::peak::PeakArgs;
 use super::{random_f32, BenchRecord};
 use half::{bf16, f16};
@@ -160,15 +160,12 @@ pub fn matmul(args: &MatmulArgs, ordinal: usize) -> Result<()> {
             "bench matmul: --m, --n and --k must be at least 1",
         ));
     }
-    let col = match args.layout.as_str() {
-        "row" => false,
-        "col" => true,
-        other => {
-            return Err(Error::invalid(format!(
-                "bench matmul: --layout must be row or col, not {other}"
-            )))
-        }
-    };
+    let layout = Layout::parse(&args.layout).ok_or_else(|| {
+        Error::invalid(format!(
+            "bench matmul: --layout must be nn, tn, nt, row or col, not {}",
+            args.layout
+        ))
+    })?;
     let b_dtype = DType::parse(&args.dtype)
         .filter(|d| d.is_float())
         .ok_or_else(|| {
@@ -200,8 +197,8 @@ pub fn matmul(args: &MatmulArgs, ordinal: usize) -> Result<()> {
         m,
         n,
         k,
-        a_t: false,
-        b_t: col,
+        a_t: layout == Layout::Tn,
+        b_t: layout == Layout::Nt,
     };
     let s = median_s(&dev, 2, args.reps.max(3), || {
         gemm(&dev, &a, &b, &mut c, dims, 1.0, 0.0, GemmEpilogue::None)
@@ -214,7 +211,7 @@ pub fn matmul(args: &MatmulArgs, ordinal: usize) -> Result<()> {
         i.peak_bf16_flops()
     } / 1e9;
     let mut extra = device_extra(&dev);
-    extra.insert("layout".into(), if col { "col" } else { "row" }.into());
+    layout_fields(&mut extra, layout);
     extra.insert("peak_gflops".into(), peak.into());
     extra.insert(
         "matmul_precision".into(),

@@ -114,7 +114,7 @@ pub fn run(args: MatmulArgs) -> Result<()> {
 
 /// Which operands are transposed views of row-major arrays (`--layout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
+pub(crate) enum Layout {
     /// A `[m, k]`, B `[k, n]`, both row-major.
     Nn,
     /// A = the transpose of a row-major `[k, m]` array (column-major A), B row-major.
@@ -124,7 +124,7 @@ enum Layout {
 }
 
 impl Layout {
-    fn parse(s: &str) -> Option<Layout> {
+    pub(crate) fn parse(s: &str) -> Option<Layout> {
         match s.to_ascii_lowercase().as_str() {
             "nn" | "row" => Some(Layout::Nn),
             "tn" => Some(Layout::Tn),
@@ -132,7 +132,7 @@ impl Layout {
             _ => None,
         }
     }
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Layout::Nn => "nn",
             Layout::Tn => "tn",
@@ -159,7 +159,10 @@ impl Layout {
 
 /// The JSON fields that describe the layouts: `layout` (B's: `row` or `col`, as before `tn`),
 /// `a_layout` (`row` or `col`) and `layouts` (`nn`, `tn` or `nt`).
-fn layout_fields(extra: &mut serde_json::Map<String, serde_json::Value>, layout: Layout) {
+pub(crate) fn layout_fields(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    layout: Layout,
+) {
     extra.insert("layout".into(), layout.b_layout().into());
     extra.insert("a_layout".into(), layout.a_layout().into());
     extra.insert("layouts".into(), layout.name().into());
