@@ -54,6 +54,10 @@ pub struct MatmulArgs {
     /// small-M nest), e.g. `kc=512,mc=120`. The blocking used is in the JSON record.
     #[arg(long, value_name = "SIZES")]
     pub blocking: Option<String>,
+    /// The batch-invariant product of a few rows (a batched decode step: every row bitwise
+    /// its M = 1 product), as `kiln serve` runs it; `--m` at most 64.
+    #[arg(long)]
+    pub rows_invariant: bool,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -257,7 +261,10 @@ fn time_product<TB: FloatElement>(
     let a = random_f32(m * k, 1);
     let b: Vec<TB> = random_f32(k * n, 2).into_iter().map(TB::from_f32).collect();
     let mut c = vec![0f32; m * n];
-    let opts = GemmOptions::default();
+    let opts = GemmOptions {
+        rows_invariant: args.rows_invariant,
+        ..Default::default()
+    };
     with_threads(args.threads, || {
         let threads = rayon::current_num_threads();
         let mut err = None;
@@ -315,6 +322,9 @@ fn bench<TB: FloatElement>(args: &MatmulArgs, isa: Isa, layout: Layout) -> Resul
     let mut extra = serde_json::Map::new();
     extra.insert("isa".into(), isa.name().into());
     layout_fields(&mut extra, layout);
+    if args.rows_invariant {
+        extra.insert("rows_invariant".into(), true.into());
+    }
     cpu_fields(&mut extra, &timing, 2.0 * (m * n * k) as f64);
     extra.insert(
         "blocking".into(),
