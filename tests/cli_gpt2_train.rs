@@ -354,6 +354,80 @@ fn broken_inputs_give_one_error_line() {
     assert!(e.contains("training_state.safetensors"), "{e}");
 }
 
+/// The run folder holds exactly the tensors `GPT2LMHeadModel.from_pretrained` loads, with
+/// transformers' shapes and dtypes, and a config with its values
+/// (`tests/fixtures/gpt2_train/hf_layout.json`, written by transformers for the same config by
+/// `tests/fixtures/make_gpt2_hf_layout.py`): names as the Hub's GPT-2 files spell them, without
+/// the base-model prefix `transformer.` that `save_pretrained` adds and `from_pretrained` accepts
+/// either way; `lm_head.weight` is tied to `wte.weight` and not stored, as `save_pretrained`
+/// leaves it out. Needs no Python.
+#[test]
+fn run_folder_has_the_tensor_layout_transformers_loads() {
+    let layout: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_train/hf_layout.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let prefix = format!("{}.", layout["base_model_prefix"].as_str().unwrap());
+    let tmp = Tmp::new("layout");
+    let data = tmp.0.join("text.txt");
+    std::fs::write(&data, TEXT).unwrap();
+    let out = tmp.0.join("run");
+    ok(&args(s(&data), s(&out), "1"));
+
+    let st = SafeTensors::read(out.join("model.safetensors")).unwrap();
+    let mut ours: Vec<String> = st.names().map(|n| format!("{prefix}{n}")).collect();
+    ours.sort();
+    let mut saved: Vec<String> = layout["saved_by_save_pretrained"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    saved.sort();
+    assert_eq!(ours, saved, "tensor names");
+    let state = layout["state_dict"].as_object().unwrap();
+    for name in st.names() {
+        let t = st.tensor(name).unwrap();
+        let want = &state[&format!("{prefix}{name}")];
+        let shape: Vec<usize> = want["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.dims(), &shape[..], "{name}: shape");
+        assert_eq!(
+            t.dtype().to_string().to_ascii_uppercase(),
+            want["dtype"].as_str().unwrap(),
+            "{name}: dtype"
+        );
+    }
+    // Every state_dict entry is stored or tied.
+    for name in state.keys() {
+        let tied = layout["tied"].as_array().unwrap().iter().any(|t| t == name);
+        assert!(
+            tied || saved.contains(name),
+            "{name} neither stored nor tied"
+        );
+    }
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    for (key, want) in layout["config_keys"].as_object().unwrap() {
+        let got = &config[key];
+        match (got.as_f64(), want.as_f64()) {
+            (Some(g), Some(w)) => assert!((g - w).abs() <= 1e-12 * w.abs(), "{key}: {g} vs {w}"),
+            _ => assert_eq!(got, want, "config.json {key}"),
+        }
+    }
+    for file in ["vocab.json", "merges.txt"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+}
+
 /// transformers loads the run folder and computes the same logits: run when `KILN_TEST_PYTHON`
 /// names a Python with `torch` and `transformers` (`tests/gpt2_train_hf/check_hf_load.py`).
 #[test]

@@ -162,6 +162,11 @@ impl Gpt2Config {
         obj.insert("eos_token_id".into(), serde_json::json!(50256));
         obj.insert("initializer_range".into(), serde_json::json!(0.02));
         obj.insert("n_ctx".into(), serde_json::json!(self.n_positions));
+        obj.insert("tie_word_embeddings".into(), serde_json::json!(true));
+        // The f32 epsilon as its shortest decimal (1e-5, not the 9.999999747378752e-6
+        // that widening it to f64 gives).
+        let eps: f64 = self.layer_norm_epsilon.to_string().parse().unwrap_or(1e-5);
+        obj.insert("layer_norm_epsilon".into(), serde_json::json!(eps));
         let mut s = serde_json::to_string_pretty(&v).expect("a value always serialises");
         s.push('\n');
         s
@@ -171,6 +176,13 @@ impl Gpt2Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epsilon_is_written_as_its_shortest_decimal() {
+        let json = Gpt2Config::preset("tiny").unwrap().to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["layer_norm_epsilon"].as_f64(), Some(1e-5), "{json}");
+    }
 
     #[test]
     fn presets_have_the_released_parameter_counts() {
