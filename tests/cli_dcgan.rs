@@ -495,4 +495,29 @@ fn broken_inputs_give_one_error_line() {
         "--quiet",
     ]);
     assert!(e.contains("vae"), "{e}");
+    // More images than one grid holds: refused before anything is allocated.
+    let e = fails(&[
+        "dcgan",
+        "sample",
+        "--generator",
+        s(&fixture("dcgan_G.safetensors")),
+        "--count",
+        "100000000",
+        "--out",
+        s(&grid),
+    ]);
+    assert!(e.contains("100000000") && e.contains("at most"), "{e}");
+    // A negative learning rate gets the range error, not a flag-parsing one.
+    let e = fails(&[
+        "dcgan",
+        "train",
+        "--data",
+        "synthetic",
+        "--out",
+        s(&tmp.0.join("r4")),
+        "--lr",
+        "-1",
+        "--quiet",
+    ]);
+    assert!(e.contains("--lr -1 must be positive"), "{e}");
 }

@@ -352,6 +352,17 @@ fn broken_inputs_give_one_error_line() {
     a.push("--resume");
     let e = fails(&a);
     assert!(e.contains("training_state.safetensors"), "{e}");
+    // Negative numbers get the range errors, not flag-parsing ones.
+    let r9 = tmp.0.join("r9");
+    for (flag, value) in [("--lr", "-1"), ("--dropout", "-0.5"), ("--grad-clip", "-1")] {
+        let mut a = args(s(&data), s(&r9), "2");
+        match a.iter().position(|x| *x == flag) {
+            Some(i) => a[i + 1] = value,
+            None => a.extend([flag, value]),
+        }
+        let e = fails(&a);
+        assert!(e.contains(flag) && e.contains(value), "{flag} {value}: {e}");
+    }
 }
 
 /// The run folder holds exactly the tensors `GPT2LMHeadModel.from_pretrained` loads, with

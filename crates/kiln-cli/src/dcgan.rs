@@ -86,9 +86,9 @@ pub struct TrainArgs {
     pub steps: Option<u64>,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub beta1: f64,
     /// Seeds the initial weights, the noise, the data order and the sample noise.
     #[arg(long, default_value_t = 0)]
@@ -172,7 +172,21 @@ fn read_sample_noise(path: &Path, nz: usize) -> Result<Vec<f32>> {
             t.dtype()
         )));
     }
+    check_sample_count(t.dims()[0], &format!("--noise {}", path.display()))?;
     t.to_f32_vec()
+}
+
+/// The most images one `kiln dcgan sample` writes: one grid of 128 × 128 images (8192 × 8192
+/// pixels), 0.8 GB of f32 images in memory.
+const MAX_SAMPLES: usize = 16384;
+
+fn check_sample_count(n: usize, what: &str) -> Result<()> {
+    if n > MAX_SAMPLES {
+        return Err(Error::invalid(format!(
+            "{what}: {n} images is more than one grid holds (at most {MAX_SAMPLES})"
+        )));
+    }
+    Ok(())
 }
 
 fn sample(a: SampleArgs) -> Result<()> {
@@ -193,6 +207,7 @@ fn sample_on<B: Backend>(be: &B, a: SampleArgs) -> Result<()> {
             if a.count == 0 {
                 return Err(Error::invalid("--count must be at least 1"));
             }
+            check_sample_count(a.count, "--count")?;
             let mut rng = Rng::new(a.seed);
             (0..a.count * nz)
                 .map(|_| rng.next_normal() as f32)

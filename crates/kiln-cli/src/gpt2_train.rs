@@ -48,31 +48,31 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub accum: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 6e-4)]
+    #[arg(long, default_value_t = 6e-4, allow_negative_numbers = true)]
     pub lr: f64,
     /// Learning rate at the end of the cosine decay (default: lr/10).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
     /// Linear warmup steps (default: a tenth of the steps, at most 100).
     #[arg(long)]
     pub warmup: Option<u64>,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub beta1: f64,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     pub eps: f64,
     /// Decoupled weight decay on matrices and embedding tables.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Global gradient-norm clipping threshold (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub grad_clip: f64,
     /// Dropout at the embeddings and on the residual branches.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub dropout: f32,
     /// Fraction of the text held out for validation (its tail).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub val_fraction: f64,
     /// Validation loss every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
@@ -204,14 +204,19 @@ fn run_on<B: Backend>(be: B, a: TrainArgs) -> Result<()> {
         val_fraction: a.val_fraction,
         seed: a.seed,
     };
-    let eps_ok = a.eps >= 0.0;
-    if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) || !eps_ok {
-        return Err(Error::invalid(
-            "--beta1 and --beta2 must be in [0, 1) and --eps ≥ 0",
-        ));
+    for (flag, v) in [("--beta1", a.beta1), ("--beta2", a.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(Error::invalid(format!("{flag} {v} must be in [0, 1)")));
+        }
     }
-    if !(a.weight_decay >= 0.0 && a.grad_clip >= 0.0) {
-        return Err(Error::invalid("--weight-decay and --grad-clip must be ≥ 0"));
+    for (flag, v) in [
+        ("--eps", a.eps),
+        ("--weight-decay", a.weight_decay),
+        ("--grad-clip", a.grad_clip),
+    ] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(Error::invalid(format!("{flag} {v} must be finite and ≥ 0")));
+        }
     }
     let out = a.out.clone();
     let mut run = TrainRun::start(be, opts, &out, a.resume)?;

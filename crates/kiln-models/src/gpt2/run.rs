@@ -307,8 +307,17 @@ impl<B: Backend> TrainRun<B> {
                 opts.val_fraction
             )));
         }
-        if !(opts.lr >= 0.0 && opts.min_lr >= 0.0 && opts.lr.is_finite()) {
-            return Err(Error::invalid("--lr and --min-lr must be finite and ≥ 0"));
+        if !(opts.lr >= 0.0 && opts.lr.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--lr {} must be finite and ≥ 0",
+                opts.lr
+            )));
+        }
+        if !(opts.min_lr >= 0.0 && opts.min_lr.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--min-lr {} must be finite and ≥ 0",
+                opts.min_lr
+            )));
         }
         let state_path = out.join(STATE_FILE);
         if out.exists() && !out.is_dir() {
