@@ -520,4 +520,22 @@ fn broken_inputs_give_one_error_line() {
         "--quiet",
     ]);
     assert!(e.contains("--lr -1 must be positive"), "{e}");
+    // Networks or batches that cannot fit in memory are refused before anything is allocated.
+    let e = fails(&[
+        "dcgan",
+        "train",
+        "--data",
+        "synthetic",
+        "--out",
+        s(&tmp.0.join("r5")),
+        "--ngf",
+        "100000",
+        "--quiet",
+    ]);
+    assert!(e.contains("GiB are available"), "{e}");
+    assert!(!tmp.0.join("r5").join("generator.safetensors").exists());
+    let e = fails(&["bench", "dcgan", "--batch", "1000000", "--train"]);
+    assert!(e.contains("GiB are available"), "{e}");
+    let e = fails(&["bench", "gpt2-train", "--size", "124M", "--batch", "100000"]);
+    assert!(e.contains("GiB are available"), "{e}");
 }

@@ -130,6 +130,15 @@ fn bench_on<B: Backend>(
 ) -> Result<BenchRecord> {
     let mut rng = Rng::new(1);
     let b = args.batch;
+    let (gs, ds) = (
+        GeneratorSpec::default_for(arch),
+        DiscriminatorSpec::default_for(arch),
+    );
+    kiln_models::memory::check(
+        kiln_models::dcgan::memory_need(&gs, args.train.then_some(&ds), b),
+        &format!("bench dcgan at --batch {b}"),
+        "use a smaller --batch",
+    )?;
     let mut g = Generator::init(be, GeneratorSpec::default_for(arch), &mut rng)?;
     let mut d = Discriminator::init(be, DiscriminatorSpec::default_for(arch), &mut rng)?;
     let nz = g.spec.nz;

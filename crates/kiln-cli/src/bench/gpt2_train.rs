@@ -48,6 +48,12 @@ pub fn run(args: Gpt2TrainBenchArgs) -> Result<()> {
             cfg.n_positions
         )));
     }
+    kiln_models::memory::check(
+        4 * 4 * cfg.num_params() as u64
+            + kiln_models::gpt2::run::activation_bytes(&cfg, args.batch, args.seq),
+        &format!("a step at --batch {} × --seq {}", args.batch, args.seq),
+        "use a smaller --batch or a shorter --seq",
+    )?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let record = with_threads(Some(threads), || -> Result<BenchRecord> {
         let be = CpuBackend::default();

@@ -136,6 +136,47 @@ impl GeneratorSpec {
     }
 }
 
+impl GeneratorSpec {
+    /// Parameters and per-image activation floats (each layer's output), from the widths alone:
+    /// the memory estimate of [`crate::dcgan::memory_need`].
+    pub fn sizes(&self) -> (u64, u64) {
+        let [w0, w1, w2, w3] = self.widths.map(|w| w as u64);
+        let (nz, nc) = (self.nz as u64, self.nc as u64);
+        match self.arch {
+            // ConvT k4: nz→w0 (4×4), w0→w1 (8×8), w1→w2 (16×16), w2→w3 (32×32), w3→nc (64×64).
+            Arch::Dcgan => (
+                16 * (nz * w0 + w0 * w1 + w1 * w2 + w2 * w3 + w3 * nc) + 2 * (w0 + w1 + w2 + w3),
+                w0 * 16 + w1 * 64 + w2 * 256 + w3 * 1024 + nc * 4096,
+            ),
+            // Linear nz→64·w0, ConvT k5: w0→w1 (8×8), w1→w1 (16×16), w1→w2 (32×32), w2→nc (64×64).
+            Arch::Seed => (
+                nz * 64 * w0 + 25 * (w0 * w1 + w1 * w1 + w1 * w2 + w2 * nc),
+                64 * w0 + w1 * 64 + w1 * 256 + w2 * 1024 + nc * 4096,
+            ),
+        }
+    }
+}
+
+impl DiscriminatorSpec {
+    /// Parameters and per-image activation floats, as [`GeneratorSpec::sizes`].
+    pub fn sizes(&self) -> (u64, u64) {
+        let [w0, w1, w2, w3] = self.widths.map(|w| w as u64);
+        let nc = self.nc as u64;
+        match self.arch {
+            // Conv k4: nc→w0 (32×32), w0→w1 (16×16), w1→w2 (8×8), w2→w3 (4×4), w3→1.
+            Arch::Dcgan => (
+                16 * (nc * w0 + w0 * w1 + w1 * w2 + w2 * w3 + w3) + 2 * (w1 + w2 + w3),
+                w0 * 1024 + w1 * 256 + w2 * 64 + w3 * 16 + 1,
+            ),
+            // Conv k5: nc→w0 (32×32), w0→w1 (16×16), Linear 256·w1→1.
+            Arch::Seed => (
+                25 * (nc * w0 + w0 * w1) + 256 * w1,
+                w0 * 1024 + w1 * 256 + 1,
+            ),
+        }
+    }
+}
+
 impl DiscriminatorSpec {
     /// The default widths: `dcgan` ndf 64, nc 3; `seed` 64/128, nc 3.
     pub fn default_for(arch: Arch) -> Self {

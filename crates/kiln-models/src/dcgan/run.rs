@@ -285,12 +285,14 @@ impl<B: Backend> Run<B> {
                 let ds = config
                     .discriminator
                     .unwrap_or_else(|| DiscriminatorSpec::default_for(arch));
+                check_training_memory(&gs, &ds, batch)?;
                 (
                     Generator::init(be, gs, &mut rng)?,
                     Discriminator::init(be, ds, &mut rng)?,
                 )
             }
         };
+        check_training_memory(&g.spec, &d.spec, batch)?;
         let order = match config.data {
             DataSource::Tensor(_) => Order::Sequential(0),
             _ => Order::Shuffled(Shuffler::new(data.len(), config.seed)),
@@ -664,4 +666,16 @@ pub fn generate<B: Backend>(
         at += k;
     }
     Ok(out)
+}
+
+/// Refuses a training run whose networks and activations at `batch` cannot fit in memory.
+pub fn check_training_memory(g: &GeneratorSpec, d: &DiscriminatorSpec, batch: usize) -> Result<()> {
+    crate::memory::check(
+        super::memory_need(g, Some(d), batch),
+        &format!(
+            "training at batch {batch} (generator widths {:?}, discriminator widths {:?})",
+            g.widths, d.widths
+        ),
+        "use a smaller --batch or narrower networks",
+    )
 }

@@ -268,14 +268,6 @@ pub fn activation_bytes(cfg: &Gpt2Config, b: usize, t: usize) -> u64 {
     4 * (l * per_layer + n * (v + 4 * c + 2) + n * (8 * c + 2 * f))
 }
 
-/// Bytes of memory this machine has available now (`MemAvailable`), if known.
-fn available_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// A training run in progress.
 pub struct TrainRun<B: Backend> {
     pub trainer: Gpt2Trainer<B>,
@@ -432,7 +424,7 @@ impl<B: Backend> TrainRun<B> {
         // the activations of one micro-batch.
         let params = config.num_params() as u64;
         let need = 5 * 4 * params + activation_bytes(&config, opts.batch, opts.seq);
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = crate::memory::available() {
             if need > avail {
                 return Err(Error::Capacity(format!(
                     "a step of --batch {} × --seq {} needs about {:.1} GiB, {:.1} GiB are \
