@@ -353,6 +353,12 @@ fn broken_inputs_give_one_error_line() {
     let e = fails(&a);
     assert!(e.contains("training_state.safetensors"), "{e}");
     // Negative numbers get the range errors, not flag-parsing ones.
+    // A device is not a text file (reading /dev/urandom would never end).
+    #[cfg(unix)]
+    {
+        let e = fails(&args("/dev/zero", s(&tmp.0.join("r10")), "2"));
+        assert!(e.contains("not a regular file"), "{e}");
+    }
     let r9 = tmp.0.join("r9");
     for (flag, value) in [("--lr", "-1"), ("--dropout", "-0.5"), ("--grad-clip", "-1")] {
         let mut a = args(s(&data), s(&r9), "2");

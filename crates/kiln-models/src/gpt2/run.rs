@@ -167,6 +167,13 @@ fn text_tokens(src: &TextSource, tok: &Gpt2Tokenizer, out: &Path) -> Result<Vec<
     let mut key = String::new();
     for f in &files {
         let m = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        // A device or pipe (`/dev/urandom`) would be read without end.
+        if !m.is_file() {
+            return Err(Error::invalid(format!(
+                "{}: not a regular file",
+                f.display()
+            )));
+        }
         let mtime = m
             .modified()
             .ok()
