@@ -149,3 +149,23 @@ fn a_closed_pipe_ends_tokenize_quietly() {
     assert!(err.is_empty(), "stderr: {err}");
     assert!(status.success(), "{status:?}");
 }
+
+/// `kiln serve` refuses a batch limit whose full-context KV caches cannot fit in memory, before
+/// it listens.
+#[test]
+fn serve_refuses_a_batch_limit_beyond_memory() {
+    let model = fixture();
+    let e = fails_quietly(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--max-batch",
+        "100000000000",
+    ]);
+    assert!(
+        e.contains("--max-batch") && e.contains("GiB are available"),
+        "{e}"
+    );
+}

@@ -109,6 +109,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ..Default::default()
         },
     )?);
+    // Every running sequence may hold a KV cache of the whole context: refuse a batch limit
+    // whose caches cannot fit, rather than be killed for memory under load.
+    let cfg = &gpt2.model.config;
+    let kv_per_sequence = 2 * cfg.n_layer as u64 * cfg.n_positions as u64 * cfg.n_embd as u64 * 4;
+    kiln_models::memory::check(
+        (a.max_batch as u64).saturating_mul(kv_per_sequence),
+        &format!(
+            "--max-batch {}: that many sequences of the full context ({} tokens, {:.0} MiB of \
+             KV cache each)",
+            a.max_batch,
+            cfg.n_positions,
+            kv_per_sequence as f64 / (1u64 << 20) as f64
+        ),
+        "use a smaller --max-batch",
+    )?;
     let fault_prompt = std::env::var("KILN_SERVE_FAULT_PROMPT")
         .ok()
         .map(|p| gpt2.encode(&p, false));
