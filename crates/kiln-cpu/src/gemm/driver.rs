@@ -674,8 +674,8 @@ unsafe fn macro_kernel<TB>(
                 let narrow = 2 * ncols <= nr;
                 let bpanel = || &bp[jp * nr * kc..(jp + 1) * nr * kc];
                 match (kern.rows, kern.half) {
-                    // SAFETY (both arms): the local tile holds MR rows of NR columns; the
-                    // packed panels hold kc steps.
+                    // SAFETY: the local tile holds MR rows of NR columns; the packed panels
+                    // hold kc steps.
                     (Some(rows), _) if nrows < mr && in_place.is_none() => unsafe {
                         rows(
                             nrows,
@@ -689,6 +689,8 @@ unsafe fn macro_kernel<TB>(
                             0.0,
                         )
                     },
+                    // SAFETY: as above; the half-width kernel writes only the tile's left
+                    // NR/2 columns.
                     (_, Some(half)) if narrow && in_place.is_none() => unsafe {
                         half(kc, apanel, bpanel(), tile.as_mut_ptr(), nr, 1.0, 0.0)
                     },
