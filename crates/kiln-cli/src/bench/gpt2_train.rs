@@ -49,8 +49,7 @@ pub fn run(args: Gpt2TrainBenchArgs) -> Result<()> {
         )));
     }
     kiln_models::memory::check(
-        4 * 4 * cfg.num_params() as u64
-            + kiln_models::gpt2::run::activation_bytes(&cfg, args.batch, args.seq),
+        kiln_models::gpt2::run::training_bytes(&cfg, args.batch, args.seq),
         &format!("a step at --batch {} × --seq {}", args.batch, args.seq),
         "use a smaller --batch or a shorter --seq",
     )?;

@@ -260,6 +260,12 @@ fn batch_tokens(path: &Path) -> Result<(Vec<u32>, [usize; 3])> {
     Ok((v.into_iter().map(|x| x as u32).collect(), dims))
 }
 
+/// Bytes training at `[b, t]` needs: weights, gradients, two moments, the training state's copy
+/// when saving, and the activations of one micro-batch ([`activation_bytes`]).
+pub fn training_bytes(cfg: &Gpt2Config, b: usize, t: usize) -> u64 {
+    5 * 4 * cfg.num_params() as u64 + activation_bytes(cfg, b, t)
+}
+
 /// Bytes a step at `[b, t]` needs beyond the weights, gradients and moments: the activations
 /// the backward pass keeps, the logits and the backward scratch (f32).
 pub fn activation_bytes(cfg: &Gpt2Config, b: usize, t: usize) -> u64 {
@@ -427,22 +433,11 @@ impl<B: Backend> TrainRun<B> {
                 config.vocab_size
             )));
         }
-        // Memory: weights, gradients, two moments, the training state's copy when saving, and
-        // the activations of one micro-batch.
-        let params = config.num_params() as u64;
-        let need = 5 * 4 * params + activation_bytes(&config, opts.batch, opts.seq);
-        if let Some(avail) = crate::memory::available() {
-            if need > avail {
-                return Err(Error::Capacity(format!(
-                    "a step of --batch {} × --seq {} needs about {:.1} GiB, {:.1} GiB are \
-                     available (use a smaller batch with --accum, or a shorter --seq)",
-                    opts.batch,
-                    opts.seq,
-                    need as f64 / (1u64 << 30) as f64,
-                    avail as f64 / (1u64 << 30) as f64
-                )));
-            }
-        }
+        crate::memory::check(
+            training_bytes(&config, opts.batch, opts.seq),
+            &format!("a step of --batch {} × --seq {}", opts.batch, opts.seq),
+            "use a smaller batch with --accum, or a shorter --seq",
+        )?;
         // The weights.
         let settings = settings_of(&opts);
         let (weights, rng, step, moments) = match &saved {
