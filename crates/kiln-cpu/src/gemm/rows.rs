@@ -497,13 +497,14 @@ fn col_dots<TB: FloatElement>(
 ) {
     let (k, n, cs) = (b.rows, b.cols, b.col_stride);
     let blocks = n.div_ceil(COL_BLOCK);
-    let f32_b = TB::DTYPE == DType::F32;
+    // B itself when it is f32 (its columns are used in place).
+    let f32_data: Option<&[f32]> = (TB::DTYPE == DType::F32).then(|| bytemuck::cast_slice(b.data));
     let run = |bi: usize| -> Vec<f32> {
         let j0 = bi * COL_BLOCK;
         let w = COL_BLOCK.min(n - j0);
         let mut out = vec![0f32; m * w];
         // The block's columns as f32: in place (f32), or widened once for every row group.
-        let widened: Vec<f32> = if f32_b {
+        let widened: Vec<f32> = if f32_data.is_some() {
             Vec::new()
         } else {
             let mut cols = vec![0f32; w * k];
@@ -514,12 +515,9 @@ fn col_dots<TB: FloatElement>(
             cols
         };
         let column = |c: usize| -> &[f32] {
-            if f32_b {
-                let data: &[f32] = bytemuck::cast_slice(b.data);
-                let s = (j0 + c) * cs;
-                &data[s..s + k]
-            } else {
-                &widened[c * k..(c + 1) * k]
+            match f32_data {
+                Some(data) => &data[(j0 + c) * cs..(j0 + c) * cs + k],
+                None => &widened[c * k..(c + 1) * k],
             }
         };
         let group = micro.dot_rows();
@@ -532,16 +530,11 @@ fn col_dots<TB: FloatElement>(
                 let cols: [&[f32]; 2] = [column(j), column(j + pair - 1)];
                 // The first group reads the block from memory: ask for the columns
                 // PREFETCH_COLS ahead (hints only, so past B's end is harmless).
-                let ahead = if f32_b && i == 0 {
-                    let data: &[f32] = bytemuck::cast_slice(b.data);
-                    Some(
-                        data.as_ptr()
-                            .wrapping_add((j0 + j + PREFETCH_COLS) * cs)
-                            .cast::<u8>(),
-                    )
-                } else {
-                    None
-                };
+                let ahead = f32_data.filter(|_| i == 0).map(|data| {
+                    data.as_ptr()
+                        .wrapping_add((j0 + j + PREFETCH_COLS) * cs)
+                        .cast::<u8>()
+                });
                 dots(
                     micro,
                     xs,
@@ -596,7 +589,7 @@ impl Micro {
 
 /// The dot products of the rows `rows` of `xs` (`[m, k]`, at most [`Micro::dot_rows`] of them)
 /// with one or two columns (`k` f32 each), reported as `put(row, column, value)`. `ahead`, when
-/// given, is prefetched as two columns `cs` elements apart while the dots run.
+/// given, is prefetched as two columns `cs` elements apart while the dots run (AVX-512 only).
 #[allow(clippy::too_many_arguments)]
 fn dots(
     micro: Micro,
@@ -636,13 +629,12 @@ fn dots(
         }
         #[cfg(target_arch = "x86_64")]
         Micro::Avx2 => {
+            // No hints here: on the AVX2 kernel (measured with `--isa avx2` on a Zen 4 core)
+            // neither whole-column T0 nor per-block T1 hints beat the hardware prefetcher.
             let (i, g) = (rows.start, rows.len());
             for (c, col) in cols.iter().enumerate() {
                 let x: [*const f32; 3] =
                     std::array::from_fn(|t| xs[(i + t.min(g - 1)) * k..].as_ptr());
-                if let Some(a) = ahead {
-                    x86::prefetch_rows(a.wrapping_add(c * cs * 4), 1, 0, k * 4);
-                }
                 // SAFETY: as above, with AVX2 and FMA checked.
                 let v = unsafe { x86::dots_256(k, x, col.as_ptr()) };
                 for (t, &val) in v.iter().enumerate().take(g) {
