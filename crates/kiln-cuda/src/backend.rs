@@ -502,26 +502,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_matrix(&self, t: &Tensor, opts: &MatrixOptions) -> Result<DeviceBuf> {
-        let [rows, cols] = match t.dims() {
-            [r, c] => [*r, *c],
-            d => {
-                return Err(Error::invalid(format!(
-                    "a weight matrix must have 2 dimensions, found {d:?}"
-                )))
-            }
-        };
-        if !t.dtype().is_float() {
-            return Err(Error::invalid(format!(
-                "a weight matrix must be f32, f16 or bf16, found {}",
-                t.dtype()
-            )));
-        }
-        let dtype = opts.dtype.unwrap_or(t.dtype());
-        if !dtype.is_float() {
-            return Err(Error::invalid(format!(
-                "a weight matrix can be kept as f32, f16 or bf16, not {dtype}"
-            )));
-        }
+        let ([rows, cols], dtype) = opts.check(t)?;
         // A matrix the products use transposed (GPT-2's token table [V, C] as the output
         // projection) is kept as its transpose [C, V] in the streaming layout: the decode
         // step's product then reads it as x·W with W row-major (the decode kernel's coalesced

@@ -436,26 +436,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_matrix(&self, t: &Tensor, opts: &MatrixOptions) -> Result<CpuBuf> {
-        let [rows, cols] = match t.dims() {
-            [r, c] => [*r, *c],
-            d => {
-                return Err(Error::invalid(format!(
-                    "a weight matrix must have 2 dimensions, found {d:?}"
-                )))
-            }
-        };
-        if !t.dtype().is_float() {
-            return Err(Error::invalid(format!(
-                "a weight matrix must be f32, f16 or bf16, found {}",
-                t.dtype()
-            )));
-        }
-        let dtype = opts.dtype.unwrap_or(t.dtype());
-        if !dtype.is_float() {
-            return Err(Error::invalid(format!(
-                "a weight matrix can be kept as f32, f16 or bf16, not {dtype}"
-            )));
-        }
+        let ([rows, cols], dtype) = opts.check(t)?;
         let sixteen = matches!(dtype, DType::BF16 | DType::F16);
         let (weight, transposed) = if opts.streaming_layout && sixteen {
             if opts.used_transposed {

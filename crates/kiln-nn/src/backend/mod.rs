@@ -113,6 +113,34 @@ pub struct MatrixOptions {
     pub streaming_layout: bool,
 }
 
+impl MatrixOptions {
+    /// Checks a weight matrix for [`Backend::upload_matrix`]: 2 dimensions, a float dtype, and
+    /// a float dtype to keep it as. Returns `[rows, cols]` and that dtype.
+    pub fn check(&self, t: &Tensor) -> Result<([usize; 2], DType)> {
+        let [rows, cols] = match t.dims() {
+            [r, c] => [*r, *c],
+            d => {
+                return Err(Error::invalid(format!(
+                    "a weight matrix must have 2 dimensions, found {d:?}"
+                )))
+            }
+        };
+        if !t.dtype().is_float() {
+            return Err(Error::invalid(format!(
+                "a weight matrix must be f32, f16 or bf16, found {}",
+                t.dtype()
+            )));
+        }
+        let dtype = self.dtype.unwrap_or(t.dtype());
+        if !dtype.is_float() {
+            return Err(Error::invalid(format!(
+                "a weight matrix can be kept as f32, f16 or bf16, not {dtype}"
+            )));
+        }
+        Ok(([rows, cols], dtype))
+    }
+}
+
 impl Default for MatrixOptions {
     fn default() -> Self {
         MatrixOptions {
