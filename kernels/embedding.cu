@@ -102,48 +102,18 @@ __device__ __forceinline__ void embedding_gather_impl(const int* ids, const int*
     float* o = out + (long long)n * dim;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = to_f32(t[c * wte_cs]) + to_f32(p[c * wpe_cs]);
 }
-extern "C" __global__ void embedding_gather_f32_f32(const int* ids, const int* pos, const float* wte, long long wte_rs,
-                                                  long long wte_cs, const float* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_f32_bf16(const int* ids, const int* pos, const float* wte, long long wte_rs,
-                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_f32_f16(const int* ids, const int* pos, const float* wte, long long wte_rs,
-                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_bf16_f32(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const float* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_bf16_bf16(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_bf16_f16(const int* ids, const int* pos, const bf16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_f16_f32(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const float* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_f16_bf16(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const bf16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
-extern "C" __global__ void embedding_gather_f16_f16(const int* ids, const int* pos, const f16_t* wte, long long wte_rs,
-                                                  long long wte_cs, const f16_t* wpe, long long wpe_rs,
-                                                  long long wpe_cs, float* out, int dim) {
-    embedding_gather_impl(ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim);
-}
+// The parameters of every embedding_gather_* instance (TW: the token table's element type, TP:
+// the position table's); each instance is spelled out so that its name stays searchable.
+#define GATHER_PARAMS(TW, TP)                                                                         \
+    const int* ids, const int* pos, const TW* wte, long long wte_rs, long long wte_cs, const TP* wpe, \
+        long long wpe_rs, long long wpe_cs, float* out, int dim
+#define GATHER_ARGS ids, pos, wte, wte_rs, wte_cs, wpe, wpe_rs, wpe_cs, out, dim
+extern "C" __global__ void embedding_gather_f32_f32(GATHER_PARAMS(float, float)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_f32_bf16(GATHER_PARAMS(float, bf16_t)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_f32_f16(GATHER_PARAMS(float, f16_t)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_bf16_f32(GATHER_PARAMS(bf16_t, float)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_bf16_bf16(GATHER_PARAMS(bf16_t, bf16_t)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_bf16_f16(GATHER_PARAMS(bf16_t, f16_t)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_f16_f32(GATHER_PARAMS(f16_t, float)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_f16_bf16(GATHER_PARAMS(f16_t, bf16_t)) { embedding_gather_impl(GATHER_ARGS); }
+extern "C" __global__ void embedding_gather_f16_f16(GATHER_PARAMS(f16_t, f16_t)) { embedding_gather_impl(GATHER_ARGS); }
